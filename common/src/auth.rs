@@ -1,0 +1,474 @@
+//! Request signing: a narrow profile of RFC 9421 (HTTP Message Signatures) with ed25519.
+//!
+//! Every call carries two headers:
+//!
+//! ```text
+//! Signature-Input: ptth=("@method" "@authority" "@path");created=1700000000;expires=1700000060;nonce="...";keyid="...";alg="ed25519";tag="ptth-v1"
+//! Signature: ptth=:<base64 ed25519 signature>:
+//! ```
+//!
+//! `keyid` is the standard base64 of the caller's public key; `nonce` is 16 random bytes in
+//! base64. The signature base is built as in RFC 9421 section 2.5, so ordinary RFC 9421
+//! libraries can produce it. Bodies are not covered (they stream); TLS protects them.
+//!
+//! The [`Verifier`] checks, cheapest first: header shape and sizes, the time window, the key,
+//! the signature (`verify_strict`), and only then records the nonce in a bounded cache.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signature, Signer as _};
+
+use crate::keys::{PrivateKey, PublicKey};
+
+/// Header holding the signature parameters.
+pub const SIGNATURE_INPUT: &str = "signature-input";
+/// Header holding the signature.
+pub const SIGNATURE: &str = "signature";
+/// The signature label used in both headers.
+pub const LABEL: &str = "ptth";
+/// The application tag that scopes signatures to this protocol.
+pub const TAG: &str = "ptth-v1";
+/// Covered components, exactly as serialized.
+const COMPONENTS: &str = r#"("@method" "@authority" "@path")"#;
+/// Longest validity a signature may claim, and the longest age accepted.
+pub const MAX_AGE_SECS: u64 = 60;
+/// Allowed clock skew for signatures created in the future.
+pub const MAX_SKEW_SECS: u64 = 10;
+/// Longest `Signature-Input` header accepted.
+const MAX_INPUT_LEN: usize = 512;
+/// Longest `Signature` header accepted.
+const MAX_SIGNATURE_LEN: usize = 128;
+/// Nonce length in bytes.
+const NONCE_LEN: usize = 16;
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The two header values of a signed request.
+#[derive(Debug, Clone)]
+pub struct SignedHeaders {
+    /// Value of `Signature-Input`.
+    pub input: String,
+    /// Value of `Signature`.
+    pub signature: String,
+}
+
+/// Signs requests with one private key.
+#[derive(Debug, Clone)]
+pub struct Signer {
+    key: PrivateKey,
+    keyid: String,
+}
+
+impl Signer {
+    /// A signer for `key`.
+    pub fn new(key: PrivateKey) -> Self {
+        let keyid = key.public().to_base64();
+        Self { key, keyid }
+    }
+
+    /// The public key in base64 (the `keyid`).
+    pub fn keyid(&self) -> &str {
+        &self.keyid
+    }
+
+    /// Signs `method authority path`, created now.
+    pub fn sign(&self, method: &str, authority: &str, path: &str) -> SignedHeaders {
+        let mut nonce = [0u8; NONCE_LEN];
+        // The OS random source does not fail on supported platforms; a zero nonce would only
+        // make the relay refuse the request as a replay, never accept a forged one.
+        if let Err(e) = getrandom::fill(&mut nonce) {
+            tracing::error!(error = %e, "random source failed");
+        }
+        self.sign_with(method, authority, path, unix_now(), &nonce)
+    }
+
+    /// Signs with explicit time and nonce (for tests and other implementations).
+    pub fn sign_with(
+        &self,
+        method: &str,
+        authority: &str,
+        path: &str,
+        created: u64,
+        nonce: &[u8],
+    ) -> SignedHeaders {
+        let params = format!(
+            "{COMPONENTS};created={created};expires={};nonce=\"{}\";keyid=\"{}\";alg=\"ed25519\";tag=\"{TAG}\"",
+            created + MAX_AGE_SECS,
+            STANDARD.encode(nonce),
+            self.keyid
+        );
+        let base = signature_base(method, authority, path, &params);
+        let sig = self.key.signing_key().sign(base.as_bytes());
+        SignedHeaders {
+            input: format!("{LABEL}={params}"),
+            signature: format!("{LABEL}=:{}:", STANDARD.encode(sig.to_bytes())),
+        }
+    }
+}
+
+fn signature_base(method: &str, authority: &str, path: &str, params: &str) -> String {
+    format!(
+        "\"@method\": {method}\n\"@authority\": {authority}\n\"@path\": {path}\n\"@signature-params\": {params}"
+    )
+}
+
+/// Why a request was not authenticated.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// Headers missing, oversized or not of this profile.
+    #[error("missing or malformed signature headers: {0}")]
+    Malformed(&'static str),
+    /// Unknown key or a signature that does not verify (deliberately one variant).
+    #[error("invalid signature")]
+    BadSignature,
+    /// Outside the accepted time window.
+    #[error("signature expired or not yet valid (check the clocks)")]
+    Stale,
+    /// The nonce was used before.
+    #[error("replayed request")]
+    Replay,
+    /// The nonce cache is full; refuse rather than forget live nonces.
+    #[error("too many requests in flight, retry shortly")]
+    Busy,
+}
+
+struct Parsed<'a> {
+    params: &'a str,
+    created: u64,
+    expires: u64,
+    nonce: [u8; NONCE_LEN],
+    keyid: [u8; 32],
+    signature: Signature,
+}
+
+fn parse<'a>(input: &'a str, signature: &str) -> Result<Parsed<'a>, AuthError> {
+    use AuthError::Malformed;
+    if input.len() > MAX_INPUT_LEN || signature.len() > MAX_SIGNATURE_LEN {
+        return Err(Malformed("header too long"));
+    }
+    let params = input
+        .strip_prefix(LABEL)
+        .and_then(|s| s.strip_prefix('='))
+        .ok_or(Malformed("signature-input label"))?;
+    let rest = params
+        .strip_prefix(COMPONENTS)
+        .ok_or(Malformed("covered components"))?;
+    let (mut created, mut expires, mut nonce, mut keyid, mut alg, mut tag) =
+        (None, None, None, None, None, None);
+    for item in rest.split(';').skip(1) {
+        let (name, value) = item.split_once('=').ok_or(Malformed("parameter"))?;
+        let slot = match name {
+            "created" => &mut created,
+            "expires" => &mut expires,
+            "nonce" => &mut nonce,
+            "keyid" => &mut keyid,
+            "alg" => &mut alg,
+            "tag" => &mut tag,
+            _ => return Err(Malformed("unknown parameter")),
+        };
+        if slot.replace(value).is_some() {
+            return Err(Malformed("duplicate parameter"));
+        }
+    }
+    if !rest.starts_with(';') {
+        return Err(Malformed("parameters"));
+    }
+    let int = |v: Option<&str>| -> Result<u64, AuthError> {
+        let v = v.ok_or(Malformed("created/expires missing"))?;
+        if v.is_empty() || v.len() > 15 || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Malformed("created/expires"));
+        }
+        v.parse().map_err(|_| Malformed("created/expires"))
+    };
+    let string = |v: Option<&'a str>, what: &'static str| -> Result<&'a str, AuthError> {
+        let v = v.ok_or(Malformed(what))?;
+        let inner = v
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .ok_or(Malformed(what))?;
+        if inner.bytes().any(|b| b == b'"' || b == b'\\') {
+            return Err(Malformed(what));
+        }
+        Ok(inner)
+    };
+    if string(alg, "alg")? != "ed25519" {
+        return Err(Malformed("alg"));
+    }
+    if string(tag, "tag")? != TAG {
+        return Err(Malformed("tag"));
+    }
+    let mut nonce_bytes = [0u8; NONCE_LEN];
+    match STANDARD.decode_slice(string(nonce, "nonce")?, &mut nonce_bytes) {
+        Ok(NONCE_LEN) => {}
+        _ => return Err(Malformed("nonce")),
+    }
+    let mut keyid_bytes = [0u8; 32];
+    match STANDARD.decode_slice(string(keyid, "keyid")?, &mut keyid_bytes) {
+        Ok(32) => {}
+        _ => return Err(AuthError::BadSignature),
+    }
+    let sig_b64 = signature
+        .strip_prefix(LABEL)
+        .and_then(|s| s.strip_prefix("=:"))
+        .and_then(|s| s.strip_suffix(':'))
+        .ok_or(Malformed("signature"))?;
+    let mut sig = [0u8; 64];
+    match STANDARD.decode_slice(sig_b64, &mut sig) {
+        Ok(64) => {}
+        _ => return Err(Malformed("signature")),
+    }
+    Ok(Parsed {
+        params,
+        created: int(created)?,
+        expires: int(expires)?,
+        nonce: nonce_bytes,
+        keyid: keyid_bytes,
+        signature: Signature::from_bytes(&sig),
+    })
+}
+
+/// Bounded cache of (key, nonce) pairs seen within the validity window.
+#[derive(Debug)]
+struct NonceCache {
+    seen: HashMap<(usize, [u8; NONCE_LEN]), u64>,
+    order: VecDeque<(u64, usize, [u8; NONCE_LEN])>,
+    capacity: usize,
+}
+
+impl NonceCache {
+    fn insert(
+        &mut self,
+        now: u64,
+        who: usize,
+        nonce: [u8; NONCE_LEN],
+        keep_until: u64,
+    ) -> Result<(), AuthError> {
+        while let Some(&(until, w, n)) = self.order.front() {
+            if until >= now {
+                break;
+            }
+            self.order.pop_front();
+            if self.seen.get(&(w, n)) == Some(&until) {
+                self.seen.remove(&(w, n));
+            }
+        }
+        if self.seen.contains_key(&(who, nonce)) {
+            return Err(AuthError::Replay);
+        }
+        if self.seen.len() >= self.capacity {
+            return Err(AuthError::Busy);
+        }
+        self.seen.insert((who, nonce), keep_until);
+        self.order.push_back((keep_until, who, nonce));
+        Ok(())
+    }
+}
+
+/// Verifies signed requests against a fixed set of public keys, each mapped to a principal.
+#[derive(Debug)]
+pub struct Verifier<P> {
+    keys: HashMap<[u8; 32], (usize, P)>,
+    nonces: Mutex<NonceCache>,
+}
+
+impl<P> Verifier<P> {
+    /// A verifier for `keys`, remembering at most `nonce_capacity` nonces.
+    pub fn new(keys: impl IntoIterator<Item = (PublicKey, P)>, nonce_capacity: usize) -> Self {
+        let keys = keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, (k, p))| (k.0.to_bytes(), (i, p)))
+            .collect();
+        Self {
+            keys,
+            nonces: Mutex::new(NonceCache {
+                seen: HashMap::new(),
+                order: VecDeque::new(),
+                capacity: nonce_capacity,
+            }),
+        }
+    }
+
+    /// Verifies a request; `authority` is what the relay considers its own name for this
+    /// request. `now` is seconds since the epoch.
+    pub fn verify(
+        &self,
+        method: &str,
+        authority: &str,
+        path: &str,
+        input: Option<&str>,
+        signature: Option<&str>,
+        now: u64,
+    ) -> Result<&P, AuthError> {
+        self.verify_any(method, &[authority], path, input, signature, now)
+    }
+
+    /// Like [`Verifier::verify`], accepting a signature over any one of `authorities` (the
+    /// relay's configured public names).
+    pub fn verify_any(
+        &self,
+        method: &str,
+        authorities: &[&str],
+        path: &str,
+        input: Option<&str>,
+        signature: Option<&str>,
+        now: u64,
+    ) -> Result<&P, AuthError> {
+        let input = input.ok_or(AuthError::Malformed("signature-input missing"))?;
+        let signature = signature.ok_or(AuthError::Malformed("signature missing"))?;
+        let p = parse(input, signature)?;
+        if p.expires <= p.created
+            || p.expires - p.created > MAX_AGE_SECS
+            || p.created > now + MAX_SKEW_SECS
+            || now > p.expires
+            || now.saturating_sub(p.created) > MAX_AGE_SECS
+        {
+            return Err(AuthError::Stale);
+        }
+        let (who, principal) = self.keys.get(&p.keyid).ok_or(AuthError::BadSignature)?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&p.keyid)
+            .map_err(|_| AuthError::BadSignature)?;
+        let verified = authorities.iter().any(|authority| {
+            let base = signature_base(method, authority, path, p.params);
+            key.verify_strict(base.as_bytes(), &p.signature).is_ok()
+        });
+        if !verified {
+            return Err(AuthError::BadSignature);
+        }
+        let keep_until = p.expires.min(p.created + MAX_AGE_SECS);
+        self.nonces
+            .lock()
+            .map_err(|_| AuthError::Busy)?
+            .insert(now, *who, p.nonce, keep_until)?;
+        Ok(principal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(cap: usize) -> (Signer, Verifier<&'static str>) {
+        let key = PrivateKey::generate().expect("gen");
+        let v = Verifier::new([(key.public(), "alice")], cap);
+        (Signer::new(key), v)
+    }
+
+    const A: &str = "relay.example:4000";
+    const P: &str = "/v1/servers/db/ports/pg/connect";
+
+    fn check(
+        v: &Verifier<&'static str>,
+        h: &SignedHeaders,
+        path: &str,
+        now: u64,
+    ) -> Result<&'static str, AuthError> {
+        v.verify("POST", A, path, Some(&h.input), Some(&h.signature), now)
+            .copied()
+    }
+
+    #[test]
+    fn accepts_once_then_refuses_replay() {
+        let (s, v) = setup(10);
+        let h = s.sign("POST", A, P);
+        assert_eq!(check(&v, &h, P, unix_now()), Ok("alice"));
+        assert_eq!(check(&v, &h, P, unix_now()), Err(AuthError::Replay));
+    }
+
+    #[test]
+    fn refuses_tampering_and_unknown_keys() {
+        let (s, v) = setup(10);
+        let h = s.sign("POST", A, P);
+        let now = unix_now();
+        assert_eq!(
+            check(&v, &h, "/v1/servers/web/ports/pg/connect", now),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            v.verify(
+                "POST",
+                "other:4000",
+                P,
+                Some(&h.input),
+                Some(&h.signature),
+                now
+            )
+            .copied(),
+            Err(AuthError::BadSignature)
+        );
+        let other = Signer::new(PrivateKey::generate().expect("gen"));
+        assert_eq!(
+            check(&v, &other.sign("POST", A, P), P, now),
+            Err(AuthError::BadSignature)
+        );
+        let mut bad = h.clone();
+        bad.input = bad.input.replace("created=", "created=1");
+        assert!(check(&v, &bad, P, now).is_err());
+    }
+
+    #[test]
+    fn refuses_old_and_future_signatures() {
+        let (s, v) = setup(10);
+        let now = unix_now();
+        let old = s.sign_with("POST", A, P, now - MAX_AGE_SECS - 1, &[1; 16]);
+        assert_eq!(check(&v, &old, P, now), Err(AuthError::Stale));
+        let future = s.sign_with("POST", A, P, now + MAX_SKEW_SECS + 5, &[2; 16]);
+        assert_eq!(check(&v, &future, P, now), Err(AuthError::Stale));
+        let edge = s.sign_with("POST", A, P, now - MAX_AGE_SECS + 1, &[3; 16]);
+        assert_eq!(check(&v, &edge, P, now), Ok("alice"));
+    }
+
+    #[test]
+    fn nonce_cache_is_bounded_and_expires() {
+        let (s, v) = setup(2);
+        let now = unix_now();
+        for n in 0..2u8 {
+            let h = s.sign_with("POST", A, P, now, &[n; 16]);
+            assert_eq!(check(&v, &h, P, now), Ok("alice"));
+        }
+        let h = s.sign_with("POST", A, P, now, &[9; 16]);
+        assert_eq!(check(&v, &h, P, now), Err(AuthError::Busy));
+        // Once the first two expire they are forgotten and room is made.
+        let later = now + MAX_AGE_SECS + 1;
+        let h = s.sign_with("POST", A, P, later, &[9; 16]);
+        assert_eq!(check(&v, &h, P, later), Ok("alice"));
+    }
+
+    #[test]
+    fn malformed_headers() {
+        let (s, v) = setup(10);
+        let h = s.sign("POST", A, P);
+        let now = unix_now();
+        assert!(matches!(
+            v.verify("POST", A, P, None, Some(&h.signature), now),
+            Err(AuthError::Malformed(_))
+        ));
+        let long = format!("{}{}", h.input, "x".repeat(600));
+        assert!(matches!(
+            v.verify("POST", A, P, Some(&long), Some(&h.signature), now),
+            Err(AuthError::Malformed(_))
+        ));
+        let other_components = h.input.replace(r#""@path")"#, r#""@path" "@query")"#);
+        assert!(matches!(
+            v.verify(
+                "POST",
+                A,
+                P,
+                Some(&other_components),
+                Some(&h.signature),
+                now
+            ),
+            Err(AuthError::Malformed(_))
+        ));
+    }
+}

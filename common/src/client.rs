@@ -1,0 +1,130 @@
+//! The HTTP client side shared by `ptth_server` and `ptth_proxy`: one `reqwest` client (rustls
+//! with the `ring` provider, system roots plus an optional private CA) and request signing.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
+use crate::config::RelayUrl;
+use crate::keys::PrivateKey;
+
+/// Why the HTTP client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The CA file could not be read or holds no certificate.
+    #[error("ca_file {path}: {message}")]
+    CaFile {
+        /// the file
+        path: String,
+        /// what went wrong
+        message: String,
+    },
+    /// TLS or client setup failed.
+    #[error("HTTP client setup: {0}")]
+    Setup(String),
+}
+
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::debug!(error = %e, "while loading system root certificates");
+    }
+    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(added, "system root certificates");
+    if let Some(path) = ca_file {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let err = |message: String| ClientError::CaFile {
+            path: path.display().to_string(),
+            message,
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| err(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(err("no PEM certificate found".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| err(e.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Builds the HTTP client used for every call to the relay. No total timeout is set: tunnel
+/// requests live as long as their TCP connection.
+pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, ClientError> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_config(ca_file)?)
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(50))
+        .http2_initial_stream_window_size(Some(1024 * 1024))
+        .http2_initial_connection_window_size(Some(16 * 1024 * 1024))
+        .http2_keep_alive_interval(Some(Duration::from_secs(20)))
+        .http2_keep_alive_timeout(Duration::from_secs(20))
+        .http2_keep_alive_while_idle(true)
+        .no_proxy()
+        .build()
+        .map_err(|e| ClientError::Setup(e.to_string()))
+}
+
+/// A relay endpoint plus the key that signs every call to it.
+#[derive(Debug, Clone)]
+pub struct RelayClient {
+    http: reqwest::Client,
+    url: RelayUrl,
+    authority: String,
+    signer: Signer,
+}
+
+impl RelayClient {
+    /// A client for `url` signing with `key`.
+    pub fn new(http: reqwest::Client, url: RelayUrl, key: PrivateKey) -> Self {
+        let authority = url.authority();
+        Self {
+            http,
+            url,
+            authority,
+            signer: Signer::new(key),
+        }
+    }
+
+    /// A signed POST to a protocol path.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let h = self.signer.sign("POST", &self.authority, path);
+        self.http
+            .post(self.url.join(path))
+            .header(SIGNATURE_INPUT, h.input)
+            .header(SIGNATURE, h.signature)
+    }
+
+    /// The relay URL.
+    pub fn url(&self) -> &RelayUrl {
+        &self.url
+    }
+}
+
+/// Reads the plain-text reason a relay put in an error answer (bounded).
+pub async fn error_text(resp: reqwest::Response) -> String {
+    const MAX: usize = 512;
+    let mut resp = resp;
+    let mut out = Vec::new();
+    while out.len() < MAX {
+        match tokio::time::timeout(Duration::from_secs(2), resp.chunk()).await {
+            Ok(Ok(Some(c))) => out.extend_from_slice(&c[..c.len().min(MAX - out.len())]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).trim().to_owned()
+}

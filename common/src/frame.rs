@@ -1,0 +1,291 @@
+//! Framing of tunnel bodies.
+//!
+//! Every streaming body of a tunnel (`connect` and `accept` responses, `upstream` and
+//! `downstream` requests) is a sequence of frames:
+//!
+//! ```text
+//! +--------+----------------------+-------------------+
+//! | type u8| length u32 big-endian| payload (length)  |
+//! +--------+----------------------+-------------------+
+//! ```
+//!
+//! * `DATA` (1) carries TCP bytes, 1..=[`MAX_FRAME_PAYLOAD`] of them.
+//! * `HEARTBEAT` (2) has no payload; it keeps idle streams alive through reverse proxies.
+//! * `END` (3) has no payload and means a clean TCP half-close of this direction. It must be
+//!   the last frame; the HTTP body then ends.
+//!
+//! A body that ends (or fails) without `END` is an abort. The [`Decoder`] is streaming: it never
+//! buffers a payload, it hands out zero-copy slices of the chunks it is given.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Frame type of a data frame.
+pub const TYPE_DATA: u8 = 1;
+/// Frame type of a heartbeat frame.
+pub const TYPE_HEARTBEAT: u8 = 2;
+/// Frame type of the end-of-stream frame.
+pub const TYPE_END: u8 = 3;
+/// Size of a frame header in bytes.
+pub const HEADER_LEN: usize = 5;
+/// Largest payload a frame may carry; larger frames are a protocol error.
+pub const MAX_FRAME_PAYLOAD: usize = 1024 * 1024;
+
+/// What a decoded piece of a body means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// Bytes to write to the TCP socket (possibly a part of one frame's payload).
+    Data(Bytes),
+    /// The peer is alive; nothing to write.
+    Heartbeat,
+    /// Clean half-close: no more bytes will come in this direction.
+    End,
+}
+
+/// Errors found while decoding frames.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The frame type byte is not one of the known types.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// A frame announced a payload above [`MAX_FRAME_PAYLOAD`].
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_PAYLOAD}")]
+    TooLarge(u32),
+    /// A data frame had no payload, or a control frame had one.
+    #[error("frame type {kind} with invalid length {len}")]
+    BadLength {
+        /// frame type
+        kind: u8,
+        /// announced length
+        len: u32,
+    },
+    /// Bytes followed the `END` frame.
+    #[error("data after end of stream")]
+    AfterEnd,
+    /// The body ended in the middle of a frame.
+    #[error("body ended inside a frame")]
+    Truncated,
+}
+
+/// Encodes a heartbeat frame.
+pub fn heartbeat() -> Bytes {
+    Bytes::from_static(&[TYPE_HEARTBEAT, 0, 0, 0, 0])
+}
+
+/// Encodes an end-of-stream frame.
+pub fn end() -> Bytes {
+    Bytes::from_static(&[TYPE_END, 0, 0, 0, 0])
+}
+
+/// Encodes a data frame by copying `payload` (used for small messages and tests; the tunnel
+/// path uses [`finish_data_frame`] to avoid the copy).
+///
+/// # Panics
+/// Never for payloads up to [`MAX_FRAME_PAYLOAD`]; callers must split larger ones.
+pub fn data(payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + payload.len());
+    buf.put_u8(TYPE_DATA);
+    buf.put_u32(payload_len(payload.len()));
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+fn payload_len(len: usize) -> u32 {
+    debug_assert!(len <= MAX_FRAME_PAYLOAD);
+    u32::try_from(len.min(MAX_FRAME_PAYLOAD)).unwrap_or(u32::MAX)
+}
+
+/// Prepares `buf` to receive a data frame read in place: reserves room for the header.
+///
+/// The caller reads payload bytes after the returned header and then calls
+/// [`finish_data_frame`], which writes the header and splits the frame off without copying.
+pub fn begin_data_frame(buf: &mut BytesMut, capacity: usize) {
+    debug_assert!(buf.is_empty());
+    buf.reserve(HEADER_LEN + capacity);
+    buf.put_bytes(0, HEADER_LEN);
+}
+
+/// Completes a frame started by [`begin_data_frame`]: `buf` holds header room plus payload.
+pub fn finish_data_frame(buf: &mut BytesMut) -> Bytes {
+    let len = buf.len() - HEADER_LEN;
+    buf[0] = TYPE_DATA;
+    buf[1..HEADER_LEN].copy_from_slice(&payload_len(len).to_be_bytes());
+    buf.split().freeze()
+}
+
+/// Streaming frame decoder.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    header: [u8; HEADER_LEN],
+    header_len: usize,
+    remaining: usize,
+    ended: bool,
+}
+
+impl Decoder {
+    /// A decoder at the start of a body.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the `END` frame has been seen.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Whether the decoder is between frames (a body may end here).
+    pub fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.remaining == 0
+    }
+
+    /// Takes the next item from `chunk`, advancing it. Returns `Ok(None)` when `chunk` is
+    /// exhausted without completing an item. Data items borrow `chunk`'s buffer (no copy).
+    pub fn decode(&mut self, chunk: &mut Bytes) -> Result<Option<Item>, FrameError> {
+        loop {
+            if chunk.is_empty() {
+                return Ok(None);
+            }
+            if self.ended {
+                return Err(FrameError::AfterEnd);
+            }
+            if self.remaining > 0 {
+                let n = self.remaining.min(chunk.len());
+                self.remaining -= n;
+                return Ok(Some(Item::Data(chunk.split_to(n))));
+            }
+            let want = HEADER_LEN - self.header_len;
+            let n = want.min(chunk.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&chunk[..n]);
+            chunk.advance(n);
+            self.header_len += n;
+            if self.header_len < HEADER_LEN {
+                return Ok(None);
+            }
+            self.header_len = 0;
+            let kind = self.header[0];
+            let len = u32::from_be_bytes([
+                self.header[1],
+                self.header[2],
+                self.header[3],
+                self.header[4],
+            ]);
+            match kind {
+                TYPE_DATA => {
+                    if len as usize > MAX_FRAME_PAYLOAD {
+                        return Err(FrameError::TooLarge(len));
+                    }
+                    if len == 0 {
+                        return Err(FrameError::BadLength { kind, len });
+                    }
+                    self.remaining = len as usize;
+                }
+                TYPE_HEARTBEAT | TYPE_END if len != 0 => {
+                    return Err(FrameError::BadLength { kind, len });
+                }
+                TYPE_HEARTBEAT => return Ok(Some(Item::Heartbeat)),
+                TYPE_END => {
+                    self.ended = true;
+                    return Ok(Some(Item::End));
+                }
+                other => return Err(FrameError::UnknownType(other)),
+            }
+        }
+    }
+
+    /// Checks that the body may end here; an end without `END` is still an abort, which the
+    /// caller detects through [`Decoder::ended`].
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.at_boundary() {
+            Ok(())
+        } else {
+            Err(FrameError::Truncated)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[Bytes]) -> Result<Vec<Item>, FrameError> {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        for c in input {
+            let mut c = c.clone();
+            while let Some(item) = d.decode(&mut c)? {
+                out.push(item);
+            }
+        }
+        d.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn round_trip_split_at_every_byte() {
+        let mut all = BytesMut::new();
+        all.extend_from_slice(&data(b"hello"));
+        all.extend_from_slice(&heartbeat());
+        all.extend_from_slice(&data(b"world!"));
+        all.extend_from_slice(&end());
+        let all = all.freeze();
+        for split in 0..=all.len() {
+            let items = decode_all(&[all.slice(..split), all.slice(split..)]).expect("decode");
+            let mut bytes = Vec::new();
+            let mut beats = 0;
+            let mut ends = 0;
+            for i in items {
+                match i {
+                    Item::Data(d) => bytes.extend_from_slice(&d),
+                    Item::Heartbeat => beats += 1,
+                    Item::End => ends += 1,
+                }
+            }
+            assert_eq!(bytes, b"helloworld!");
+            assert_eq!((beats, ends), (1, 1));
+        }
+    }
+
+    #[test]
+    fn in_place_frame_matches_copying_encoder() {
+        let mut buf = BytesMut::new();
+        begin_data_frame(&mut buf, 16);
+        buf.extend_from_slice(b"abc");
+        assert_eq!(finish_data_frame(&mut buf), data(b"abc"));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn rejects_oversized_frame() {
+        let mut c = Bytes::from_static(&[TYPE_DATA, 0x00, 0x10, 0x00, 0x01]);
+        assert_eq!(
+            Decoder::new().decode(&mut c),
+            Err(FrameError::TooLarge(0x0010_0001))
+        );
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        let cases: [(&[u8], FrameError); 4] = [
+            (&[9, 0, 0, 0, 0], FrameError::UnknownType(9)),
+            (
+                &[TYPE_DATA, 0, 0, 0, 0],
+                FrameError::BadLength { kind: 1, len: 0 },
+            ),
+            (
+                &[TYPE_END, 0, 0, 0, 1],
+                FrameError::BadLength { kind: 3, len: 1 },
+            ),
+            (&[TYPE_END, 0, 0, 0, 0, 1], FrameError::AfterEnd),
+        ];
+        for (input, want) in cases {
+            assert_eq!(decode_all(&[Bytes::copy_from_slice(input)]), Err(want));
+        }
+    }
+
+    #[test]
+    fn truncated_body_is_an_error() {
+        assert_eq!(
+            decode_all(&[Bytes::from_static(&[TYPE_DATA, 0, 0, 0, 4, b'a'])]),
+            Err(FrameError::Truncated)
+        );
+    }
+}

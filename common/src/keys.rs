@@ -1,0 +1,232 @@
+//! Ed25519 key files and public key encoding.
+//!
+//! Private keys are PKCS#8 PEM files (what `openssl genpkey -algorithm ed25519` writes) with
+//! mode 0600; public keys are written as standard base64 of their 32 bytes.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+
+/// Largest key file we read; a PKCS#8 ed25519 PEM is about 120 bytes.
+const MAX_KEY_FILE: u64 = 16 * 1024;
+
+/// Problems with key files and encoded keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// the key file
+        path: PathBuf,
+        /// what the OS said
+        source: std::io::Error,
+    },
+    /// The key file can be read by group or others.
+    #[error(
+        "{path}: key file is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    Permissions {
+        /// the key file
+        path: PathBuf,
+        /// its mode bits
+        mode: u32,
+    },
+    /// The key file is not a PKCS#8 PEM ed25519 private key.
+    #[error("{path}: not a PKCS#8 PEM ed25519 private key ({reason})")]
+    Format {
+        /// the key file
+        path: PathBuf,
+        /// why it was refused
+        reason: String,
+    },
+    /// A public key string is not valid.
+    #[error("invalid public key: {0}")]
+    PublicKey(String),
+    /// The OS random source failed.
+    #[error("random source failed: {0}")]
+    Random(String),
+}
+
+/// A public key, shown as base64 and compared by value.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(pub VerifyingKey);
+
+impl PublicKey {
+    /// Parses standard base64 of 32 bytes, refusing weak (small-order) keys.
+    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+        let bytes = STANDARD
+            .decode(s.trim())
+            .map_err(|e| KeyError::PublicKey(format!("not base64: {e}")))?;
+        let arr: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| KeyError::PublicKey(format!("expected 32 bytes, got {}", bytes.len())))?;
+        let key = VerifyingKey::from_bytes(&arr)
+            .map_err(|_| KeyError::PublicKey("not a valid ed25519 point".into()))?;
+        if key.is_weak() {
+            return Err(KeyError::PublicKey("weak (small-order) key".into()));
+        }
+        Ok(Self(key))
+    }
+
+    /// Standard base64 of the 32 key bytes.
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0.as_bytes())
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.to_base64())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::from_base64(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A private key loaded from disk; its Debug output never shows the secret.
+#[derive(Clone)]
+pub struct PrivateKey(SigningKey);
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PrivateKey(public={})", self.public())
+    }
+}
+
+impl PrivateKey {
+    /// A fresh key from the OS random source.
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
+        Ok(Self(SigningKey::from_bytes(&seed)))
+    }
+
+    /// The matching public key.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    /// The dalek signing key.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.0
+    }
+
+    /// Reads a PKCS#8 PEM key file, refusing files readable by group or others.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let io = |source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        if meta.len() > MAX_KEY_FILE {
+            return Err(KeyError::Format {
+                path: path.to_owned(),
+                reason: "file too large".into(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        SigningKey::from_pkcs8_pem(&text)
+            .map(Self)
+            .map_err(|e| KeyError::Format {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Writes the key as PKCS#8 PEM to a new file with mode 0600 (never overwrites).
+    pub fn write_new(&self, path: &Path) -> Result<(), KeyError> {
+        let io = |source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let pem = self
+            .0
+            .to_pkcs8_pem(Default::default())
+            .map_err(|e| KeyError::Format {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        file.write_all(pem.as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_load_round_trip_and_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.pem");
+        let key = PrivateKey::generate().expect("gen");
+        key.write_new(&path).expect("write");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back = PrivateKey::load(&path).expect("load");
+        assert_eq!(back.public(), key.public());
+        assert!(key.write_new(&path).is_err(), "must not overwrite");
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let err = PrivateKey::load(&path).expect_err("group-readable");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn rejects_garbage_key_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.pem");
+        std::fs::write(&path, "not a key").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(matches!(
+            PrivateKey::load(&path),
+            Err(KeyError::Format { .. })
+        ));
+    }
+
+    #[test]
+    fn public_key_base64() {
+        let key = PrivateKey::generate().expect("gen").public();
+        assert_eq!(
+            PublicKey::from_base64(&key.to_base64()).expect("parse"),
+            key
+        );
+        assert!(PublicKey::from_base64("abc").is_err());
+        assert!(PublicKey::from_base64(&STANDARD.encode([0u8; 31])).is_err());
+        // The identity point is a small-order key.
+        let mut ident = [0u8; 32];
+        ident[0] = 1;
+        assert!(PublicKey::from_base64(&STANDARD.encode(ident)).is_err());
+    }
+}

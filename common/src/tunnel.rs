@@ -1,0 +1,351 @@
+//! The endpoint half of a tunnel, shared by `ptth_server` and `ptth_proxy`: a local TCP socket
+//! on one side, an upload body (TCP bytes into frames) and a download body (frames into TCP
+//! bytes) on the other.
+//!
+//! Half-close is kept: when the local peer shuts down its write side, an `END` frame is sent and
+//! the upload ends; when an `END` frame arrives, the local socket's write side is shut down. An
+//! abort anywhere (a body error, a missing `END`, a local socket error, silence past the dead
+//! peer limit) makes [`run`] fail, which cancels the upload body and resets the local socket.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::frame::{self, Decoder, FrameError, Item};
+
+/// Bytes read from the local socket per data frame, at most.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a tunnel ended other than cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The local TCP socket failed.
+    #[error("local socket: {0}")]
+    Local(std::io::Error),
+    /// The HTTP stream from or to the relay failed.
+    #[error("relay stream: {0}")]
+    Remote(String),
+    /// The peer sent bytes that are not valid frames.
+    #[error("bad frame from relay: {0}")]
+    Frame(#[from] FrameError),
+    /// The download body ended without an `END` frame: the far side aborted.
+    #[error("the far side aborted the connection")]
+    Aborted,
+    /// Nothing arrived, heartbeats included, for the dead-peer limit.
+    #[error("no data or heartbeat from the relay for {0:?}")]
+    Silent(Duration),
+    /// The tunnel was cancelled (shutdown, or the other direction failed).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Error type of [`TcpUploadBody`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpState {
+    Open,
+    EndSent,
+    Done,
+}
+
+/// An upload body that reads the local socket and yields frames: data as it comes, a heartbeat
+/// after `interval` of silence, `END` at EOF. No bytes are copied: each read lands after a
+/// reserved header and is split off as one frame. An idle body holds no buffer.
+pub struct TcpUploadBody {
+    stream: Arc<TcpStream>,
+    buf: BytesMut,
+    heartbeat: Pin<Box<Sleep>>,
+    interval: Duration,
+    state: UpState,
+    cancel: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl std::fmt::Debug for TcpUploadBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpUploadBody")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpUploadBody {
+    /// A body reading `stream`, sending heartbeats every `interval` of silence, failing once
+    /// `cancel` fires.
+    pub fn new(stream: Arc<TcpStream>, interval: Duration, cancel: CancellationToken) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::new(),
+            heartbeat: Box::pin(tokio::time::sleep(interval)),
+            interval,
+            state: UpState::Open,
+            cancel: Box::pin(cancel.cancelled_owned()),
+        }
+    }
+
+    fn reset_heartbeat(&mut self) {
+        let next = Instant::now() + self.interval;
+        self.heartbeat.as_mut().reset(next);
+    }
+}
+
+impl Body for TcpUploadBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.cancel.as_mut().poll(cx).is_ready() {
+            this.state = UpState::Done;
+            return Poll::Ready(Some(Err("tunnel cancelled".into())));
+        }
+        match this.state {
+            UpState::Open => {}
+            UpState::EndSent | UpState::Done => {
+                this.state = UpState::Done;
+                return Poll::Ready(None);
+            }
+        }
+        loop {
+            match this.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Pending => break,
+            }
+            frame::begin_data_frame(&mut this.buf, READ_CHUNK);
+            let mut limited = bytes::BufMut::limit(&mut this.buf, READ_CHUNK);
+            match this.stream.try_read_buf(&mut limited) {
+                Ok(0) => {
+                    this.buf = BytesMut::new();
+                    this.state = UpState::EndSent;
+                    return Poll::Ready(Some(Ok(Frame::data(frame::end()))));
+                }
+                Ok(_) => {
+                    let f = frame::finish_data_frame(&mut this.buf);
+                    this.reset_heartbeat();
+                    return Poll::Ready(Some(Ok(Frame::data(f))));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    this.buf.clear();
+                }
+                Err(e) => {
+                    this.state = UpState::Done;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+        // Idle: release the read buffer so that idle tunnels cost no buffer memory.
+        if this.buf.capacity() > 0 {
+            this.buf = BytesMut::new();
+        }
+        ready!(this.heartbeat.as_mut().poll(cx));
+        this.reset_heartbeat();
+        Poll::Ready(Some(Ok(Frame::data(frame::heartbeat()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == UpState::Done
+    }
+}
+
+/// Writes all of `data` to `stream` (through a shared reference).
+pub async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Shuts down the write side of `stream` (TCP FIN), keeping the read side open.
+pub fn shutdown_write(stream: &TcpStream) -> std::io::Result<()> {
+    socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
+}
+
+/// Makes the next close of `stream` a reset (RST) instead of a FIN, and shuts it down, so
+/// that the local peer sees an abort as an abort.
+pub fn reset(stream: &TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let _ = sock.set_linger(Some(Duration::ZERO));
+    let _ = sock.shutdown(std::net::Shutdown::Both);
+}
+
+/// Copies a download body of frames into `stream`. Ends `Ok` after an `END` frame and the end
+/// of the body; fails on anything else. `dead_after` bounds the silence between two chunks.
+pub async fn pump_download<B>(
+    mut body: B,
+    stream: &TcpStream,
+    dead_after: Duration,
+) -> Result<(), TunnelError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    use http_body_util::BodyExt;
+    let mut decoder = Decoder::new();
+    loop {
+        let frame = match tokio::time::timeout(dead_after, body.frame()).await {
+            Err(_) => return Err(TunnelError::Silent(dead_after)),
+            Ok(None) => {
+                decoder.finish()?;
+                return if decoder.ended() {
+                    Ok(())
+                } else {
+                    Err(TunnelError::Aborted)
+                };
+            }
+            Ok(Some(Err(e))) => return Err(TunnelError::Remote(e.to_string())),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(mut chunk) = frame.into_data() else {
+            continue;
+        };
+        while let Some(item) = decoder.decode(&mut chunk)? {
+            match item {
+                Item::Data(d) => write_all(stream, &d).await.map_err(TunnelError::Local)?,
+                Item::Heartbeat => {}
+                Item::End => shutdown_write(stream).map_err(TunnelError::Local)?,
+            }
+        }
+    }
+}
+
+/// Runs both directions of a tunnel to completion. On the first failure, or when `shutdown`
+/// fires, cancels `body_cancel` (which fails the upload body) and resets the local socket.
+pub async fn run<U, D>(
+    stream: &TcpStream,
+    upload: U,
+    download: D,
+    body_cancel: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<(), TunnelError>
+where
+    U: Future<Output = Result<(), TunnelError>>,
+    D: Future<Output = Result<(), TunnelError>>,
+{
+    let result = tokio::select! {
+        r = async { tokio::try_join!(upload, download) } => r.map(|_| ()),
+        () = shutdown.cancelled() => Err(TunnelError::Cancelled),
+    };
+    if result.is_err() {
+        body_cancel.cancel();
+        reset(stream);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.expect("connect"), b.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn upload_body_frames_data_heartbeat_and_end() {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (mut a, b) = pair().await;
+            let mut body = TcpUploadBody::new(
+                Arc::new(b),
+                Duration::from_millis(50),
+                CancellationToken::new(),
+            );
+            a.write_all(b"hello").await.expect("write");
+            let f = body
+                .frame()
+                .await
+                .expect("frame")
+                .expect("ok")
+                .into_data()
+                .expect("data");
+            assert_eq!(f, frame::data(b"hello"));
+            let f = body
+                .frame()
+                .await
+                .expect("frame")
+                .expect("ok")
+                .into_data()
+                .expect("data");
+            assert_eq!(f, frame::heartbeat());
+            a.shutdown().await.expect("shutdown");
+            let f = body
+                .frame()
+                .await
+                .expect("frame")
+                .expect("ok")
+                .into_data()
+                .expect("data");
+            assert_eq!(f, frame::end());
+            assert!(body.frame().await.is_none());
+        })
+        .await
+        .expect("timeout");
+    }
+
+    #[tokio::test]
+    async fn upload_body_fails_when_cancelled() {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (_a, b) = pair().await;
+            let cancel = CancellationToken::new();
+            let mut body = TcpUploadBody::new(Arc::new(b), Duration::from_secs(60), cancel.clone());
+            cancel.cancel();
+            assert!(body.frame().await.expect("frame").is_err());
+        })
+        .await
+        .expect("timeout");
+    }
+
+    #[tokio::test]
+    async fn download_requires_end_frame() {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (a, mut b) = pair().await;
+            let body = http_body_util::Full::new(frame::data(b"x"));
+            let r = pump_download(body, &a, Duration::from_secs(5)).await;
+            assert!(matches!(r, Err(TunnelError::Aborted)), "{r:?}");
+            let mut got = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut b, &mut got)
+                .await
+                .expect("read");
+            assert_eq!(&got, b"x");
+
+            let mut both = BytesMut::new();
+            both.extend_from_slice(&frame::data(b"yz"));
+            both.extend_from_slice(&frame::end());
+            let body = http_body_util::Full::new(both.freeze());
+            pump_download(body, &a, Duration::from_secs(5))
+                .await
+                .expect("clean");
+            let mut rest = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut b, &mut rest)
+                .await
+                .expect("eof");
+            assert_eq!(rest, b"yz");
+        })
+        .await
+        .expect("timeout");
+    }
+}

@@ -1,0 +1,152 @@
+//! Splicing: the response body of `accept` (or `connect`) *is* the request body of `upstream`
+//! (or `downstream`), handed over whole. The relay never copies or buffers tunnel bytes; HTTP
+//! flow control carries backpressure from one side to the other.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use ptth_common::frame;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::state::Conn;
+
+/// How an upload ended, reported to the handler that waits to answer it.
+pub(crate) type UploadEnd = Result<(), String>;
+
+/// An upload request body handed to the matching download response.
+#[derive(Debug)]
+pub(crate) struct Upload {
+    pub body: axum::body::Body,
+    pub done: oneshot::Sender<UploadEnd>,
+}
+
+enum State {
+    /// The upload has not arrived yet; heartbeats keep the download alive meanwhile.
+    Waiting(oneshot::Receiver<Upload>),
+    Streaming(axum::body::Body, Option<oneshot::Sender<UploadEnd>>),
+    Done,
+}
+
+/// The body of a download response (`connect` or `accept`).
+pub(crate) struct PipeBody {
+    conn: Arc<Conn>,
+    state: State,
+    heartbeat: Pin<Box<Sleep>>,
+    interval: Duration,
+    cancel: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl std::fmt::Debug for PipeBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipeBody")
+            .field("conn", &self.conn.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PipeBody {
+    pub(crate) fn new(conn: Arc<Conn>, rx: oneshot::Receiver<Upload>, interval: Duration) -> Self {
+        let cancel = Box::pin(conn.cancel.clone().cancelled_owned());
+        Self {
+            conn,
+            state: State::Waiting(rx),
+            heartbeat: Box::pin(tokio::time::sleep(interval)),
+            interval,
+            cancel,
+        }
+    }
+
+    fn fail(&mut self, why: &str) {
+        if let State::Streaming(_, done) = &mut self.state {
+            if let Some(done) = done.take() {
+                let _ = done.send(Err(why.to_owned()));
+            }
+        }
+        self.state = State::Done;
+        self.conn.cancel.cancel();
+    }
+}
+
+impl Body for PipeBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if matches!(this.state, State::Done) {
+            return Poll::Ready(None);
+        }
+        if this.cancel.as_mut().poll(cx).is_ready() {
+            this.fail("connection closed");
+            return Poll::Ready(Some(Err("connection closed".into())));
+        }
+        loop {
+            match &mut this.state {
+                State::Waiting(rx) => match Pin::new(rx).poll(cx) {
+                    Poll::Ready(Ok(up)) => {
+                        this.state = State::Streaming(up.body, Some(up.done));
+                    }
+                    Poll::Ready(Err(_)) => {
+                        this.fail("connection closed");
+                        return Poll::Ready(Some(Err("connection closed".into())));
+                    }
+                    Poll::Pending => {
+                        if this.heartbeat.as_mut().poll(cx).is_ready() {
+                            let next = Instant::now() + this.interval;
+                            this.heartbeat.as_mut().reset(next);
+                            return Poll::Ready(Some(Ok(Frame::data(frame::heartbeat()))));
+                        }
+                        return Poll::Pending;
+                    }
+                },
+                State::Streaming(body, done) => match Pin::new(body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                        Ok(data) => {
+                            this.conn.touch();
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Err(_) => continue,
+                    },
+                    Poll::Ready(Some(Err(e))) => {
+                        let why = format!("upload failed: {e}");
+                        this.fail(&why);
+                        return Poll::Ready(Some(Err(why.into())));
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(done) = done.take() {
+                            let _ = done.send(Ok(()));
+                        }
+                        this.state = State::Done;
+                        this.conn.direction_done();
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                State::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+}
+
+impl Drop for PipeBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the downloading side went away, so the tunnel is broken.
+        if !matches!(self.state, State::Done) {
+            self.fail("download closed");
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The relay's in-memory state: who is listening on which port, and open connections.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ptth_common::auth::Verifier;
+use ptth_common::config::{Grant, Name, RelayConfig};
+use ptth_common::protocol::ConnId;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::pipe::Upload;
+
+/// Who signed a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Principal {
+    Server(usize),
+    Client(usize),
+}
+
+/// Most distinct ports remembered per server.
+pub(crate) const MAX_PORTS_PER_SERVER: usize = 256;
+/// Most connects queued for one port while no `listen` is waiting.
+pub(crate) const MAX_QUEUED_CONNECTS: usize = 1024;
+/// A port counts as offered for this long after its last `listen` was seen.
+pub(crate) const PORT_GRACE: Duration = Duration::from_secs(5);
+
+/// Listening state of one (server, port).
+#[derive(Debug)]
+pub(crate) struct PortState {
+    pub listeners: VecDeque<oneshot::Sender<ConnId>>,
+    pub queued: VecDeque<ConnId>,
+    pub last_seen: Instant,
+}
+
+impl PortState {
+    pub fn prune(&mut self) {
+        self.listeners.retain(|l| !l.is_closed());
+    }
+
+    /// Whether the server offers this port now (without pruning).
+    pub fn live_ro(&self, now: Instant) -> bool {
+        self.listeners.iter().any(|l| !l.is_closed())
+            || now.duration_since(self.last_seen) < PORT_GRACE
+    }
+
+    /// Whether the server offers this port now.
+    pub fn live(&mut self, now: Instant) -> bool {
+        self.prune();
+        !self.listeners.is_empty() || now.duration_since(self.last_seen) < PORT_GRACE
+    }
+}
+
+/// How the server answered an offered connection.
+#[derive(Debug)]
+pub(crate) enum AcceptOutcome {
+    Accepted,
+    Refused,
+}
+
+/// One-time hand-over points of a connection, each taken once.
+#[derive(Debug, Default)]
+pub(crate) struct Slots {
+    pub accept: Option<oneshot::Sender<AcceptOutcome>>,
+    /// Upstream request body goes to the `accept` response.
+    pub up_tx: Option<oneshot::Sender<Upload>>,
+    pub up_rx: Option<oneshot::Receiver<Upload>>,
+    /// Downstream request body goes to the `connect` response.
+    pub down_tx: Option<oneshot::Sender<Upload>>,
+    pub accepted: bool,
+}
+
+/// An open or pending connection.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub id: ConnId,
+    pub server: usize,
+    pub client: usize,
+    pub cancel: CancellationToken,
+    pub slots: Mutex<Slots>,
+    started: Instant,
+    activity_ms: AtomicU64,
+    done: AtomicU8,
+    pub finished: Notify,
+}
+
+impl Conn {
+    pub fn new(
+        id: ConnId,
+        server: usize,
+        client: usize,
+        cancel: CancellationToken,
+        slots: Slots,
+    ) -> Self {
+        Self {
+            id,
+            server,
+            client,
+            cancel,
+            slots: Mutex::new(slots),
+            started: Instant::now(),
+            activity_ms: AtomicU64::new(0),
+            done: AtomicU8::new(0),
+            finished: Notify::new(),
+        }
+    }
+
+    /// Records that bytes crossed the connection.
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When bytes last crossed.
+    pub fn last_activity(&self) -> Instant {
+        self.started + Duration::from_millis(self.activity_ms.load(Ordering::Relaxed))
+    }
+
+    /// One direction ended cleanly; after both, the connection is finished.
+    pub fn direction_done(&self) {
+        if self.done.fetch_add(1, Ordering::AcqRel) + 1 >= 2 {
+            self.finished.notify_one();
+        }
+    }
+
+    pub fn slots(&self) -> MutexGuard<'_, Slots> {
+        lock(&self.slots)
+    }
+}
+
+/// Locks a mutex, recovering from poisoning (state stays consistent per operation).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Shared state of one relay.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: RelayConfig,
+    pub verifier: Verifier<Principal>,
+    pub server_index: HashMap<String, usize>,
+    pub server_names: Vec<Name>,
+    pub client_names: Vec<Name>,
+    pub client_allow: Vec<Vec<Grant>>,
+    pub authorities: Vec<String>,
+    pub ports: Mutex<HashMap<(usize, String), PortState>>,
+    pub conns: Mutex<HashMap<ConnId, Arc<Conn>>>,
+    /// Number of entries in `conns`, observable from outside (tests, metrics).
+    pub conn_count: tokio::sync::watch::Sender<usize>,
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Self {
+        let mut keys = Vec::new();
+        let mut server_index = HashMap::new();
+        let mut server_names = Vec::new();
+        for (i, s) in config.servers.iter().enumerate() {
+            keys.push((*s.public_key.get_ref(), Principal::Server(i)));
+            server_index.insert(s.name.get_ref().as_str().to_owned(), i);
+            server_names.push(s.name.get_ref().clone());
+        }
+        let mut client_names = Vec::new();
+        let mut client_allow = Vec::new();
+        for (i, c) in config.clients.iter().enumerate() {
+            keys.push((*c.public_key.get_ref(), Principal::Client(i)));
+            client_names.push(c.name.get_ref().clone());
+            client_allow.push(c.allow.clone());
+        }
+        let authorities = config
+            .authorities
+            .iter()
+            .map(|a| a.to_ascii_lowercase())
+            .collect();
+        Self {
+            verifier: Verifier::new(keys, config.max_nonces),
+            server_index,
+            server_names,
+            client_names,
+            client_allow,
+            authorities,
+            ports: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            conn_count: tokio::sync::watch::Sender::new(0),
+            shutdown,
+            config,
+        }
+    }
+
+    pub fn conn(&self, id: ConnId) -> Option<Arc<Conn>> {
+        lock(&self.conns).get(&id).cloned()
+    }
+
+    /// Adds a connection unless the limit is reached.
+    pub fn insert_conn(&self, conn: Arc<Conn>) -> bool {
+        let mut conns = lock(&self.conns);
+        if conns.len() >= self.config.max_connections {
+            return false;
+        }
+        conns.insert(conn.id, conn);
+        self.conn_count.send_replace(conns.len());
+        true
+    }
+
+    pub fn remove_conn(&self, id: ConnId) {
+        let mut conns = lock(&self.conns);
+        conns.remove(&id);
+        self.conn_count.send_replace(conns.len());
+    }
+}

@@ -1,0 +1,316 @@
+//! Test and demo harness: starts a relay, server proxies and client proxies in-process on
+//! port 0, with keys and configuration files written to a temporary folder exactly as a user
+//! would write them, plus small TCP services to forward to.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use ptth_common::config::{ProxyConfig, RelayConfig, ServerConfig};
+use ptth_common::keys::PrivateKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
+
+/// A program running on its own runtime, so that it can be stopped cleanly or killed
+/// abruptly (every task and socket dropped at once, as when a process dies).
+#[derive(Debug)]
+pub struct Component {
+    rt: Option<Runtime>,
+    token: CancellationToken,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Component {
+    /// Starts `f(token)` on a new two-thread runtime.
+    pub fn spawn<F, Fut>(f: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let token = CancellationToken::new();
+        let done = rt.spawn(f(token.clone()));
+        Self {
+            rt: Some(rt),
+            token,
+            done: Some(done),
+        }
+    }
+
+    /// Cancels the component and waits (at most 10 s) for it to return.
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(done) = self.done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
+        }
+    }
+
+    /// Drops every task and socket of the component at once.
+    pub fn kill(mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Keys and configuration files of one test setup.
+#[derive(Debug)]
+pub struct Setup {
+    /// Folder holding key and configuration files.
+    pub dir: tempfile::TempDir,
+    /// Key of server `db`.
+    pub server_key: PrivateKey,
+    /// Key of client `alice` (allowed `db/*`).
+    pub alice_key: PrivateKey,
+    /// Key of client `bob` (allowed only `db/other`).
+    pub bob_key: PrivateKey,
+    /// Key of server `web` (configured, allowed nowhere special).
+    pub web_key: PrivateKey,
+    /// Extra relay.toml lines (timeouts and so on).
+    pub relay_extra: String,
+}
+
+impl Setup {
+    /// Fresh keys, written as files with mode 0600.
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let server_key = PrivateKey::generate()?;
+        let alice_key = PrivateKey::generate()?;
+        let bob_key = PrivateKey::generate()?;
+        let web_key = PrivateKey::generate()?;
+        server_key.write_new(&dir.path().join("db.key"))?;
+        alice_key.write_new(&dir.path().join("alice.key"))?;
+        bob_key.write_new(&dir.path().join("bob.key"))?;
+        web_key.write_new(&dir.path().join("web.key"))?;
+        Ok(Self {
+            dir,
+            server_key,
+            alice_key,
+            bob_key,
+            web_key,
+            relay_extra: String::new(),
+        })
+    }
+
+    /// The folder of the files.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn write(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+
+    /// relay.toml text for `listen`.
+    pub fn relay_toml(&self, listen: SocketAddr) -> String {
+        format!(
+            "listen = \"{listen}\"\n{extra}\n\
+             [[servers]]\nname = \"db\"\npublic_key = \"{db}\"\n\n\
+             [[servers]]\nname = \"web\"\npublic_key = \"{web}\"\n\n\
+             [[clients]]\nname = \"alice\"\npublic_key = \"{alice}\"\nallow = [\"db/*\", \"web/*\"]\n\n\
+             [[clients]]\nname = \"bob\"\npublic_key = \"{bob}\"\nallow = [\"db/other\"]\n",
+            extra = self.relay_extra,
+            db = self.server_key.public(),
+            web = self.web_key.public(),
+            alice = self.alice_key.public(),
+            bob = self.bob_key.public(),
+        )
+    }
+
+    /// Writes and loads relay.toml.
+    pub fn relay_config(&self, listen: SocketAddr) -> anyhow::Result<RelayConfig> {
+        let p = self.write("relay.toml", &self.relay_toml(listen))?;
+        Ok(RelayConfig::load(&p)?)
+    }
+
+    /// Writes and loads server.toml for server `db` offering `ports` (name, target).
+    pub fn server_config(
+        &self,
+        relay: SocketAddr,
+        ports: &[(&str, String)],
+        extra: &str,
+    ) -> anyhow::Result<ServerConfig> {
+        let mut text = format!(
+            "relay_url = \"http://{relay}\"\nname = \"db\"\nkey_file = \"db.key\"\nmax_backoff = \"500ms\"\n{extra}\n[ports]\n"
+        );
+        for (name, target) in ports {
+            text.push_str(&format!("{name} = \"{target}\"\n"));
+        }
+        let p = self.write("server.toml", &text)?;
+        Ok(ServerConfig::load(&p)?)
+    }
+
+    /// Writes and loads proxy.toml for client `client` forwarding each (server, port) to a
+    /// port-0 listener; returns the config with the real listen addresses.
+    pub fn proxy_config(
+        &self,
+        relay: SocketAddr,
+        client: &str,
+        forwards: &[(&str, &str)],
+        extra: &str,
+    ) -> anyhow::Result<ProxyConfig> {
+        let mut text =
+            format!("relay_url = \"http://{relay}\"\nkey_file = \"{client}.key\"\n{extra}\n");
+        for (server, port) in forwards {
+            text.push_str(&format!(
+                "[[forwards]]\nlisten = \"127.0.0.1:0\"\nserver = \"{server}\"\nport = \"{port}\"\n"
+            ));
+        }
+        let p = self.write(&format!("proxy-{client}.toml"), &text)?;
+        Ok(ProxyConfig::load(&p)?)
+    }
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct RelayHandle {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Number of connections it holds state for.
+    pub connections: tokio::sync::watch::Receiver<usize>,
+    /// The program.
+    pub component: Component,
+}
+
+/// Starts a relay on `listener` with `config`.
+pub fn start_relay(
+    listener: std::net::TcpListener,
+    config: RelayConfig,
+) -> anyhow::Result<RelayHandle> {
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let component = Component::spawn(move |token| async move {
+        let relay = ptth_relay::Relay::new(config, token);
+        let _ = tx.send(relay.connections());
+        match TcpListener::from_std(listener) {
+            Ok(l) => {
+                if let Err(e) = relay.serve(l).await {
+                    tracing::error!(error = %e, "relay failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "relay listener"),
+        }
+    });
+    let connections = rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("relay did not start")?;
+    Ok(RelayHandle {
+        addr,
+        connections,
+        component,
+    })
+}
+
+/// Binds 127.0.0.1:0 (std listener, so it can move to another runtime).
+pub fn bind_any() -> anyhow::Result<std::net::TcpListener> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?)
+}
+
+/// Starts a server proxy.
+pub fn start_server(config: ServerConfig, key: PrivateKey) -> Component {
+    Component::spawn(move |token| async move {
+        if let Err(e) = ptth_server::run(config, key, token).await {
+            tracing::error!(error = %e, "server proxy failed");
+        }
+    })
+}
+
+/// Starts a client proxy, binding each forward (port 0 allowed); returns the bound addresses
+/// in forward order.
+pub fn start_proxy(
+    config: ProxyConfig,
+    key: PrivateKey,
+) -> anyhow::Result<(Component, Vec<SocketAddr>)> {
+    let mut listeners = Vec::new();
+    let mut addrs = Vec::new();
+    for f in &config.forwards {
+        let l = std::net::TcpListener::bind(f.listen)?;
+        l.set_nonblocking(true)?;
+        addrs.push(l.local_addr()?);
+        listeners.push((l, f.clone()));
+    }
+    let component = Component::spawn(move |token| async move {
+        let mut ls = Vec::new();
+        for (l, f) in listeners {
+            match TcpListener::from_std(l) {
+                Ok(l) => ls.push((l, f)),
+                Err(e) => {
+                    tracing::error!(error = %e, "proxy listener");
+                    return;
+                }
+            }
+        }
+        if let Err(e) = ptth_proxy::run(ls, config, key, token).await {
+            tracing::error!(error = %e, "client proxy failed");
+        }
+    });
+    Ok((component, addrs))
+}
+
+/// Starts an echo service (each connection: bytes back as they come; FIN after EOF) on the
+/// current runtime. Returns its address.
+pub async fn echo_service() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A loopback port with nothing listening (bound, then closed).
+pub fn closed_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.local_addr().map_err(Into::into)
+}
+
+/// Connects to `addr`, writes `msg`, half-closes and reads the whole answer.
+pub async fn round_trip(addr: SocketAddr, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(msg).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
