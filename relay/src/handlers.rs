@@ -18,8 +18,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::pipe::{PipeBody, Upload};
 use crate::state::{
-    AcceptOutcome, Conn, MAX_PORTS_PER_SERVER, MAX_QUEUED_CONNECTS, PortState, Principal, Shared,
-    Slots, lock,
+    AcceptOutcome, Conn, ListenGuard, MAX_PORTS_PER_SERVER, MAX_QUEUED_CONNECTS, PortState,
+    Principal, Shared, Slots, lock,
 };
 
 /// An error answer: a status and a one-line reason in plain text.
@@ -110,10 +110,8 @@ fn streaming_response(body: PipeBody, id: Option<ConnId>) -> Response {
         HeaderValue::from_static("no-cache, no-transform"),
     );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    if let Some(id) = id {
-        if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
-            h.insert(CONNECTION_ID_HEADER, v);
-        }
+    if let Some(v) = id.and_then(|id| HeaderValue::from_str(&id.to_string()).ok()) {
+        h.insert(CONNECTION_ID_HEADER, v);
     }
     r
 }
@@ -179,6 +177,7 @@ pub(crate) async fn listen(
         }
         entry.listeners.push_back(tx);
     }
+    let _counted = ListenGuard::new(&shared);
     let answer = tokio::select! {
         r = &mut rx => r.ok(),
         () = tokio::time::sleep(shared.config.listen_timeout) => {
@@ -324,6 +323,7 @@ async fn connect_inner(
     let guard = CancelOnDrop(Some(conn.clone()));
     debug!("offered to server");
     let outcome = tokio::select! {
+        biased;
         r = accept_rx => r.ok(),
         () = tokio::time::sleep(shared.config.accept_timeout) => None,
         () = conn.cancel.cancelled() => None,
@@ -424,8 +424,8 @@ pub(crate) async fn accept(
         (tx, slots.up_rx.take())
     };
     if refused {
+        // The connect handler answers 502 and its guard closes the connection.
         let _ = tx.send(AcceptOutcome::Refused);
-        conn.cancel.cancel();
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let up_rx = up_rx.ok_or(NOT_FOUND_CONN)?;

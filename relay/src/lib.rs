@@ -75,6 +75,11 @@ impl Relay {
         self.shared.conn_count.subscribe()
     }
 
+    /// Watches the number of `listen` requests waiting for a client.
+    pub fn listens(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.shared.listen_count.subscribe()
+    }
+
     /// Serves on `listener` until the shutdown token is cancelled, then closes every tunnel,
     /// gives open HTTP connections a short grace period and returns.
     pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {

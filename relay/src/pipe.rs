@@ -64,10 +64,10 @@ impl PipeBody {
     }
 
     fn fail(&mut self, why: &str) {
-        if let State::Streaming(_, done) = &mut self.state {
-            if let Some(done) = done.take() {
-                let _ = done.send(Err(why.to_owned()));
-            }
+        if let State::Streaming(_, done) = &mut self.state
+            && let Some(done) = done.take()
+        {
+            let _ = done.send(Err(why.to_owned()));
         }
         self.state = State::Done;
         self.conn.cancel.cancel();

@@ -150,6 +150,8 @@ pub(crate) struct Shared {
     pub conns: Mutex<HashMap<ConnId, Arc<Conn>>>,
     /// Number of entries in `conns`, observable from outside (tests, metrics).
     pub conn_count: tokio::sync::watch::Sender<usize>,
+    /// Number of `listen` requests waiting, observable from outside.
+    pub listen_count: tokio::sync::watch::Sender<usize>,
     pub shutdown: CancellationToken,
 }
 
@@ -185,6 +187,7 @@ impl Shared {
             ports: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             conn_count: tokio::sync::watch::Sender::new(0),
+            listen_count: tokio::sync::watch::Sender::new(0),
             shutdown,
             config,
         }
@@ -209,5 +212,23 @@ impl Shared {
         let mut conns = lock(&self.conns);
         conns.remove(&id);
         self.conn_count.send_replace(conns.len());
+    }
+}
+
+/// Counts a waiting `listen` for as long as it lives.
+pub(crate) struct ListenGuard<'a>(&'a Shared);
+
+impl<'a> ListenGuard<'a> {
+    pub fn new(shared: &'a Shared) -> Self {
+        shared.listen_count.send_modify(|n| *n += 1);
+        Self(shared)
+    }
+}
+
+impl Drop for ListenGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .listen_count
+            .send_modify(|n| *n = n.saturating_sub(1));
     }
 }

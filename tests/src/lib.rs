@@ -187,6 +187,8 @@ pub struct RelayHandle {
     pub addr: SocketAddr,
     /// Number of connections it holds state for.
     pub connections: tokio::sync::watch::Receiver<usize>,
+    /// Number of `listen` requests waiting at it.
+    pub listens: tokio::sync::watch::Receiver<usize>,
     /// The program.
     pub component: Component,
 }
@@ -201,7 +203,7 @@ pub fn start_relay(
     let (tx, rx) = std::sync::mpsc::channel();
     let component = Component::spawn(move |token| async move {
         let relay = ptth_relay::Relay::new(config, token);
-        let _ = tx.send(relay.connections());
+        let _ = tx.send((relay.connections(), relay.listens()));
         match TcpListener::from_std(listener) {
             Ok(l) => {
                 if let Err(e) = relay.serve(l).await {
@@ -211,14 +213,29 @@ pub fn start_relay(
             Err(e) => tracing::error!(error = %e, "relay listener"),
         }
     });
-    let connections = rx
+    let (connections, listens) = rx
         .recv_timeout(Duration::from_secs(10))
         .context("relay did not start")?;
     Ok(RelayHandle {
         addr,
         connections,
+        listens,
         component,
     })
+}
+
+impl RelayHandle {
+    /// Waits until at least `n` listens are waiting at the relay.
+    pub async fn wait_listens(&self, n: usize) {
+        let mut l = self.listens.clone();
+        let _ = l.wait_for(|c| *c >= n).await;
+    }
+
+    /// Waits until the relay holds no connection state.
+    pub async fn wait_no_connections(&self) {
+        let mut c = self.connections.clone();
+        let _ = c.wait_for(|c| *c == 0).await;
+    }
 }
 
 /// Binds 127.0.0.1:0 (std listener, so it can move to another runtime).
@@ -313,4 +330,111 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// What a [`World`] starts.
+#[derive(Debug, Clone)]
+pub struct WorldOptions {
+    /// Extra relay.toml lines.
+    pub relay_extra: String,
+    /// Extra server.toml lines.
+    pub server_extra: String,
+    /// Extra proxy.toml lines.
+    pub proxy_extra: String,
+    /// Ports offered by server `db`: (name, target). None: no server proxy.
+    pub ports: Vec<(String, SocketAddr)>,
+    /// Forwards of the client proxy: (server, port).
+    pub forwards: Vec<(String, String)>,
+    /// The client the proxy runs as.
+    pub client: String,
+}
+
+impl WorldOptions {
+    /// Server `db` offers `echo` → `target`; alice forwards one port to `db/echo`.
+    pub fn echo(target: SocketAddr) -> Self {
+        Self {
+            relay_extra: String::new(),
+            server_extra: String::new(),
+            proxy_extra: String::new(),
+            ports: vec![("echo".into(), target)],
+            forwards: vec![("db".into(), "echo".into())],
+            client: "alice".into(),
+        }
+    }
+}
+
+/// A relay, a server proxy and a client proxy, all started and ready.
+#[derive(Debug)]
+pub struct World {
+    /// Keys and files.
+    pub setup: Setup,
+    /// The relay.
+    pub relay: RelayHandle,
+    /// The server proxy, if ports were offered.
+    pub server: Option<Component>,
+    /// The client proxy.
+    pub proxy: Component,
+    /// Local addresses of the forwards, in order.
+    pub forwards: Vec<SocketAddr>,
+}
+
+impl World {
+    /// Starts everything and waits until the server proxy's listens are at the relay.
+    pub async fn start(opts: WorldOptions) -> anyhow::Result<Self> {
+        let mut setup = Setup::new()?;
+        setup.relay_extra = opts.relay_extra.clone();
+        let relay = start_relay(bind_any()?, setup.relay_config("127.0.0.1:0".parse()?)?)?;
+        let server = if opts.ports.is_empty() {
+            None
+        } else {
+            let ports: Vec<(&str, String)> = opts
+                .ports
+                .iter()
+                .map(|(n, a)| (n.as_str(), a.to_string()))
+                .collect();
+            let config = setup.server_config(relay.addr, &ports, &opts.server_extra)?;
+            let want = config.listen_pool * config.ports.len();
+            let server = start_server(config, setup.server_key.clone());
+            tokio::time::timeout(Duration::from_secs(20), relay.wait_listens(want))
+                .await
+                .context("server proxy did not start listening")?;
+            Some(server)
+        };
+        let forwards: Vec<(&str, &str)> = opts
+            .forwards
+            .iter()
+            .map(|(s, p)| (s.as_str(), p.as_str()))
+            .collect();
+        let key = match opts.client.as_str() {
+            "alice" => setup.alice_key.clone(),
+            _ => setup.bob_key.clone(),
+        };
+        let config = setup.proxy_config(relay.addr, &opts.client, &forwards, &opts.proxy_extra)?;
+        let (proxy, forwards) = start_proxy(config, key)?;
+        Ok(Self {
+            setup,
+            relay,
+            server,
+            proxy,
+            forwards,
+        })
+    }
+
+    /// The first forward's local address.
+    pub fn local(&self) -> SocketAddr {
+        self.forwards[0]
+    }
+}
+
+/// Reads from `s` until EOF or error; returns the bytes and whether it ended in an error.
+pub async fn read_until_closed(s: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => return (out, false),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (out, true),
+        }
+    }
 }

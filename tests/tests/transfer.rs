@@ -1,80 +1,28 @@
-//! Bytes through the tunnel: exact content both ways, many at once, half-close.
+//! Bytes through the tunnel: exact content both ways, many at once, half-close, idleness.
 
 use std::time::Duration;
 
 use ptth_tests::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-struct World {
-    _setup: Setup,
-    relay: RelayHandle,
-    _server: Component,
-    _proxy: Component,
-    local: std::net::SocketAddr,
-}
-
-async fn world(target: std::net::SocketAddr) -> World {
-    let setup = Setup::new().expect("setup");
-    let l = bind_any().expect("bind");
-    let relay = start_relay(
-        l,
-        setup
-            .relay_config(bind_addr_placeholder())
-            .expect("relay config"),
-    )
-    .expect("relay");
-    let server = start_server(
-        setup
-            .server_config(relay.addr, &[("echo", target.to_string())], "")
-            .expect("server config"),
-        setup.server_key.clone(),
-    );
-    let (proxy, addrs) = start_proxy(
-        setup
-            .proxy_config(relay.addr, "alice", &[("db", "echo")], "")
-            .expect("proxy config"),
-        setup.alice_key.clone(),
-    )
-    .expect("proxy");
-    World {
-        _setup: setup,
-        relay,
-        _server: server,
-        _proxy: proxy,
-        local: addrs[0],
-    }
-}
-
-fn bind_addr_placeholder() -> std::net::SocketAddr {
-    "127.0.0.1:0".parse().expect("addr")
-}
-
-/// Waits until a first round trip works (the server proxy's listens may still be starting).
-async fn ready(addr: std::net::SocketAddr) {
-    for _ in 0..200 {
-        if let Ok(v) = round_trip(addr, b"ping").await {
-            if v == b"ping" {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("tunnel never became ready");
+async fn within<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("test timed out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_sha256_equal() {
-    tokio::time::timeout(LIMIT, async {
+    within(async {
         let echo = echo_service().await.expect("echo");
-        let w = world(echo).await;
-        ready(w.local).await;
+        let w = World::start(WorldOptions::echo(echo)).await.expect("world");
         let data = random_bytes(64 << 20, 7);
         let want = Sha256::digest(&data);
-        let s = TcpStream::connect(w.local).await.expect("connect");
+        let s = TcpStream::connect(w.local()).await.expect("connect");
         let (mut r, mut wr) = s.into_split();
         let writer = tokio::spawn(async move {
             wr.write_all(&data).await.expect("write");
@@ -94,12 +42,160 @@ async fn sixty_four_mib_each_way_sha256_equal() {
         writer.await.expect("writer");
         assert_eq!(total, 64 << 20);
         assert_eq!(hasher.finalize(), want);
-        let mut conns = w.relay.connections.clone();
-        tokio::time::timeout(Duration::from_secs(5), conns.wait_for(|n| *n == 0))
+        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
             .await
-            .expect("relay frees state")
-            .expect("watch");
+            .expect("relay frees the connection's state");
     })
-    .await
-    .expect("test timed out");
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_connections() {
+    within(async {
+        let echo = echo_service().await.expect("echo");
+        let w = World::start(WorldOptions::echo(echo)).await.expect("world");
+        let local = w.local();
+        let tasks: Vec<_> = (0..100u64)
+            .map(|i| {
+                tokio::spawn(async move {
+                    let data = random_bytes(64 * 1024 + i as usize, i);
+                    let got = round_trip(local, &data).await.expect("round trip");
+                    assert_eq!(
+                        Sha256::digest(&got),
+                        Sha256::digest(&data),
+                        "connection {i}"
+                    );
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
+            .await
+            .expect("relay frees every connection");
+    })
+    .await;
+}
+
+/// A service that reads the whole request until EOF, then sends `reply` and closes.
+async fn reply_after_eof(
+    reply: Vec<u8>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.expect("accept");
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.expect("read request");
+        s.write_all(&reply).await.expect("write reply");
+        s.shutdown().await.expect("shutdown");
+        req
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_half_close_still_receives_whole_reply() {
+    within(async {
+        let reply = random_bytes(3 << 20, 11);
+        let (svc, task) = reply_after_eof(reply.clone()).await;
+        let w = World::start(WorldOptions::echo(svc)).await.expect("world");
+        let got = round_trip(w.local(), b"the request")
+            .await
+            .expect("round trip");
+        assert_eq!(got.len(), reply.len());
+        assert!(got == reply, "reply differs");
+        assert_eq!(task.await.expect("service"), b"the request");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_half_close_still_receives_whole_upload() {
+    within(async {
+        // The service greets, shuts down its write side at once, then reads everything.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let svc = l.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            s.write_all(b"hello, send me everything")
+                .await
+                .expect("greet");
+            s.shutdown().await.expect("shutdown");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        let w = World::start(WorldOptions::echo(svc)).await.expect("world");
+        let mut s = TcpStream::connect(w.local()).await.expect("connect");
+        let mut greeting = Vec::new();
+        s.read_to_end(&mut greeting)
+            .await
+            .expect("EOF after greeting");
+        assert_eq!(greeting, b"hello, send me everything");
+        let upload = random_bytes(5 << 20, 3);
+        s.write_all(&upload)
+            .await
+            .expect("upload after the service's FIN");
+        s.shutdown().await.expect("shutdown");
+        let got = task.await.expect("service");
+        assert!(got == upload, "upload differs ({} bytes)", got.len());
+        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
+            .await
+            .expect("relay frees the connection's state");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_an_idle_tunnel_open_past_idle_timeout() {
+    within(async {
+        let echo = echo_service().await.expect("echo");
+        let mut opts = WorldOptions::echo(echo);
+        opts.relay_extra = "idle_timeout = \"1s\"\nheartbeat_interval = \"200ms\"".into();
+        opts.server_extra = "heartbeat_interval = \"200ms\"".into();
+        opts.proxy_extra = "heartbeat_interval = \"200ms\"".into();
+        let w = World::start(opts).await.expect("world");
+        let mut s = TcpStream::connect(w.local()).await.expect("connect");
+        s.write_all(b"one").await.expect("write");
+        let mut buf = [0u8; 3];
+        s.read_exact(&mut buf).await.expect("read");
+        // Idle for three idle timeouts: only heartbeats cross.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        s.write_all(b"two").await.expect("write after idle");
+        s.read_exact(&mut buf).await.expect("read after idle");
+        assert_eq!(&buf, b"two");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_closes_a_silent_connection_after_idle_timeout() {
+    within(async {
+        let echo = echo_service().await.expect("echo");
+        let mut opts = WorldOptions::echo(echo);
+        // Heartbeats far apart: the tunnel is silent for longer than idle_timeout.
+        opts.relay_extra = "idle_timeout = \"1s\"".into();
+        opts.server_extra = "heartbeat_interval = \"60s\"".into();
+        opts.proxy_extra = "heartbeat_interval = \"60s\"".into();
+        let w = World::start(opts).await.expect("world");
+        let mut s = TcpStream::connect(w.local()).await.expect("connect");
+        s.write_all(b"x").await.expect("write");
+        let mut buf = [0u8; 1];
+        s.read_exact(&mut buf).await.expect("read");
+        let started = tokio::time::Instant::now();
+        let (rest, _) = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s))
+            .await
+            .expect("the relay closes the idle tunnel");
+        assert!(rest.is_empty());
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "closed before idle_timeout"
+        );
+        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
+            .await
+            .expect("relay frees the connection's state");
+    })
+    .await;
 }

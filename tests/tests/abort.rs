@@ -1,0 +1,243 @@
+//! Aborts propagate: whatever breaks, all four streams and both TCP sockets close within 2 s,
+//! and the relay frees the connection's state.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ptth_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const PROPAGATION: Duration = Duration::from_secs(2);
+
+async fn within<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("test timed out");
+}
+
+/// A one-connection service; `f` gets the accepted socket.
+async fn service<F, Fut>(f: F) -> SocketAddr
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (s, _) = l.accept().await.expect("accept");
+        f(s).await;
+    });
+    addr
+}
+
+/// Keeps writing to `w` until it fails.
+fn spawn_writer(mut w: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let chunk = random_bytes(64 * 1024, 5);
+        while w.write_all(&chunk).await.is_ok() {}
+    })
+}
+
+async fn expect_closed(r: &mut tokio::net::tcp::OwnedReadHalf) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let closed = tokio::time::timeout(PROPAGATION, async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "local socket still open {PROPAGATION:?} after the abort"
+    );
+}
+
+async fn expect_state_freed(w: &World) {
+    tokio::time::timeout(PROPAGATION, w.relay.wait_no_connections())
+        .await
+        .expect("relay still holds the connection's state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_reset_mid_transfer_reaches_the_client() {
+    within(async {
+        let (reset_tx, reset_rx) = oneshot::channel();
+        let svc = service(|mut s| async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let _ = s.read_exact(&mut buf).await;
+            s.write_all(b"partial answer").await.expect("write");
+            s.set_zero_linger().expect("linger");
+            drop(s);
+            let _ = reset_tx.send(());
+        })
+        .await;
+        let w = World::start(WorldOptions::echo(svc)).await.expect("world");
+        let (mut r, wr) = TcpStream::connect(w.local())
+            .await
+            .expect("connect")
+            .into_split();
+        let writer = spawn_writer(wr);
+        reset_rx.await.expect("service reset");
+        expect_closed(&mut r).await;
+        expect_state_freed(&w).await;
+        tokio::time::timeout(PROPAGATION, writer)
+            .await
+            .expect("client writes fail")
+            .expect("join");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_close_mid_upload_reaches_the_client() {
+    within(async {
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let svc = service(|mut s| async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let _ = s.read_exact(&mut buf).await;
+            drop(s);
+            let _ = closed_tx.send(());
+        })
+        .await;
+        let w = World::start(WorldOptions::echo(svc)).await.expect("world");
+        let (mut r, wr) = TcpStream::connect(w.local())
+            .await
+            .expect("connect")
+            .into_split();
+        let writer = spawn_writer(wr);
+        closed_rx.await.expect("service closed");
+        expect_closed(&mut r).await;
+        expect_state_freed(&w).await;
+        tokio::time::timeout(PROPAGATION, writer)
+            .await
+            .expect("client writes fail")
+            .expect("join");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_mid_download_reaches_the_service() {
+    within(async {
+        let (failed_tx, failed_rx) = oneshot::channel();
+        let svc = service(|mut s| async move {
+            let chunk = random_bytes(64 * 1024, 9);
+            while s.write_all(&chunk).await.is_ok() {}
+            let _ = failed_tx.send(());
+        })
+        .await;
+        let w = World::start(WorldOptions::echo(svc)).await.expect("world");
+        let mut c = TcpStream::connect(w.local()).await.expect("connect");
+        let mut buf = vec![0u8; 1 << 20];
+        c.read_exact(&mut buf).await.expect("some download");
+        drop(c);
+        tokio::time::timeout(PROPAGATION, failed_rx)
+            .await
+            .expect("service still writing 2 s after the client closed")
+            .expect("service");
+        expect_state_freed(&w).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_proxy_killed_closes_the_client() {
+    within(async {
+        let echo = echo_service().await.expect("echo");
+        let mut w = World::start(WorldOptions::echo(echo)).await.expect("world");
+        let (mut r, mut wr) = TcpStream::connect(w.local())
+            .await
+            .expect("connect")
+            .into_split();
+        wr.write_all(b"hi").await.expect("write");
+        let mut buf = [0u8; 2];
+        r.read_exact(&mut buf).await.expect("echo");
+        w.server.take().expect("server").kill();
+        expect_closed(&mut r).await;
+        expect_state_freed(&w).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_proxy_killed_closes_the_service() {
+    within(async {
+        let (eof_tx, eof_rx) = oneshot::channel();
+        let svc = service(|mut s| async move {
+            let mut buf = [0u8; 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = eof_tx.send(());
+        })
+        .await;
+        let w = World::start(WorldOptions::echo(svc)).await.expect("world");
+        let mut c = TcpStream::connect(w.local()).await.expect("connect");
+        c.write_all(b"hi").await.expect("write");
+        let mut buf = [0u8; 2];
+        c.read_exact(&mut buf).await.expect("echo");
+        w.proxy.kill();
+        tokio::time::timeout(PROPAGATION, eof_rx)
+            .await
+            .expect("service socket still open 2 s after the client proxy died")
+            .expect("service");
+        tokio::time::timeout(PROPAGATION, w.relay.wait_no_connections())
+            .await
+            .expect("relay still holds the connection's state");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_restart_while_server_waits_then_new_connection_works() {
+    within(async {
+        let echo = echo_service().await.expect("echo");
+        let w = World::start(WorldOptions::echo(echo)).await.expect("world");
+        assert_eq!(
+            round_trip(w.local(), b"before").await.expect("before"),
+            b"before"
+        );
+        let (mut r, _wr) = TcpStream::connect(w.local())
+            .await
+            .expect("connect")
+            .into_split();
+        let World {
+            setup,
+            relay,
+            server,
+            proxy,
+            forwards,
+        } = w;
+        let addr = relay.addr;
+        relay.component.stop().await;
+        // The tunnel that was open dies with the relay.
+        expect_closed(&mut r).await;
+        let relay = start_relay(
+            std::net::TcpListener::bind(addr).expect("rebind the same port"),
+            setup.relay_config(addr).expect("config"),
+        )
+        .expect("restart relay");
+        tokio::time::timeout(Duration::from_secs(10), relay.wait_listens(2))
+            .await
+            .expect("server proxy came back by itself");
+        assert_eq!(
+            round_trip(forwards[0], b"after").await.expect("after"),
+            b"after"
+        );
+        drop((server, proxy));
+    })
+    .await;
+}

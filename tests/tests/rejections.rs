@@ -1,0 +1,406 @@
+//! Every refusal: connect failures seen through the client proxy (socket closed at once, clear
+//! log line), and each authentication and authorisation rejection seen at the relay's API.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ptth_common::auth::{SIGNATURE, SIGNATURE_INPUT, Signer, unix_now};
+use ptth_common::client::{RelayClient, http_client};
+use ptth_common::config::RelayUrl;
+use ptth_common::keys::PrivateKey;
+use ptth_common::protocol::{self, CONNECTION_ID_HEADER};
+use ptth_tests::*;
+use reqwest::StatusCode;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn within<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("test timed out");
+}
+
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("logs")).into_owned()
+    }
+}
+
+fn relay_client(addr: SocketAddr, key: &PrivateKey) -> RelayClient {
+    RelayClient::new(
+        http_client(None).expect("client"),
+        RelayUrl::parse(&format!("http://{addr}")).expect("url"),
+        key.clone(),
+    )
+}
+
+/// Runs a client proxy on this test's thread (so its logs are captured) forwarding
+/// `server/port` as `client`; connects once and checks that the local socket is closed
+/// promptly with nothing received, then that the log names the failure.
+async fn connect_fails(
+    w: &World,
+    client: &str,
+    server: &str,
+    port: &str,
+    within_: Duration,
+    want: &[&str],
+) {
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let key = if client == "alice" {
+        w.setup.alice_key.clone()
+    } else {
+        w.setup.bob_key.clone()
+    };
+    let config = w
+        .setup
+        .proxy_config(w.relay.addr, client, &[(server, port)], "")
+        .expect("proxy config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let local = listener.local_addr().expect("addr");
+    let token = tokio_util::sync::CancellationToken::new();
+    let fwd = config.forwards[0].clone();
+    let proxy = tokio::spawn(ptth_proxy::run(
+        vec![(listener, fwd)],
+        config,
+        key,
+        token.clone(),
+    ));
+    let mut s = TcpStream::connect(local).await.expect("connect");
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(within_, s.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "local socket not closed within {within_:?}");
+    assert!(buf.is_empty(), "received {buf:?}");
+    let text = logs.text();
+    for w in want {
+        assert!(text.contains(w), "log lacks {w:?}:\n{text}");
+    }
+    token.cancel();
+    let _ = proxy.await;
+}
+
+#[tokio::test]
+async fn connect_failures_close_the_socket_with_a_clear_log_line() {
+    within(async {
+        let echo = echo_service().await.expect("echo");
+        let mut opts = WorldOptions::echo(echo);
+        opts.ports
+            .push(("dead".into(), closed_port().expect("closed port")));
+        opts.relay_extra = "accept_timeout = \"1s\"".into();
+        let w = World::start(opts).await.expect("world");
+        let quick = Duration::from_secs(2);
+        connect_fails(&w, "alice", "web", "x", quick, &["503", "server offline"]).await;
+        connect_fails(&w, "alice", "db", "nope", quick, &["404", "unknown port"]).await;
+        connect_fails(
+            &w,
+            "alice",
+            "db",
+            "dead",
+            quick,
+            &["502", "could not connect to its target"],
+        )
+        .await;
+        connect_fails(&w, "bob", "db", "echo", quick, &["403", "not allowed"]).await;
+
+        // A server that listens on `slow` but never accepts: the relay gives up after
+        // accept_timeout (1 s here).
+        let db = relay_client(w.relay.addr, &w.setup.server_key);
+        let path = protocol::listen_path("db", "slow");
+        let listen = tokio::spawn(async move { db.post(&path).send().await });
+        tokio::time::timeout(Duration::from_secs(10), w.relay.wait_listens(3))
+            .await
+            .expect("listen registered");
+        connect_fails(
+            &w,
+            "alice",
+            "db",
+            "slow",
+            Duration::from_secs(4),
+            &["504", "did not take the connection in time"],
+        )
+        .await;
+        let offered = listen.await.expect("join").expect("listen answer");
+        assert_eq!(offered.status(), StatusCode::OK);
+        assert!(offered.headers().contains_key(CONNECTION_ID_HEADER));
+    })
+    .await;
+}
+
+fn plain_http() -> reqwest::Client {
+    http_client(None).expect("client")
+}
+
+async fn world_without_server() -> World {
+    let echo = echo_service().await.expect("echo");
+    let mut opts = WorldOptions::echo(echo);
+    opts.relay_extra = "listen_timeout = \"1s\"".into();
+    World::start(opts).await.expect("world")
+}
+
+async fn status_and_text(r: reqwest::Response) -> (StatusCode, String) {
+    let s = r.status();
+    (s, r.text().await.expect("body").trim().to_owned())
+}
+
+#[tokio::test]
+async fn unknown_key_and_bad_signature_get_the_same_401() {
+    within(async {
+        let w = world_without_server().await;
+        let stranger = relay_client(w.relay.addr, &PrivateKey::generate().expect("key"));
+        let unknown = stranger
+            .post(&protocol::connect_path("db", "echo"))
+            .send()
+            .await
+            .expect("send");
+        let unknown = status_and_text(unknown).await;
+        // A valid signature for one path, sent to another (tampered path).
+        let signer = Signer::new(w.setup.alice_key.clone());
+        let h = signer.sign(
+            "POST",
+            &w.relay.addr.to_string(),
+            &protocol::connect_path("db", "echo"),
+        );
+        let http = plain_http();
+        let tampered = http
+            .post(format!(
+                "http://{}{}",
+                w.relay.addr,
+                protocol::connect_path("web", "echo")
+            ))
+            .header(SIGNATURE_INPUT, &h.input)
+            .header(SIGNATURE, &h.signature)
+            .send()
+            .await
+            .expect("send");
+        let tampered = status_and_text(tampered).await;
+        assert_eq!(
+            unknown,
+            (StatusCode::UNAUTHORIZED, "invalid signature".to_owned())
+        );
+        assert_eq!(tampered, unknown);
+        assert!(
+            http.post(format!(
+                "http://{}{}",
+                w.relay.addr,
+                protocol::connect_path("db", "echo")
+            ))
+            .send()
+            .await
+            .expect("send")
+            .status()
+                == StatusCode::UNAUTHORIZED,
+            "unsigned request must get 401"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn replayed_and_stale_requests_are_refused() {
+    within(async {
+        let w = world_without_server().await;
+        let path = protocol::connect_path("web", "x");
+        let signer = Signer::new(w.setup.alice_key.clone());
+        let authority = w.relay.addr.to_string();
+        let url = format!("http://{authority}{path}");
+        let http = plain_http();
+        let h = signer.sign("POST", &authority, &path);
+        let send = |h: &ptth_common::auth::SignedHeaders| {
+            http.post(&url)
+                .header(SIGNATURE_INPUT, &h.input)
+                .header(SIGNATURE, &h.signature)
+                .send()
+        };
+        let first = send(&h).await.expect("send");
+        assert_eq!(
+            first.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "web is offline"
+        );
+        let again = status_and_text(send(&h).await.expect("send")).await;
+        assert_eq!(
+            again,
+            (StatusCode::UNAUTHORIZED, "replayed request".to_owned())
+        );
+        let old = signer.sign_with("POST", &authority, &path, unix_now() - 61, &[7; 16]);
+        let r = send(&old).await.expect("send");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(
+            r.headers().contains_key(reqwest::header::DATE),
+            "401 carries Date for skew"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keys_may_only_act_as_themselves() {
+    within(async {
+        let w = world_without_server().await;
+        let db = relay_client(w.relay.addr, &w.setup.server_key);
+        let alice = relay_client(w.relay.addr, &w.setup.alice_key);
+        let bob = relay_client(w.relay.addr, &w.setup.bob_key);
+        // Server key listening as another server.
+        let r = db
+            .post(&protocol::listen_path("web", "x"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        // A client key cannot listen.
+        let r = alice
+            .post(&protocol::listen_path("db", "x"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        // A server key cannot connect.
+        let r = db
+            .post(&protocol::connect_path("db", "echo"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        // Bob's allow list grants only db/other.
+        let r = bob
+            .post(&protocol::connect_path("db", "echo"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        // Not a POST.
+        let r = plain_http()
+            .get(format!(
+                "http://{}{}",
+                w.relay.addr,
+                protocol::connect_path("db", "echo")
+            ))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connection_ids_belong_to_their_owners_and_are_single_use() {
+    within(async {
+        let w = world_without_server().await;
+        let addr = w.relay.addr;
+        let db = relay_client(addr, &w.setup.server_key);
+        let web = relay_client(addr, &w.setup.web_key);
+        let alice = relay_client(addr, &w.setup.alice_key);
+        let bob = relay_client(addr, &w.setup.bob_key);
+        let l = db.clone();
+        let listen =
+            tokio::spawn(async move { l.post(&protocol::listen_path("db", "raw")).send().await });
+        tokio::time::timeout(Duration::from_secs(10), w.relay.wait_listens(3))
+            .await
+            .expect("listen registered");
+        let a = alice.clone();
+        let connect =
+            tokio::spawn(async move { a.post(&protocol::connect_path("db", "raw")).send().await });
+        let offered = listen.await.expect("join").expect("listen");
+        assert_eq!(offered.status(), StatusCode::OK);
+        let id: protocol::ConnId = offered.headers()[CONNECTION_ID_HEADER]
+            .to_str()
+            .expect("header")
+            .parse()
+            .expect("id");
+
+        // Another server cannot take it, under either name.
+        let r = web
+            .post(&protocol::accept_path("web", id))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = web
+            .post(&protocol::accept_path("db", id))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        // Nobody can send upstream before it is accepted, and a client cannot accept.
+        let r = alice
+            .post(&protocol::accept_path("db", id))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+        let accepted = db
+            .post(&protocol::accept_path("db", id))
+            .send()
+            .await
+            .expect("accept");
+        assert_eq!(accepted.status(), StatusCode::OK);
+        let connected = connect.await.expect("join").expect("connect");
+        assert_eq!(connected.status(), StatusCode::OK);
+        assert_eq!(
+            connected.headers()[CONNECTION_ID_HEADER]
+                .to_str()
+                .expect("h"),
+            id.to_string()
+        );
+
+        // Single use: a second accept is refused.
+        let r = db
+            .post(&protocol::accept_path("db", id))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        // Foreign client: 404 for upstream; the owner's server cannot send upstream either.
+        let r = bob
+            .post(&protocol::upstream_path("db", id))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = db
+            .post(&protocol::upstream_path("db", id))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        // Foreign server: 404 for downstream; a malformed ID is 404 too.
+        let r = web
+            .post(&protocol::downstream_path("web", id))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = alice
+            .post("/v1/servers/db/connections/not-an-id/upstream")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    })
+    .await;
+}
