@@ -241,3 +241,19 @@ async fn relay_restart_while_server_waits_then_new_connection_works() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_server_is_offline_at_once() {
+    within(async {
+        let echo = echo_service().await.expect("echo");
+        let mut w = World::start(WorldOptions::echo(echo)).await.expect("world");
+        w.server.take().expect("server").kill();
+        // The relay notices the dropped long-polls without waiting for them to time out.
+        let mut listens = w.relay.listens.clone();
+        tokio::time::timeout(PROPAGATION, listens.wait_for(|n| *n == 0))
+            .await
+            .expect("relay still counts the dead server's listens")
+            .expect("watch");
+    })
+    .await;
+}

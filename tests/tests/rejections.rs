@@ -153,7 +153,7 @@ fn plain_http() -> reqwest::Client {
     http_client(None).expect("client")
 }
 
-async fn world_without_server() -> World {
+async fn world_with_short_listens() -> World {
     let echo = echo_service().await.expect("echo");
     let mut opts = WorldOptions::echo(echo);
     opts.relay_extra = "listen_timeout = \"1s\"".into();
@@ -168,7 +168,7 @@ async fn status_and_text(r: reqwest::Response) -> (StatusCode, String) {
 #[tokio::test]
 async fn unknown_key_and_bad_signature_get_the_same_401() {
     within(async {
-        let w = world_without_server().await;
+        let w = world_with_short_listens().await;
         let stranger = relay_client(w.relay.addr, &PrivateKey::generate().expect("key"));
         let unknown = stranger
             .post(&protocol::connect_path("db", "echo"))
@@ -221,7 +221,7 @@ async fn unknown_key_and_bad_signature_get_the_same_401() {
 #[tokio::test]
 async fn replayed_and_stale_requests_are_refused() {
     within(async {
-        let w = world_without_server().await;
+        let w = world_with_short_listens().await;
         let path = protocol::connect_path("web", "x");
         let signer = Signer::new(w.setup.alice_key.clone());
         let authority = w.relay.addr.to_string();
@@ -259,7 +259,7 @@ async fn replayed_and_stale_requests_are_refused() {
 #[tokio::test]
 async fn keys_may_only_act_as_themselves() {
     within(async {
-        let w = world_without_server().await;
+        let w = world_with_short_listens().await;
         let db = relay_client(w.relay.addr, &w.setup.server_key);
         let alice = relay_client(w.relay.addr, &w.setup.alice_key);
         let bob = relay_client(w.relay.addr, &w.setup.bob_key);
@@ -309,7 +309,7 @@ async fn keys_may_only_act_as_themselves() {
 #[tokio::test]
 async fn connection_ids_belong_to_their_owners_and_are_single_use() {
     within(async {
-        let w = world_without_server().await;
+        let w = world_with_short_listens().await;
         let addr = w.relay.addr;
         let db = relay_client(addr, &w.setup.server_key);
         let web = relay_client(addr, &w.setup.web_key);
@@ -401,6 +401,46 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
             .await
             .expect("send");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn relay_limits_are_enforced() {
+    within(async {
+        let echo = echo_service().await.expect("echo");
+        let mut opts = WorldOptions::echo(echo);
+        // The server proxy keeps 2 listens on `echo`; allow 2 per port and 1 connection.
+        opts.relay_extra = "max_listens_per_port = 2\nmax_connections = 1".into();
+        let w = World::start(opts).await.expect("world");
+        let db = relay_client(w.relay.addr, &w.setup.server_key);
+        let r = db
+            .post(&protocol::listen_path("db", "echo"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        // One tunnel open: the next connect is refused with 503, and works again after.
+        let mut first = TcpStream::connect(w.local()).await.expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut first, b"a")
+            .await
+            .expect("write");
+        let mut b = [0u8; 1];
+        first.read_exact(&mut b).await.expect("echo");
+        let alice = relay_client(w.relay.addr, &w.setup.alice_key);
+        let r = alice
+            .post(&protocol::connect_path("db", "echo"))
+            .send()
+            .await
+            .expect("send");
+        let (status, text) = status_and_text(r).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(text, "relay at connection limit");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
+            .await
+            .expect("freed");
+        assert_eq!(round_trip(w.local(), b"again").await.expect("rt"), b"again");
     })
     .await;
 }
