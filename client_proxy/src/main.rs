@@ -51,9 +51,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("key_file in {}", config_path.display()))?;
     let mut listeners = Vec::new();
     for fwd in &config.forwards {
-        let l = tokio::net::TcpListener::bind(fwd.listen)
+        let l = tokio::net::TcpListener::bind(*fwd.listen.get_ref())
             .await
-            .with_context(|| format!("cannot listen on {}", fwd.listen))?;
+            .with_context(|| format!("cannot listen on {}", fwd.listen.get_ref()))?;
         listeners.push((l, fwd.clone()));
     }
     let shutdown = ptth_common::cli::shutdown_on_signals();

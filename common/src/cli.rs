@@ -12,39 +12,43 @@ pub fn init_logging(level: Option<&str>) -> Result<(), String> {
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init()
         .map_err(|e| e.to_string())
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM. A second signal exits at once.
+///
+/// The handlers are installed before this returns, so a signal sent as soon as the program
+/// reports that it is ready is handled, never fatal.
 pub fn shutdown_on_signals() -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
     let t = token.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down (send the signal again to exit at once)");
-        t.cancel();
-        wait_for_signal().await;
-        std::process::exit(130);
-    });
-    token
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tracing::info!("shutting down (send the signal again to exit at once)");
+                t.cancel();
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                std::process::exit(130);
+            });
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot install signal handlers; stop with SIGKILL");
         }
     }
+    token
 }
 
 /// `keygen --out FILE`: writes a new private key (PKCS#8 PEM, mode 0600, never overwriting)

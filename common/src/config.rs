@@ -116,6 +116,61 @@ fn positive_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration,
     Ok(v)
 }
 
+fn positive_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if v == 0 {
+        return Err(serde::de::Error::custom("must be above zero"));
+    }
+    Ok(v)
+}
+
+fn pool_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if !(1..=16).contains(&v) {
+        return Err(serde::de::Error::custom("must be between 1 and 16"));
+    }
+    Ok(v)
+}
+
+fn long_poll_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v = positive_duration(d)?;
+    if v >= Duration::from_secs(3600) {
+        return Err(serde::de::Error::custom("must be under 1h"));
+    }
+    Ok(v)
+}
+
+/// A local TCP service to forward to: `host:port`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Target(String);
+
+impl Target {
+    /// The `host:port` text, as given to `TcpStream::connect`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        check_target(&s).map_err(serde::de::Error::custom)?;
+        Ok(Self(s))
+    }
+}
+
 /// An HTTP(S) base URL of a relay, without path, query or credentials.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RelayUrl(reqwest::Url);
@@ -305,7 +360,7 @@ pub struct RelayConfig {
     /// A `listen` with nothing to hand out is answered empty after this long.
     #[serde(
         default = "default_listen_timeout",
-        deserialize_with = "positive_duration"
+        deserialize_with = "long_poll_duration"
     )]
     pub listen_timeout: Duration,
     /// A `connect` not accepted by the server within this long is answered 504.
@@ -315,13 +370,16 @@ pub struct RelayConfig {
     )]
     pub accept_timeout: Duration,
     /// Most connections (pending or open) at once; more are answered 503.
-    #[serde(default = "default_max_connections")]
+    #[serde(
+        default = "default_max_connections",
+        deserialize_with = "positive_usize"
+    )]
     pub max_connections: usize,
     /// Most nonces remembered for replay protection; past that, requests get 503.
-    #[serde(default = "default_max_nonces")]
+    #[serde(default = "default_max_nonces", deserialize_with = "positive_usize")]
     pub max_nonces: usize,
     /// Most `listen` requests waiting at once per server and port; more get 429.
-    #[serde(default = "default_max_listens")]
+    #[serde(default = "default_max_listens", deserialize_with = "positive_usize")]
     pub max_listens_per_port: usize,
     /// Servers.
     #[serde(default)]
@@ -379,19 +437,6 @@ impl RelayConfig {
                 ));
             }
         }
-        let err = |message: &str| ConfigError {
-            path: path.to_owned(),
-            message: message.to_owned(),
-        };
-        if config.max_connections == 0 || config.max_nonces == 0 || config.max_listens_per_port == 0
-        {
-            return Err(err(
-                "max_connections, max_nonces and max_listens_per_port must be above zero",
-            ));
-        }
-        if config.listen_timeout >= Duration::from_secs(3600) {
-            return Err(err("listen_timeout must be under 1h"));
-        }
         Ok(config)
     }
 }
@@ -410,9 +455,9 @@ pub struct ServerConfig {
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Ports offered: name = "host:port" of the local TCP service.
-    pub ports: BTreeMap<Name, String>,
+    pub ports: BTreeMap<Name, Target>,
     /// `listen` requests kept waiting per port.
-    #[serde(default = "default_listen_pool")]
+    #[serde(default = "default_listen_pool", deserialize_with = "pool_size")]
     pub listen_pool: usize,
     /// Heartbeat period on idle `downstream` bodies.
     #[serde(default = "default_heartbeat", deserialize_with = "positive_duration")]
@@ -430,7 +475,10 @@ pub struct ServerConfig {
     )]
     pub max_backoff: Duration,
     /// Most tunnels open at once; further offers are refused.
-    #[serde(default = "default_max_connections")]
+    #[serde(
+        default = "default_max_connections",
+        deserialize_with = "positive_usize"
+    )]
     pub max_connections: usize,
 }
 
@@ -466,15 +514,6 @@ impl ServerConfig {
         if config.ports.is_empty() {
             return Err(err("[ports] must offer at least one port".into()));
         }
-        for (name, target) in &config.ports {
-            check_target(target).map_err(|m| err(format!("port {name}: {m}")))?;
-        }
-        if config.listen_pool == 0 || config.listen_pool > 16 {
-            return Err(err("listen_pool must be between 1 and 16".into()));
-        }
-        if config.max_connections == 0 {
-            return Err(err("max_connections must be above zero".into()));
-        }
         config.key_file = resolve(folder(path), &config.key_file);
         config.ca_file = config.ca_file.map(|p| resolve(folder(path), &p));
         Ok(config)
@@ -498,7 +537,7 @@ fn check_target(target: &str) -> Result<(), String> {
 #[serde(deny_unknown_fields)]
 pub struct Forward {
     /// Local address to listen on.
-    pub listen: SocketAddr,
+    pub listen: Spanned<SocketAddr>,
     /// Server name at the relay.
     pub server: Name,
     /// Port name offered by that server.
@@ -520,7 +559,10 @@ pub struct ProxyConfig {
     #[serde(default = "default_heartbeat", deserialize_with = "positive_duration")]
     pub heartbeat_interval: Duration,
     /// Most tunnels open at once; further local connections are closed at once.
-    #[serde(default = "default_max_connections")]
+    #[serde(
+        default = "default_max_connections",
+        deserialize_with = "positive_usize"
+    )]
     pub max_connections: usize,
     /// Ports to forward.
     pub forwards: Vec<Forward>,
@@ -545,12 +587,15 @@ impl ProxyConfig {
         }
         let mut seen = HashSet::new();
         for f in &config.forwards {
-            if !seen.insert(f.listen) {
-                return Err(err(format!("listen address {} is used twice", f.listen)));
+            let addr = *f.listen.get_ref();
+            if addr.port() != 0 && !seen.insert(addr) {
+                return Err(at_line(
+                    path,
+                    text,
+                    &f.listen,
+                    format!("listen address {addr} is used twice"),
+                ));
             }
-        }
-        if config.max_connections == 0 {
-            return Err(err("max_connections must be above zero".into()));
         }
         config.key_file = resolve(folder(path), &config.key_file);
         config.ca_file = config.ca_file.map(|p| resolve(folder(path), &p));

@@ -20,12 +20,12 @@ const MAX_KEY_FILE: u64 = 16 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// the key file
         path: PathBuf,
         /// what the OS said
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The key file can be read by group or others.
     #[error(
@@ -130,9 +130,9 @@ impl PrivateKey {
 
     /// Reads a PKCS#8 PEM key file, refusing files readable by group or others.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let io = |source| KeyError::Io {
+        let io = |error| KeyError::Io {
             path: path.to_owned(),
-            source,
+            error,
         };
         let meta = std::fs::metadata(path).map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
@@ -159,9 +159,9 @@ impl PrivateKey {
 
     /// Writes the key as PKCS#8 PEM to a new file with mode 0600 (never overwrites).
     pub fn write_new(&self, path: &Path) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io {
+        let io = |error| KeyError::Io {
             path: path.to_owned(),
-            source,
+            error,
         };
         let pem = self
             .0

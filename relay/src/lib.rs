@@ -118,7 +118,7 @@ async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(64 * 1024)
+        .max_buf_size(256 * 1024)
         .keep_alive(true);
     builder
         .http2()

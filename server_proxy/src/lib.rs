@@ -72,7 +72,12 @@ pub async fn run(
         for slot in 0..ctx.config.listen_pool {
             let span = info_span!("listen", port = %port, slot);
             ctx.tracker.spawn(
-                listen_loop(ctx.clone(), port.as_str().to_owned(), target.clone()).instrument(span),
+                listen_loop(
+                    ctx.clone(),
+                    port.as_str().to_owned(),
+                    target.as_str().to_owned(),
+                )
+                .instrument(span),
             );
         }
     }

@@ -261,7 +261,7 @@ pub fn start_proxy(
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     for f in &config.forwards {
-        let l = std::net::TcpListener::bind(f.listen)?;
+        let l = std::net::TcpListener::bind(*f.listen.get_ref())?;
         l.set_nonblocking(true)?;
         addrs.push(l.local_addr()?);
         listeners.push((l, f.clone()));
