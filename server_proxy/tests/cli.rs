@@ -461,7 +461,10 @@ fn bad_port_target_names_file_and_line() {
         )),
         "{err}"
     );
-    assert!(err.contains("target \"nowhere\" must be host:port"), "{err}");
+    assert!(
+        err.contains("target \"nowhere\" must be host:port"),
+        "{err}"
+    );
 }
 
 #[test]
