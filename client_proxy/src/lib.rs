@@ -6,13 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptth_common::client::{RelayClient, error_text, http_client};
+use ptth_common::client::{RelayClient, carry, error_chain, error_text, http_client};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
-use ptth_common::protocol::{
-    CONNECTION_ID_HEADER, ConnId, TUNNEL_CONTENT_TYPE, connect_path, upstream_path,
-};
-use ptth_common::tunnel::{self, TcpUploadBody, TunnelError};
+use ptth_common::protocol::{CONNECTION_ID_HEADER, ConnId, connect_path, upstream_path};
+use ptth_common::tunnel::TunnelError;
 use reqwest::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -165,51 +163,20 @@ async fn serve(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
     };
     tracing::Span::current().record("conn", tracing::field::display(id));
     debug!("tunnel open");
-    let stream = Arc::new(stream);
-    let cancel = CancellationToken::new();
     let heartbeat = ctx.config.heartbeat_interval;
-    let body = TcpUploadBody::new(stream.clone(), heartbeat, cancel.clone());
-    let upload = async {
-        let r = ctx
-            .relay
-            .post(&upstream_path(fwd.server.as_str(), id))
-            .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
-            .body(reqwest::Body::wrap(body))
-            .send()
-            .await
-            .map_err(|e| TunnelError::Remote(error_chain(&e)))?;
-        if r.status() == StatusCode::OK {
-            Ok(())
-        } else {
-            Err(TunnelError::Remote(format!(
-                "relay answered {} to upstream",
-                r.status()
-            )))
-        }
-    };
-    let download = tunnel::pump_download(
-        http::Response::from(resp).into_body(),
-        &stream,
-        heartbeat * 3,
-    );
-    match tunnel::run(&stream, upload, download, &cancel, &ctx.shutdown).await {
+    let upload_path = upstream_path(fwd.server.as_str(), id);
+    match carry(
+        &ctx.relay,
+        &upload_path,
+        resp,
+        stream,
+        heartbeat,
+        &ctx.shutdown,
+    )
+    .await
+    {
         Ok(()) => debug!("tunnel closed"),
         Err(TunnelError::Cancelled) => debug!("tunnel closed by shutdown"),
         Err(e) => info!(error = %e, "tunnel aborted"),
     }
-}
-
-/// The error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }

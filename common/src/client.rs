@@ -5,9 +5,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
 use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
+use crate::protocol::TUNNEL_CONTENT_TYPE;
+use crate::tunnel::{self, TcpUploadBody, TunnelError};
 
 /// Why the HTTP client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -127,4 +132,59 @@ pub async fn error_text(resp: reqwest::Response) -> String {
         }
     }
     String::from_utf8_lossy(&out).trim().to_owned()
+}
+
+/// The error and its sources on one line (reqwest hides the useful part in the sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Carries an open tunnel until both directions end: the local socket's bytes go up as the
+/// streaming body of a POST to `upload_path` (`upstream` or `downstream`), and the frames of
+/// `download` (the `connect` or `accept` answer) go into the socket. Dead-peer limit: three
+/// heartbeat intervals without anything from the relay.
+pub async fn carry(
+    relay: &RelayClient,
+    upload_path: &str,
+    download: reqwest::Response,
+    stream: TcpStream,
+    heartbeat: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), TunnelError> {
+    let stream = Arc::new(stream);
+    let cancel = CancellationToken::new();
+    let body = TcpUploadBody::new(stream.clone(), heartbeat, cancel.clone());
+    let upload = async {
+        let r = relay
+            .post(upload_path)
+            .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
+            .body(reqwest::Body::wrap(body))
+            .send()
+            .await
+            .map_err(|e| TunnelError::Remote(error_chain(&e)))?;
+        if r.status() == reqwest::StatusCode::OK {
+            Ok(())
+        } else {
+            Err(TunnelError::Remote(format!(
+                "relay answered {} to the upload",
+                r.status()
+            )))
+        }
+    };
+    let download = tunnel::pump_download(
+        http::Response::from(download).into_body(),
+        &stream,
+        heartbeat * 3,
+    );
+    tunnel::run(&stream, upload, download, &cancel, shutdown).await
 }

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ptth_common::Backoff;
-use ptth_common::client::{RelayClient, error_text, http_client};
+use ptth_common::client::{RelayClient, carry, error_chain, error_text, http_client};
 use ptth_common::config::ServerConfig;
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{
-    ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, CONNECTION_ID_HEADER, ConnId, TUNNEL_CONTENT_TYPE,
-    accept_path, downstream_path, listen_path,
+    ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, CONNECTION_ID_HEADER, ConnId, accept_path,
+    downstream_path, listen_path,
 };
-use ptth_common::tunnel::{self, TcpUploadBody, TunnelError};
+use ptth_common::tunnel::TunnelError;
 use reqwest::StatusCode;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -144,21 +144,6 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
     }
 }
 
-/// The error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 fn spawn_tunnel(ctx: &Arc<Ctx>, port: &str, target: &str, id: ConnId) {
     let span = info_span!("conn", conn = %id, port = %port);
     let permit = ctx.slots.clone().try_acquire_owned();
@@ -228,34 +213,18 @@ async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
         }
     };
     debug!("tunnel open");
-    let stream = Arc::new(stream);
-    let cancel = CancellationToken::new();
     let heartbeat = ctx.config.heartbeat_interval;
-    let body = TcpUploadBody::new(stream.clone(), heartbeat, cancel.clone());
-    let upload = async {
-        let r = ctx
-            .relay
-            .post(&downstream_path(name, id))
-            .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
-            .body(reqwest::Body::wrap(body))
-            .send()
-            .await
-            .map_err(|e| TunnelError::Remote(error_chain(&e)))?;
-        if r.status() == StatusCode::OK {
-            Ok(())
-        } else {
-            Err(TunnelError::Remote(format!(
-                "relay answered {} to downstream",
-                r.status()
-            )))
-        }
-    };
-    let download = tunnel::pump_download(
-        http::Response::from(resp).into_body(),
-        &stream,
-        heartbeat * 3,
-    );
-    match tunnel::run(&stream, upload, download, &cancel, &ctx.shutdown).await {
+    let upload_path = downstream_path(name, id);
+    match carry(
+        &ctx.relay,
+        &upload_path,
+        resp,
+        stream,
+        heartbeat,
+        &ctx.shutdown,
+    )
+    .await
+    {
         Ok(()) => debug!("tunnel closed"),
         Err(TunnelError::Cancelled) => debug!("tunnel closed by shutdown"),
         Err(e) => info!(error = %e, "tunnel aborted"),
