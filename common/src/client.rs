@@ -134,6 +134,29 @@ pub async fn error_text(resp: reqwest::Response) -> String {
     String::from_utf8_lossy(&out).trim().to_owned()
 }
 
+/// Whether an answer was written by the relay itself rather than by a reverse proxy in front.
+pub fn from_relay(r: &reqwest::Response) -> bool {
+    r.headers()
+        .contains_key(crate::protocol::RELAY_ANSWER_HEADER)
+}
+
+/// Explains an error status that a reverse proxy in front of the relay made up.
+pub fn front_problem(status: reqwest::StatusCode) -> String {
+    let hint = match status.as_u16() {
+        413 => "it caps request bodies: nginx `client_max_body_size 0;`",
+        502 | 503 => {
+            "it cannot reach the relay: is ptth_relay running at the address it proxies to?"
+        }
+        504 => {
+            "it timed out waiting for the relay: its timeouts must exceed the relay's \
+             listen_timeout and heartbeat_interval (nginx proxy_read_timeout, HAProxy timeout server)"
+        }
+        404 | 405 => "it does not pass /v1/ through to the relay unchanged",
+        _ => "check its configuration (docs/deploy.md)",
+    };
+    format!("a reverse proxy in front of the relay answered {status}: {hint}")
+}
+
 /// The error and its sources on one line (reqwest hides the useful part in the sources).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -145,6 +168,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
             s.push_str(&t);
         }
         cur = c.source();
+    }
+    if s.contains("certificate") || s.contains("UnknownIssuer") {
+        s.push_str(
+            " (TLS: the relay's certificate is not trusted or does not match its name; \
+             set ca_file to the PEM of the CA that signed it, and use the name it was issued for)",
+        );
     }
     s
 }
@@ -172,18 +201,18 @@ pub async fn carry(
             .send()
             .await
             .map_err(|e| TunnelError::Remote(error_chain(&e)))?;
-        if r.status() == reqwest::StatusCode::OK {
-            Ok(())
-        } else {
-            Err(TunnelError::Remote(format!(
-                "relay answered {} to the upload",
-                r.status()
-            )))
+        match r.status() {
+            reqwest::StatusCode::OK => Ok(()),
+            status if !from_relay(&r) => Err(TunnelError::Remote(front_problem(status))),
+            status => Err(TunnelError::Remote(format!(
+                "relay answered {status} to the upload"
+            ))),
         }
     };
     let download = tunnel::pump_download(
         http::Response::from(download).into_body(),
         &stream,
+        tunnel::ATTACH_TIMEOUT,
         heartbeat * 3,
     );
     tunnel::run(&stream, upload, download, &cancel, shutdown).await

@@ -171,6 +171,70 @@ impl<'de> Deserialize<'de> for Target {
     }
 }
 
+/// An IP address or network (`127.0.0.1`, `10.0.0.0/8`, `::1`, `fd00::/8`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `addr` or `addr/prefix`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.parse().map_err(|_| format!("invalid IP address {a:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("invalid prefix length in {s:?}"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is in this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Cidr::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
 /// An HTTP(S) base URL of a relay, without path, query or credentials.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RelayUrl(reqwest::Url);
@@ -348,6 +412,15 @@ pub struct RelayConfig {
     /// `relay_url`). Signatures must name one of them. Empty: the request's `Host`.
     #[serde(default)]
     pub authorities: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (addresses or networks).
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    /// Certificate chain (PEM) to serve HTTPS directly; needs `tls_key`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
     /// A connection with no bytes (heartbeats included) for this long is closed.
     #[serde(
         default = "default_idle_timeout",
@@ -396,9 +469,17 @@ impl RelayConfig {
         Self::from_str(path, &text)
     }
 
-    /// Parses and validates configuration text; `path` is used in messages.
+    /// Parses and validates configuration text; relative paths resolve against `path`'s folder.
     pub fn from_str(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Self = parse(path, text)?;
+        let mut config: Self = parse(path, text)?;
+        if config.tls_cert.is_some() != config.tls_key.is_some() {
+            return Err(ConfigError {
+                path: path.to_owned(),
+                message: "tls_cert and tls_key go together: set both or neither".into(),
+            });
+        }
+        config.tls_cert = config.tls_cert.map(|p| resolve(folder(path), &p));
+        config.tls_key = config.tls_key.map(|p| resolve(folder(path), &p));
         let mut names = HashSet::new();
         let mut keys = HashSet::new();
         for s in &config.servers {
@@ -681,6 +762,28 @@ mod tests {
             .expect_err("path")
             .to_string();
         assert!(msg.contains("line 1"), "{msg}");
+    }
+
+    #[test]
+    fn cidr() {
+        let net = Cidr::parse("10.1.0.0/16").expect("parse");
+        assert!(net.contains("10.1.200.3".parse().expect("ip")));
+        assert!(!net.contains("10.2.0.1".parse().expect("ip")));
+        let one = Cidr::parse("127.0.0.1").expect("parse");
+        assert!(one.contains("::ffff:127.0.0.1".parse().expect("ip")));
+        assert!(!one.contains("127.0.0.2".parse().expect("ip")));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .expect("all")
+                .contains("8.8.8.8".parse().expect("ip"))
+        );
+        assert!(
+            Cidr::parse("fd00::/8")
+                .expect("v6")
+                .contains("fd12::1".parse().expect("ip"))
+        );
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("nope").is_err());
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! * `HEARTBEAT` (2) has no payload; it keeps idle streams alive through reverse proxies.
 //! * `END` (3) has no payload and means a clean TCP half-close of this direction. It must be
 //!   the last frame; the HTTP body then ends.
+//! * `ATTACHED` (4) has no payload; the relay sends it first (heartbeats aside) on a download
+//!   body once it holds the same endpoint's upload request. An endpoint that does not see it
+//!   soon knows that something between it and the relay holds its upload back.
 //!
 //! A body that ends (or fails) without `END` is an abort. The [`Decoder`] is streaming: it never
 //! buffers a payload, it hands out zero-copy slices of the chunks it is given.
@@ -25,6 +28,8 @@ pub const TYPE_DATA: u8 = 1;
 pub const TYPE_HEARTBEAT: u8 = 2;
 /// Frame type of the end-of-stream frame.
 pub const TYPE_END: u8 = 3;
+/// Frame type of the "your upload has reached the relay" frame.
+pub const TYPE_ATTACHED: u8 = 4;
 /// Size of a frame header in bytes.
 pub const HEADER_LEN: usize = 5;
 /// Largest payload a frame may carry; larger frames are a protocol error.
@@ -39,6 +44,8 @@ pub enum Item {
     Heartbeat,
     /// Clean half-close: no more bytes will come in this direction.
     End,
+    /// The relay holds this endpoint's upload.
+    Attached,
 }
 
 /// Errors found while decoding frames.
@@ -61,6 +68,9 @@ pub enum FrameError {
     /// Bytes followed the `END` frame.
     #[error("data after end of stream")]
     AfterEnd,
+    /// A frame came where the protocol does not allow it.
+    #[error("unexpected frame: {0}")]
+    Unexpected(&'static str),
     /// The body ended in the middle of a frame.
     #[error("body ended inside a frame")]
     Truncated,
@@ -69,6 +79,11 @@ pub enum FrameError {
 /// Encodes a heartbeat frame.
 pub fn heartbeat() -> Bytes {
     Bytes::from_static(&[TYPE_HEARTBEAT, 0, 0, 0, 0])
+}
+
+/// Encodes an attached frame.
+pub fn attached() -> Bytes {
+    Bytes::from_static(&[TYPE_ATTACHED, 0, 0, 0, 0])
 }
 
 /// Encodes an end-of-stream frame.
@@ -178,10 +193,11 @@ impl Decoder {
                     }
                     self.remaining = len as usize;
                 }
-                TYPE_HEARTBEAT | TYPE_END if len != 0 => {
+                TYPE_HEARTBEAT | TYPE_END | TYPE_ATTACHED if len != 0 => {
                     return Err(FrameError::BadLength { kind, len });
                 }
                 TYPE_HEARTBEAT => return Ok(Some(Item::Heartbeat)),
+                TYPE_ATTACHED => return Ok(Some(Item::Attached)),
                 TYPE_END => {
                     self.ended = true;
                     return Ok(Some(Item::End));
@@ -222,6 +238,7 @@ mod tests {
     #[test]
     fn round_trip_split_at_every_byte() {
         let mut all = BytesMut::new();
+        all.extend_from_slice(&attached());
         all.extend_from_slice(&data(b"hello"));
         all.extend_from_slice(&heartbeat());
         all.extend_from_slice(&data(b"world!"));
@@ -237,10 +254,11 @@ mod tests {
                     Item::Data(d) => bytes.extend_from_slice(&d),
                     Item::Heartbeat => beats += 1,
                     Item::End => ends += 1,
+                    Item::Attached => beats += 10,
                 }
             }
             assert_eq!(bytes, b"helloworld!");
-            assert_eq!((beats, ends), (1, 1));
+            assert_eq!((beats, ends), (11, 1));
         }
     }
 

@@ -11,6 +11,9 @@ pub const CONNECTION_ID_HEADER: &str = "ptth-connection-id";
 pub const ACCEPT_ERROR_HEADER: &str = "ptth-accept-error";
 /// Value of [`ACCEPT_ERROR_HEADER`] when the target refused or could not be reached.
 pub const ACCEPT_ERROR_REFUSED: &str = "refused";
+/// Header on every answer written by the relay itself, so that the proxies can tell those
+/// from answers made up by a reverse proxy in front of it (a 502, 504 or 413 of nginx, say).
+pub const RELAY_ANSWER_HEADER: &str = "ptth-relay";
 /// Content type of every tunnel body.
 pub const TUNNEL_CONTENT_TYPE: &str = "application/octet-stream";
 

@@ -23,6 +23,20 @@ use crate::frame::{self, Decoder, FrameError, Item};
 
 /// Bytes read from the local socket per data frame, at most.
 pub const READ_CHUNK: usize = 64 * 1024;
+/// How long the relay may take to confirm that it holds our upload (the `ATTACHED` frame).
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to check when uploads do not reach the relay.
+pub const BUFFERING_ADVICE: &str = "a reverse proxy between here and the relay is holding \
+the upload back (buffering request bodies) or buffering answers. nginx: `proxy_request_buffering off; \
+proxy_buffering off; proxy_http_version 1.1; client_max_body_size 0;`; HAProxy: remove \
+`option http-buffer-request`; Caddy: remove `request_buffers`/`response_buffers` (see docs/deploy.md)";
+
+/// What to check when streams break.
+pub const TIMEOUT_ADVICE: &str = "if tunnels break after the same idle time, a reverse proxy's \
+timeout is shorter than heartbeat_interval (nginx: proxy_read_timeout, proxy_send_timeout, \
+client_body_timeout, send_timeout; HAProxy: timeout client/server; Caddy: transport \
+read_timeout/write_timeout)";
 
 /// Why a tunnel ended other than cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +45,7 @@ pub enum TunnelError {
     #[error("local socket: {0}")]
     Local(std::io::Error),
     /// The HTTP stream from or to the relay failed.
-    #[error("relay stream: {0}")]
+    #[error("relay stream: {0} ({TIMEOUT_ADVICE})")]
     Remote(String),
     /// The peer sent bytes that are not valid frames.
     #[error("bad frame from relay: {0}")]
@@ -40,8 +54,11 @@ pub enum TunnelError {
     #[error("the far side aborted the connection")]
     Aborted,
     /// Nothing arrived, heartbeats included, for the dead-peer limit.
-    #[error("no data or heartbeat from the relay for {0:?}")]
+    #[error("no data or heartbeat from the relay for {0:?}; {TIMEOUT_ADVICE}")]
     Silent(Duration),
+    /// The relay did not confirm our upload in time.
+    #[error("the relay did not receive our upload within {0:?}: {BUFFERING_ADVICE}")]
+    NotAttached(Duration),
     /// The tunnel was cancelled (shutdown, or the other direction failed).
     #[error("cancelled")]
     Cancelled,
@@ -186,11 +203,13 @@ pub fn reset(stream: &TcpStream) {
     let _ = sock.shutdown(std::net::Shutdown::Both);
 }
 
-/// Copies a download body of frames into `stream`. Ends `Ok` after an `END` frame and the end
-/// of the body; fails on anything else. `dead_after` bounds the silence between two chunks.
+/// Copies a download body of frames into `stream`. The body must start (heartbeats aside)
+/// with `ATTACHED` within `attach_timeout`; it ends `Ok` after an `END` frame and the end of
+/// the body, and fails on anything else. `dead_after` bounds the silence between two chunks.
 pub async fn pump_download<B>(
     mut body: B,
     stream: &TcpStream,
+    attach_timeout: Duration,
     dead_after: Duration,
 ) -> Result<(), TunnelError>
 where
@@ -199,8 +218,16 @@ where
 {
     use http_body_util::BodyExt;
     let mut decoder = Decoder::new();
+    let attach_deadline = Instant::now() + attach_timeout;
+    let mut attached = false;
     loop {
-        let frame = match tokio::time::timeout(dead_after, body.frame()).await {
+        let wait = if attached {
+            dead_after
+        } else {
+            dead_after.min(attach_deadline.saturating_duration_since(Instant::now()))
+        };
+        let frame = match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) if !attached => return Err(TunnelError::NotAttached(attach_timeout)),
             Err(_) => return Err(TunnelError::Silent(dead_after)),
             Ok(None) => {
                 decoder.finish()?;
@@ -218,8 +245,11 @@ where
         };
         while let Some(item) = decoder.decode(&mut chunk)? {
             match item {
-                Item::Data(d) => write_all(stream, &d).await.map_err(TunnelError::Local)?,
                 Item::Heartbeat => {}
+                Item::Attached if !attached => attached = true,
+                Item::Attached => return Err(FrameError::Unexpected("second ATTACHED").into()),
+                _ if !attached => return Err(FrameError::Unexpected("data before ATTACHED").into()),
+                Item::Data(d) => write_all(stream, &d).await.map_err(TunnelError::Local)?,
                 Item::End => shutdown_write(stream).map_err(TunnelError::Local)?,
             }
         }
@@ -320,11 +350,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn download_requires_attached_first_and_in_time() {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (a, _b) = pair().await;
+            let body = http_body_util::Full::new(frame::data(b"x"));
+            let r = pump_download(body, &a, Duration::from_secs(5), Duration::from_secs(5)).await;
+            assert!(
+                matches!(r, Err(TunnelError::Frame(FrameError::Unexpected(_)))),
+                "{r:?}"
+            );
+            // A body that sends one heartbeat and then nothing: the attach deadline fires.
+            let r = pump_download(
+                OneHeartbeat(false),
+                &a,
+                Duration::from_millis(200),
+                Duration::from_secs(5),
+            )
+            .await;
+            assert!(matches!(r, Err(TunnelError::NotAttached(_))), "{r:?}");
+            assert!(
+                r.expect_err("err")
+                    .to_string()
+                    .contains("proxy_request_buffering off")
+            );
+        })
+        .await
+        .expect("timeout");
+    }
+
+    struct OneHeartbeat(bool);
+
+    impl Body for OneHeartbeat {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.0 {
+                Poll::Pending
+            } else {
+                self.0 = true;
+                Poll::Ready(Some(Ok(Frame::data(frame::heartbeat()))))
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn download_requires_end_frame() {
         tokio::time::timeout(Duration::from_secs(10), async {
             let (a, mut b) = pair().await;
-            let body = http_body_util::Full::new(frame::data(b"x"));
-            let r = pump_download(body, &a, Duration::from_secs(5)).await;
+            let mut first = BytesMut::new();
+            first.extend_from_slice(&frame::attached());
+            first.extend_from_slice(&frame::data(b"x"));
+            let body = http_body_util::Full::new(first.freeze());
+            let r = pump_download(body, &a, Duration::from_secs(5), Duration::from_secs(5)).await;
             assert!(matches!(r, Err(TunnelError::Aborted)), "{r:?}");
             let mut got = [0u8; 1];
             tokio::io::AsyncReadExt::read_exact(&mut b, &mut got)
@@ -333,10 +413,11 @@ mod tests {
             assert_eq!(&got, b"x");
 
             let mut both = BytesMut::new();
+            both.extend_from_slice(&frame::attached());
             both.extend_from_slice(&frame::data(b"yz"));
             both.extend_from_slice(&frame::end());
             let body = http_body_util::Full::new(both.freeze());
-            pump_download(body, &a, Duration::from_secs(5))
+            pump_download(body, &a, Duration::from_secs(5), Duration::from_secs(5))
                 .await
                 .expect("clean");
             let mut rest = Vec::new();

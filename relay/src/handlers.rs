@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use ptth_common::auth::{AuthError, SIGNATURE, SIGNATURE_INPUT, unix_now};
 use ptth_common::protocol::{
-    ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, CONNECTION_ID_HEADER, ConnId, TUNNEL_CONTENT_TYPE,
-    valid_name,
+    ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, CONNECTION_ID_HEADER, ConnId, RELAY_ANSWER_HEADER,
+    TUNNEL_CONTENT_TYPE, valid_name,
 };
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -22,6 +22,38 @@ use crate::state::{
     Principal, Shared, Slots, lock,
 };
 
+/// The TCP peer of the HTTP connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub std::net::SocketAddr);
+
+/// The address of the real client: the TCP peer, or, when the peer is a trusted reverse
+/// proxy, the rightmost `X-Forwarded-For` entry that is not itself a trusted proxy.
+pub(crate) fn client_addr(shared: &Shared, req: &Request) -> Option<std::net::IpAddr> {
+    let peer = req.extensions().get::<Peer>()?.0.ip();
+    let trusted =
+        |ip: std::net::IpAddr| shared.config.trusted_proxies.iter().any(|c| c.contains(ip));
+    if !trusted(peer) {
+        return Some(peer);
+    }
+    let mut addr = peer;
+    let values: Vec<&str> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        let Ok(ip) = hop.trim().parse::<std::net::IpAddr>() else {
+            break;
+        };
+        addr = ip;
+        if !trusted(ip) {
+            break;
+        }
+    }
+    Some(addr)
+}
+
 /// An error answer: a status and a one-line reason in plain text.
 #[derive(Debug)]
 pub(crate) struct ApiError(StatusCode, &'static str);
@@ -31,6 +63,8 @@ impl IntoResponse for ApiError {
         let mut r = (self.0, format!("{}\n", self.1)).into_response();
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r.headers_mut()
+            .insert(RELAY_ANSWER_HEADER, HeaderValue::from_static("1"));
         r
     }
 }
@@ -66,7 +100,10 @@ fn authenticate(shared: &Shared, req: &Request) -> Result<Principal> {
     match result {
         Ok(p) => Ok(*p),
         Err(e) => {
-            info!(path = req.uri().path(), error = %e, "request refused");
+            let client = client_addr(shared, req)
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            info!(path = req.uri().path(), %client, error = %e, "request refused");
             Err(match e {
                 AuthError::Busy => ApiError(StatusCode::SERVICE_UNAVAILABLE, "relay busy, retry"),
                 AuthError::Stale => ApiError(
@@ -110,6 +147,7 @@ fn streaming_response(body: PipeBody, id: Option<ConnId>) -> Response {
         HeaderValue::from_static("no-cache, no-transform"),
     );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(RELAY_ANSWER_HEADER, HeaderValue::from_static("1"));
     if let Some(v) = id.and_then(|id| HeaderValue::from_str(&id.to_string()).ok()) {
         h.insert(CONNECTION_ID_HEADER, v);
     }
@@ -117,12 +155,20 @@ fn streaming_response(body: PipeBody, id: Option<ConnId>) -> Response {
 }
 
 fn id_response(status: StatusCode, id: Option<ConnId>) -> Response {
-    let mut r = status.into_response();
+    let mut r = plain(status);
     if let Some(v) = id.and_then(|id| HeaderValue::from_str(&id.to_string()).ok()) {
         r.headers_mut().insert(CONNECTION_ID_HEADER, v);
     }
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// An empty answer marked as the relay's own.
+fn plain(status: StatusCode) -> Response {
+    let mut r = status.into_response();
+    r.headers_mut()
+        .insert(RELAY_ANSWER_HEADER, HeaderValue::from_static("1"));
     r
 }
 
@@ -246,7 +292,10 @@ pub(crate) async fn connect(
     }
     let id = ConnId::random()
         .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "random source failed"))?;
-    let span = info_span!("conn", conn = %id, %client, %server, %port);
+    let client_ip = client_addr(&shared, &req)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let span = info_span!("conn", conn = %id, %client, %client_ip, %server, %port);
     connect_inner(shared.clone(), sidx, cidx, port, id)
         .instrument(span)
         .await
@@ -262,6 +311,8 @@ async fn connect_inner(
     let (accept_tx, accept_rx) = oneshot::channel();
     let (up_tx, up_rx) = oneshot::channel();
     let (down_tx, down_rx) = oneshot::channel();
+    let (up_attached, up_attached_rx) = oneshot::channel();
+    let (down_attached, down_attached_rx) = oneshot::channel();
     let conn = Arc::new(Conn::new(
         id,
         sidx,
@@ -272,6 +323,9 @@ async fn connect_inner(
             up_tx: Some(up_tx),
             up_rx: Some(up_rx),
             down_tx: Some(down_tx),
+            up_attached: Some(up_attached),
+            down_attached: Some(down_attached),
+            down_attached_rx: Some(down_attached_rx),
             accepted: false,
         },
     ));
@@ -333,7 +387,12 @@ async fn connect_inner(
             let mut guard = guard;
             guard.0 = None;
             info!("connection open");
-            let body = PipeBody::new(conn.clone(), down_rx, shared.config.heartbeat_interval);
+            let body = PipeBody::new(
+                conn.clone(),
+                up_attached_rx,
+                down_rx,
+                shared.config.heartbeat_interval,
+            );
             Ok(streaming_response(body, Some(id)))
         }
         Some(AcceptOutcome::Refused) => {
@@ -417,33 +476,42 @@ pub(crate) async fn accept(
         .headers()
         .get(ACCEPT_ERROR_HEADER)
         .is_some_and(|v| v.as_bytes() == ACCEPT_ERROR_REFUSED.as_bytes());
-    let (tx, up_rx) = {
+    let (tx, up_rx, attached_rx) = {
         let mut slots = conn.slots();
         let tx = slots.accept.take().ok_or(NOT_FOUND_CONN)?;
         slots.accepted = !refused;
-        (tx, slots.up_rx.take())
+        (tx, slots.up_rx.take(), slots.down_attached_rx.take())
     };
     if refused {
         // The connect handler answers 502 and its guard closes the connection.
         let _ = tx.send(AcceptOutcome::Refused);
-        return Ok(StatusCode::NO_CONTENT.into_response());
+        return Ok(plain(StatusCode::NO_CONTENT));
     }
-    let up_rx = up_rx.ok_or(NOT_FOUND_CONN)?;
+    let (Some(up_rx), Some(attached_rx)) = (up_rx, attached_rx) else {
+        return Err(NOT_FOUND_CONN);
+    };
     if tx.send(AcceptOutcome::Accepted).is_err() {
         conn.cancel.cancel();
         return Err(ApiError(StatusCode::GONE, "the client has gone"));
     }
     conn.touch();
-    let body = PipeBody::new(conn.clone(), up_rx, shared.config.heartbeat_interval);
+    let body = PipeBody::new(
+        conn.clone(),
+        attached_rx,
+        up_rx,
+        shared.config.heartbeat_interval,
+    );
     Ok(streaming_response(body, None))
 }
 
 async fn upload(
     conn: Arc<Conn>,
-    tx: Option<tokio::sync::oneshot::Sender<Upload>>,
+    slots: (Option<oneshot::Sender<Upload>>, Option<oneshot::Sender<()>>),
     req: Request,
 ) -> Result<Response> {
-    let tx = tx.ok_or(NOT_FOUND_CONN)?;
+    let (Some(tx), Some(attached)) = slots else {
+        return Err(NOT_FOUND_CONN);
+    };
     let (done_tx, done_rx) = oneshot::channel();
     if tx
         .send(Upload {
@@ -455,6 +523,8 @@ async fn upload(
         conn.cancel.cancel();
         return Err(ApiError(StatusCode::GONE, "connection closed"));
     }
+    // Tell this endpoint (on its download) that its upload has arrived.
+    let _ = attached.send(());
     // No answer before the body has ended: reverse proxies stop forwarding an upload once
     // they have seen the answer's headers.
     let r = tokio::select! {
@@ -462,7 +532,7 @@ async fn upload(
         () = conn.cancel.cancelled() => Err("connection closed".into()),
     };
     match r {
-        Ok(()) => Ok(StatusCode::OK.into_response()),
+        Ok(()) => Ok(plain(StatusCode::OK)),
         Err(why) => {
             debug!(conn = %conn.id, reason = %why, "upload ended badly");
             conn.cancel.cancel();
@@ -484,7 +554,7 @@ pub(crate) async fn downstream(
         if !s.accepted {
             return Err(NOT_FOUND_CONN);
         }
-        s.down_tx.take()
+        (s.down_tx.take(), s.down_attached.take())
     };
     upload(conn, tx, req).await
 }
@@ -508,7 +578,7 @@ pub(crate) async fn upstream(
         if !s.accepted {
             return Err(NOT_FOUND_CONN);
         }
-        s.up_tx.take()
+        (s.up_tx.take(), s.up_attached.take())
     };
     upload(conn, tx, req).await
 }

@@ -4,12 +4,14 @@
 //! * `handlers`: the five endpoints (`listen`, `accept`, `downstream`, `connect`, `upstream`).
 //! * `pipe`: the body that hands an upload request body to a download response, unchanged.
 //! * `state`: listening ports, open connections, and the per-connection reaper task.
+//! * `tls`: optional HTTPS termination (rustls with the `ring` provider, ALPN h2 and http/1.1).
 //!
 //! The relay never opens a TCP connection to a service: it only answers HTTP.
 
 mod handlers;
 mod pipe;
 mod state;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,10 +25,13 @@ use ptth_common::config::RelayConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::state::Shared;
 
+/// Time allowed for a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to open HTTP connections to finish after shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -57,17 +62,45 @@ fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// A relay: its state, ready to serve on a listener.
-#[derive(Debug)]
 pub struct Relay {
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a relay cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The TLS certificate or key is unusable.
+    #[error("{0}")]
+    Tls(String),
+    /// The listener failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 impl Relay {
-    /// A relay with `config`, stopping when `shutdown` is cancelled.
-    pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Self {
+    /// A relay with `config`, stopping when `shutdown` is cancelled. Fails if the TLS
+    /// certificate or key cannot be used.
+    pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Result<Self, RelayError> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
+        };
         let shared = Arc::new(Shared::new(config, shutdown.child_token()));
-        Self { shared, shutdown }
+        Ok(Self {
+            shared,
+            shutdown,
+            tls,
+        })
     }
 
     /// Watches the number of connections (pending or open) the relay holds state for.
@@ -82,8 +115,8 @@ impl Relay {
 
     /// Serves on `listener` until the shutdown token is cancelled, then closes every tunnel,
     /// gives open HTTP connections a short grace period and returns.
-    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
-        serve(self.shared, listener, self.shutdown).await
+    pub async fn serve(self, listener: TcpListener) -> Result<(), RelayError> {
+        serve(self.shared, listener, self.shutdown, self.tls).await
     }
 }
 
@@ -92,27 +125,29 @@ pub async fn run(
     listener: TcpListener,
     config: RelayConfig,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    Relay::new(config, shutdown).serve(listener).await
+) -> Result<(), RelayError> {
+    Relay::new(config, shutdown)?.serve(listener).await
 }
 
 async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<(), RelayError> {
     let local = listener.local_addr()?;
     let config = &shared.config;
     info!(
         address = %local,
         servers = config.servers.len(),
         clients = config.clients.len(),
+        tls = tls.is_some(),
         "relay listening"
     );
     if config.authorities.is_empty() {
         debug!("no `authorities` configured: signatures are checked against the Host header");
     }
-    let service = TowerToHyperService::new(router(shared.clone()));
+    let router = router(shared.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -147,21 +182,27 @@ async fn serve(
             debug!(error = %e, "set_nodelay failed");
         }
         let builder = builder.clone();
-        let service = service.clone();
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(handlers::Peer(peer));
+                req
+            },
+        ));
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(
             async move {
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            debug!(error = %e, "HTTP connection ended with an error");
+                match tls {
+                    None => serve_http(builder, TokioIo::new(stream), service, shutdown).await,
+                    Some(tls) => {
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
+                        {
+                            Ok(Ok(s)) => {
+                                serve_http(builder, TokioIo::new(s), service, shutdown).await
+                            }
+                            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => debug!("TLS handshake timed out"),
                         }
-                    }
-                    () = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
                     }
                 }
             }
@@ -173,4 +214,36 @@ async fn serve(
     tracker.close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, tracker.wait()).await;
     Ok(())
+}
+
+/// Serves one HTTP connection (HTTP/1.1 or HTTP/2) until it ends or shutdown is requested.
+async fn serve_http<I, S>(
+    builder: auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    shutdown: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<axum::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(error = %e, "HTTP connection ended with an error");
+            }
+        }
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+    }
 }

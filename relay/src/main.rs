@@ -30,6 +30,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = ptth_common::cli::shutdown_on_signals();
-    ptth_relay::run(listener, config, shutdown).await?;
+    let relay = ptth_relay::Relay::new(config, shutdown)
+        .with_context(|| format!("TLS settings in {}", args.config.display()))?;
+    relay.serve(listener).await?;
     Ok(())
 }

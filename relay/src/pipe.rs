@@ -17,6 +17,9 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::state::Conn;
 
+/// What a body's `poll_frame` returns.
+type PollFrame = Poll<Option<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>>;
+
 /// How an upload ended, reported to the handler that waits to answer it.
 pub(crate) type UploadEnd = Result<(), String>;
 
@@ -35,8 +38,13 @@ enum State {
 }
 
 /// The body of a download response (`connect` or `accept`).
+///
+/// It starts with heartbeats until the same endpoint's own upload has arrived, then sends
+/// `ATTACHED`, then passes the other endpoint's upload through unchanged.
 pub(crate) struct PipeBody {
     conn: Arc<Conn>,
+    /// Fires when this endpoint's upload reached the relay; `None` once `ATTACHED` is sent.
+    attach: Option<oneshot::Receiver<()>>,
     state: State,
     heartbeat: Pin<Box<Sleep>>,
     interval: Duration,
@@ -52,15 +60,34 @@ impl std::fmt::Debug for PipeBody {
 }
 
 impl PipeBody {
-    pub(crate) fn new(conn: Arc<Conn>, rx: oneshot::Receiver<Upload>, interval: Duration) -> Self {
+    pub(crate) fn new(
+        conn: Arc<Conn>,
+        attach: oneshot::Receiver<()>,
+        rx: oneshot::Receiver<Upload>,
+        interval: Duration,
+    ) -> Self {
         let cancel = Box::pin(conn.cancel.clone().cancelled_owned());
         Self {
             conn,
+            attach: Some(attach),
             state: State::Waiting(rx),
             heartbeat: Box::pin(tokio::time::sleep(interval)),
             interval,
             cancel,
         }
+    }
+
+    /// While this body has nothing of its own to send: a heartbeat every interval.
+    fn poll_heartbeat(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> PollFrame {
+        if self.heartbeat.as_mut().poll(cx).is_ready() {
+            let next = Instant::now() + self.interval;
+            self.heartbeat.as_mut().reset(next);
+            return Poll::Ready(Some(Ok(Frame::data(frame::heartbeat()))));
+        }
+        Poll::Pending
     }
 
     fn fail(&mut self, why: &str) {
@@ -90,6 +117,19 @@ impl Body for PipeBody {
             this.fail("connection closed");
             return Poll::Ready(Some(Err("connection closed".into())));
         }
+        if let Some(attach) = &mut this.attach {
+            match Pin::new(attach).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    this.attach = None;
+                    return Poll::Ready(Some(Ok(Frame::data(frame::attached()))));
+                }
+                Poll::Ready(Err(_)) => {
+                    this.fail("connection closed");
+                    return Poll::Ready(Some(Err("connection closed".into())));
+                }
+                Poll::Pending => return this.poll_heartbeat(cx),
+            }
+        }
         loop {
             match &mut this.state {
                 State::Waiting(rx) => match Pin::new(rx).poll(cx) {
@@ -100,14 +140,7 @@ impl Body for PipeBody {
                         this.fail("connection closed");
                         return Poll::Ready(Some(Err("connection closed".into())));
                     }
-                    Poll::Pending => {
-                        if this.heartbeat.as_mut().poll(cx).is_ready() {
-                            let next = Instant::now() + this.interval;
-                            this.heartbeat.as_mut().reset(next);
-                            return Poll::Ready(Some(Ok(Frame::data(frame::heartbeat()))));
-                        }
-                        return Poll::Pending;
-                    }
+                    Poll::Pending => return this.poll_heartbeat(cx),
                 },
                 State::Streaming(body, done) => match Pin::new(body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(f))) => match f.into_data() {

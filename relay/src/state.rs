@@ -70,6 +70,12 @@ pub(crate) struct Slots {
     pub up_rx: Option<oneshot::Receiver<Upload>>,
     /// Downstream request body goes to the `connect` response.
     pub down_tx: Option<oneshot::Sender<Upload>>,
+    /// Fired when the upstream request arrives (the `connect` response then says ATTACHED).
+    pub up_attached: Option<oneshot::Sender<()>>,
+    /// Fired when the downstream request arrives (the `accept` response then says ATTACHED).
+    pub down_attached: Option<oneshot::Sender<()>>,
+    /// The `accept` response's half of `down_attached`.
+    pub down_attached_rx: Option<oneshot::Receiver<()>>,
     pub accepted: bool,
 }
 

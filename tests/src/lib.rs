@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,13 +16,58 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
+/// Log lines captured from one component (what it would print on stderr).
+#[derive(Debug, Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// Lines at WARN or ERROR level.
+    pub fn problems(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A subscriber writing into these logs, at INFO and above.
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        let sink = self.clone();
+        tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A program running on its own runtime, so that it can be stopped cleanly or killed
-/// abruptly (every task and socket dropped at once, as when a process dies).
+/// abruptly (every task and socket dropped at once, as when a process dies). Its log lines
+/// are captured in [`Component::logs`].
 #[derive(Debug)]
 pub struct Component {
     rt: Option<Runtime>,
     token: CancellationToken,
     done: Option<tokio::task::JoinHandle<()>>,
+    logs: Logs,
 }
 
 impl Component {
@@ -31,9 +77,16 @@ impl Component {
         F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let logs = Logs::default();
+        let for_threads = logs.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
+            .on_thread_start(move || {
+                let guard = tracing::subscriber::set_default(for_threads.subscriber());
+                // The runtime's threads live as long as the runtime: keep the default for good.
+                std::mem::forget(guard);
+            })
             .build()
             .expect("runtime");
         let token = CancellationToken::new();
@@ -42,7 +95,13 @@ impl Component {
             rt: Some(rt),
             token,
             done: Some(done),
+            logs,
         }
+    }
+
+    /// What the component logged.
+    pub fn logs(&self) -> &Logs {
+        &self.logs
     }
 
     /// Cancels the component and waits (at most 10 s) for it to return.
@@ -202,8 +261,14 @@ pub fn start_relay(
     listener.set_nonblocking(true)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let component = Component::spawn(move |token| async move {
-        let relay = ptth_relay::Relay::new(config, token);
-        let _ = tx.send((relay.connections(), relay.listens()));
+        let relay = match ptth_relay::Relay::new(config, token) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let _ = tx.send(Ok((relay.connections(), relay.listens())));
         match TcpListener::from_std(listener) {
             Ok(l) => {
                 if let Err(e) = relay.serve(l).await {
@@ -215,7 +280,8 @@ pub fn start_relay(
     });
     let (connections, listens) = rx
         .recv_timeout(Duration::from_secs(10))
-        .context("relay did not start")?;
+        .context("relay did not start")?
+        .map_err(anyhow::Error::msg)?;
     Ok(RelayHandle {
         addr,
         connections,

@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let client_key = PrivateKey::load(&proxy_config.key_file)?;
 
     let token = CancellationToken::new();
-    let relay = ptth_relay::Relay::new(relay_config, token.child_token());
+    let relay = ptth_relay::Relay::new(relay_config, token.child_token())?;
     let mut listens = relay.listens();
     let relay_task = tokio::spawn(relay.serve(relay_listener));
     let server_task = tokio::spawn(ptth_server::run(
