@@ -69,7 +69,14 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientErro
 /// Builds the HTTP client used for every call to the relay. No total timeout is set: tunnel
 /// requests live as long as their TCP connection.
 pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, ClientError> {
-    reqwest::Client::builder()
+    http_client_builder(ca_file)?
+        .build()
+        .map_err(|e| ClientError::Setup(e.to_string()))
+}
+
+/// The builder behind [`http_client`], for callers that need one more setting.
+pub fn http_client_builder(ca_file: Option<&Path>) -> Result<reqwest::ClientBuilder, ClientError> {
+    Ok(reqwest::Client::builder()
         .tls_backend_preconfigured(tls_config(ca_file)?)
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
@@ -79,9 +86,7 @@ pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, ClientErro
         .http2_keep_alive_interval(Some(Duration::from_secs(20)))
         .http2_keep_alive_timeout(Duration::from_secs(20))
         .http2_keep_alive_while_idle(true)
-        .no_proxy()
-        .build()
-        .map_err(|e| ClientError::Setup(e.to_string()))
+        .no_proxy())
 }
 
 /// A relay endpoint plus the key that signs every call to it.
