@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptth_common::client::{RelayClient, carry, error_chain, error_text, http_client};
+use ptth_common::client::{
+    RelayClient, carry, error_chain, error_text, from_relay, front_problem, http_client,
+};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{CONNECTION_ID_HEADER, ConnId, connect_path, upstream_path};
@@ -27,8 +29,8 @@ pub enum ProxyError {
 }
 
 /// Upper bound on waiting for the answer headers of `connect` (the relay answers within its
-/// `accept_timeout`).
-const CONNECT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// `accept_timeout`, at most 60 s).
+const CONNECT_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Debug)]
 struct Ctx {
@@ -127,6 +129,15 @@ async fn serve(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
     };
     let resp = match result {
         Ok(Ok(r)) if r.status() == StatusCode::OK => r,
+        Ok(Ok(r)) if !from_relay(&r) => {
+            error!(
+                "connect to {}/{} failed: {}",
+                fwd.server,
+                fwd.port,
+                front_problem(r.status())
+            );
+            return;
+        }
         Ok(Ok(r)) => {
             let status = r.status();
             let reason = error_text(r).await;

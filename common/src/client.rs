@@ -186,7 +186,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Carries an open tunnel until both directions end: the local socket's bytes go up as the
 /// streaming body of a POST to `upload_path` (`upstream` or `downstream`), and the frames of
 /// `download` (the `connect` or `accept` answer) go into the socket. Dead-peer limit: three
-/// heartbeat intervals without anything from the relay.
+/// heartbeat intervals (at least [`tunnel::MIN_DEAD_AFTER`]) without anything from the relay:
+/// the heartbeats we receive come from the far endpoint, whose interval may be longer.
 pub async fn carry(
     relay: &RelayClient,
     upload_path: &str,
@@ -218,7 +219,7 @@ pub async fn carry(
         http::Response::from(download).into_body(),
         &stream,
         tunnel::ATTACH_TIMEOUT,
-        heartbeat * 3,
+        (heartbeat * 3).max(tunnel::MIN_DEAD_AFTER),
     );
     tunnel::run(&stream, upload, download, &cancel, shutdown).await
 }

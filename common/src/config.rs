@@ -132,10 +132,11 @@ fn pool_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> 
     Ok(v)
 }
 
-fn long_poll_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+/// `listen_timeout` and `accept_timeout`: the proxies wait at most 90 s for these answers.
+fn relay_wait_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let v = positive_duration(d)?;
-    if v >= Duration::from_secs(3600) {
-        return Err(serde::de::Error::custom("must be under 1h"));
+    if v > Duration::from_secs(60) {
+        return Err(serde::de::Error::custom("must be at most 60s"));
     }
     Ok(v)
 }
@@ -433,13 +434,13 @@ pub struct RelayConfig {
     /// A `listen` with nothing to hand out is answered empty after this long.
     #[serde(
         default = "default_listen_timeout",
-        deserialize_with = "long_poll_duration"
+        deserialize_with = "relay_wait_duration"
     )]
     pub listen_timeout: Duration,
     /// A `connect` not accepted by the server within this long is answered 504.
     #[serde(
         default = "default_accept_timeout",
-        deserialize_with = "positive_duration"
+        deserialize_with = "relay_wait_duration"
     )]
     pub accept_timeout: Duration,
     /// Most connections (pending or open) at once; more are answered 503.

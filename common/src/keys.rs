@@ -27,9 +27,9 @@ pub enum KeyError {
         /// what the OS said
         error: std::io::Error,
     },
-    /// The key file can be read by group or others.
+    /// The key file has permission bits for group or others.
     #[error(
-        "{path}: key file is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+        "{path}: key file is accessible by group or others (mode {mode:o}); run `chmod 600 {path}`"
     )]
     Permissions {
         /// the key file
@@ -163,13 +163,17 @@ impl PrivateKey {
             path: path.to_owned(),
             error,
         };
-        let pem = self
-            .0
-            .to_pkcs8_pem(Default::default())
-            .map_err(|e| KeyError::Format {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
+        // PKCS#8 v1 (no embedded public key): the form `openssl genpkey` writes and every
+        // tool reads.
+        let pem = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.0.to_bytes(),
+            public_key: None,
+        }
+        .to_pkcs8_pem(Default::default())
+        .map_err(|e| KeyError::Format {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

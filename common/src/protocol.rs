@@ -90,7 +90,7 @@ pub struct BadConnId;
 impl FromStr for ConnId {
     type Err = BadConnId;
     fn from_str(s: &str) -> Result<Self, BadConnId> {
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if s.len() != 32 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(BadConnId);
         }
         uuid::Uuid::try_parse(s).map(Self).map_err(|_| BadConnId)
@@ -110,6 +110,10 @@ mod tests {
         assert!("".parse::<ConnId>().is_err());
         assert!("zz".repeat(16).parse::<ConnId>().is_err());
         assert!(format!("{s}0").parse::<ConnId>().is_err());
+        assert!(
+            "A".repeat(32).parse::<ConnId>().is_err(),
+            "IDs are lowercase"
+        );
         let dashed = "67e55044-10b1-426f-9247-bb680e5fe0c8";
         assert!(dashed.parse::<ConnId>().is_err());
         assert_ne!(ConnId::random().expect("random"), id);

@@ -23,6 +23,8 @@ use crate::frame::{self, Decoder, FrameError, Item};
 
 /// Bytes read from the local socket per data frame, at most.
 pub const READ_CHUNK: usize = 64 * 1024;
+/// Shortest dead-peer limit, whatever our own heartbeat interval.
+pub const MIN_DEAD_AFTER: Duration = Duration::from_secs(45);
 /// How long the relay may take to confirm that it holds our upload (the `ATTACHED` frame).
 pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 

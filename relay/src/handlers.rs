@@ -527,7 +527,10 @@ async fn upload(
     let _ = attached.send(());
     // No answer before the body has ended: reverse proxies stop forwarding an upload once
     // they have seen the answer's headers.
+    // Biased: when the connection finishes, the reaper cancels it right after this upload
+    // completed; the completion must win, or a clean end would be answered as an abort.
     let r = tokio::select! {
+        biased;
         r = done_rx => r.unwrap_or_else(|_| Err("connection closed".into())),
         () = conn.cancel.cancelled() => Err("connection closed".into()),
     };

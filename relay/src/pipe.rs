@@ -78,10 +78,7 @@ impl PipeBody {
     }
 
     /// While this body has nothing of its own to send: a heartbeat every interval.
-    fn poll_heartbeat(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> PollFrame {
+    fn poll_heartbeat(&mut self, cx: &mut Context<'_>) -> PollFrame {
         if self.heartbeat.as_mut().poll(cx).is_ready() {
             let next = Instant::now() + self.interval;
             self.heartbeat.as_mut().reset(next);

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ptth_common::Backoff;
-use ptth_common::client::{RelayClient, carry, error_chain, error_text, http_client};
+use ptth_common::client::{
+    RelayClient, carry, error_chain, error_text, from_relay, front_problem, http_client,
+};
 use ptth_common::config::ServerConfig;
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{
@@ -124,6 +126,7 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
                 backoff.reset();
                 continue;
             }
+            Ok(r) if !from_relay(&r) => front_problem(r.status()),
             Ok(r) => {
                 let status = r.status();
                 format!("relay answered {status}: {}", error_text(r).await)

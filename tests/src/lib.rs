@@ -2,6 +2,8 @@
 //! port 0, with keys and configuration files written to a temporary folder exactly as a user
 //! would write them, plus small TCP services to forward to.
 
+pub mod fronts;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -78,12 +80,13 @@ impl Component {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let logs = Logs::default();
-        let for_threads = logs.clone();
+        // One subscriber for all the runtime's threads: spans move between threads.
+        let dispatch = tracing::Dispatch::new(logs.subscriber());
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .on_thread_start(move || {
-                let guard = tracing::subscriber::set_default(for_threads.subscriber());
+                let guard = tracing::dispatcher::set_default(&dispatch);
                 // The runtime's threads live as long as the runtime: keep the default for good.
                 std::mem::forget(guard);
             })
@@ -208,8 +211,18 @@ impl Setup {
         ports: &[(&str, String)],
         extra: &str,
     ) -> anyhow::Result<ServerConfig> {
+        self.server_config_url(&format!("http://{relay}"), ports, extra)
+    }
+
+    /// Like [`Setup::server_config`] with any relay URL.
+    pub fn server_config_url(
+        &self,
+        url: &str,
+        ports: &[(&str, String)],
+        extra: &str,
+    ) -> anyhow::Result<ServerConfig> {
         let mut text = format!(
-            "relay_url = \"http://{relay}\"\nname = \"db\"\nkey_file = \"db.key\"\nmax_backoff = \"500ms\"\n{extra}\n[ports]\n"
+            "relay_url = \"{url}\"\nname = \"db\"\nkey_file = \"db.key\"\nmax_backoff = \"500ms\"\n{extra}\n[ports]\n"
         );
         for (name, target) in ports {
             text.push_str(&format!("{name} = \"{target}\"\n"));
@@ -227,8 +240,18 @@ impl Setup {
         forwards: &[(&str, &str)],
         extra: &str,
     ) -> anyhow::Result<ProxyConfig> {
-        let mut text =
-            format!("relay_url = \"http://{relay}\"\nkey_file = \"{client}.key\"\n{extra}\n");
+        self.proxy_config_url(&format!("http://{relay}"), client, forwards, extra)
+    }
+
+    /// Like [`Setup::proxy_config`] with any relay URL.
+    pub fn proxy_config_url(
+        &self,
+        url: &str,
+        client: &str,
+        forwards: &[(&str, &str)],
+        extra: &str,
+    ) -> anyhow::Result<ProxyConfig> {
+        let mut text = format!("relay_url = \"{url}\"\nkey_file = \"{client}.key\"\n{extra}\n");
         for (server, port) in forwards {
             text.push_str(&format!(
                 "[[forwards]]\nlisten = \"127.0.0.1:0\"\nserver = \"{server}\"\nport = \"{port}\"\n"

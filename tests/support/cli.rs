@@ -457,7 +457,7 @@ impl Keyed {
         assert_eq!(
             err,
             format!(
-                "Error: key_file in {0}\n\nCaused by:\n    {1}: key file is readable by group or others (mode 640); run `chmod 600 {1}`\n",
+                "Error: key_file in {0}\n\nCaused by:\n    {1}: key file is accessible by group or others (mode 640); run `chmod 600 {1}`\n",
                 config.display(),
                 key.display()
             )

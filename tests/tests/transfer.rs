@@ -199,3 +199,31 @@ async fn relay_closes_a_silent_connection_after_idle_timeout() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_closes_are_never_reported_as_aborts() {
+    within(async {
+        let echo = echo_service().await.expect("echo");
+        let w = World::start(WorldOptions::echo(echo)).await.expect("world");
+        for i in 0..300u64 {
+            let data = random_bytes(100 + i as usize, i);
+            let got = round_trip(w.local(), &data).await.expect("round trip");
+            assert!(got == data, "round trip {i}");
+        }
+        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
+            .await
+            .expect("relay frees every connection");
+        let server = w.server.as_ref().expect("server");
+        for (who, logs) in [
+            ("client proxy", w.proxy.logs()),
+            ("server proxy", server.logs()),
+        ] {
+            let text = logs.text();
+            assert!(
+                !text.contains("aborted"),
+                "{who} reported a clean close as an abort:\n{text}"
+            );
+        }
+    })
+    .await;
+}
