@@ -88,6 +88,28 @@ impl Front {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Lines of the front's logs that report errors (nginx `[error]` and worse in its error
+    /// log; lines with "error" or "alert" elsewhere).
+    pub fn errors(&self) -> Vec<String> {
+        let mut text = self.log();
+        if let Some(dir) = self.log.parent() {
+            text.push_str(
+                &std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default(),
+            );
+        }
+        text.lines()
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                l.contains("[error]")
+                    || l.contains("[crit]")
+                    || l.contains("[alert]")
+                    || l.contains("[emerg]")
+                    || l.contains("\"level\":\"error\"")
+            })
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Drop for Front {

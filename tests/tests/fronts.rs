@@ -39,6 +39,7 @@ struct Stack {
     proxy: Component,
     local: SocketAddr,
     counter: CountingForwarder,
+    server_counter: CountingForwarder,
 }
 
 async fn stack(kind: Option<FrontKind>) -> Stack {
@@ -76,9 +77,10 @@ async fn stack(kind: Option<FrontKind>) -> Stack {
         "ca_file = \"{}\"\nheartbeat_interval = \"{HEARTBEAT}\"",
         pki.ca.display()
     );
+    let server_counter = CountingForwarder::start(public).await.expect("forwarder");
     let server_config = setup
         .server_config_url(
-            &format!("https://localhost:{}", public.port()),
+            &format!("https://localhost:{}", server_counter.addr.port()),
             &[("echo", echo.to_string())],
             &extra,
         )
@@ -107,6 +109,7 @@ async fn stack(kind: Option<FrontKind>) -> Stack {
         proxy,
         local: addrs[0],
         counter,
+        server_counter,
     }
 }
 
@@ -192,12 +195,21 @@ async fn suite(kind: Option<FrontKind>) {
     for (who, logs) in [
         ("server proxy", s.server.logs()),
         ("client proxy", s.proxy.logs()),
+        ("relay", s.relay.component.logs()),
     ] {
         let problems = logs.problems();
         assert!(
             problems.is_empty(),
             "{name}: {who} logged problems:\n{}",
             problems.join("\n")
+        );
+    }
+    if let Some(front) = &s.front {
+        let errors = front.errors();
+        assert!(
+            errors.is_empty(),
+            "{name}: the front logged errors:\n{}",
+            errors.join("\n")
         );
     }
 
