@@ -57,6 +57,14 @@ pub async fn run(
         shutdown,
         tracker: TaskTracker::new(),
     });
+    // Open the connection to the relay before the first user does, so that tunnels opened
+    // at once share it (HTTP/2); a failure here is only logged: each connect retries.
+    let warm = ctx.relay.clone();
+    ctx.tracker.spawn(async move {
+        if let Err(problem) = warm.warm_up().await {
+            warn!("{problem}");
+        }
+    });
     for (listener, fwd) in listeners {
         let local = listener
             .local_addr()

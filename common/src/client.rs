@@ -96,6 +96,7 @@ pub struct RelayClient {
     url: RelayUrl,
     authority: String,
     signer: Signer,
+    warm: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl RelayClient {
@@ -107,6 +108,31 @@ impl RelayClient {
             url,
             authority,
             signer: Signer::new(key),
+            warm: Arc::default(),
+        }
+    }
+
+    /// Opens (or confirms) the pooled connection to the relay with one cheap unsigned request
+    /// (the relay answers 404), so that requests sent at once afterwards share one HTTP/2
+    /// connection instead of racing to open one each. Calls are serialised, and a success
+    /// less than a second old is reused. Any HTTP answer counts as success.
+    pub async fn warm_up(&self) -> Result<(), String> {
+        let mut last = self.warm.lock().await;
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return Ok(());
+        }
+        let r = self
+            .http
+            .get(self.url.join("/v1/"))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await;
+        match r {
+            Ok(_) => {
+                *last = Some(std::time::Instant::now());
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot reach the relay: {}", error_chain(&e))),
         }
     }
 

@@ -94,7 +94,30 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
     let path = listen_path(ctx.config.name.as_str(), &port);
     let mut backoff = Backoff::new(ctx.config.max_backoff);
     let mut failing = false;
+    let mut need_warm_up = true;
     loop {
+        if need_warm_up {
+            // One connection first, then every listen shares it (HTTP/2).
+            let warm = tokio::select! {
+                () = ctx.shutdown.cancelled() => return,
+                r = ctx.relay.warm_up() => r,
+            };
+            if let Err(problem) = warm {
+                let delay = backoff.next_delay();
+                if failing {
+                    debug!(retry_in = ?delay, "{problem}");
+                } else {
+                    warn!(retry_in = ?delay, "{problem}");
+                    failing = true;
+                }
+                tokio::select! {
+                    () = ctx.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+            need_warm_up = false;
+        }
         let request = ctx.relay.post(&path).timeout(LISTEN_REQUEST_TIMEOUT).send();
         let result = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
@@ -133,6 +156,7 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
             }
             Err(e) => format!("cannot reach the relay: {}", error_chain(&e)),
         };
+        need_warm_up = true;
         let delay = backoff.next_delay();
         if failing {
             debug!(retry_in = ?delay, "{problem}");

@@ -267,6 +267,12 @@ async fn suite(kind: Option<FrontKind>) {
         "{name}: {} TCP connections in all",
         s.counter.total()
     );
+    assert_eq!(
+        s.server_counter.peak(),
+        1,
+        "{name}: the server proxy used {} TCP connections at once",
+        s.server_counter.peak()
+    );
     drop(s.front);
 }
 
