@@ -61,6 +61,11 @@ pub enum TunnelError {
     /// The relay did not confirm our upload in time.
     #[error("the relay did not receive our upload within {0:?}: {BUFFERING_ADVICE}")]
     NotAttached(Duration),
+    /// The download broke before the relay confirmed our upload.
+    #[error(
+        "the tunnel broke ({0}) before the relay confirmed our upload; if this repeats, {BUFFERING_ADVICE}"
+    )]
+    BrokeBeforeAttached(String),
     /// The tunnel was cancelled (shutdown, or the other direction failed).
     #[error("cancelled")]
     Cancelled,
@@ -231,6 +236,11 @@ where
         let frame = match tokio::time::timeout(wait, body.frame()).await {
             Err(_) if !attached => return Err(TunnelError::NotAttached(attach_timeout)),
             Err(_) => return Err(TunnelError::Silent(dead_after)),
+            Ok(None) if !attached => {
+                return Err(TunnelError::BrokeBeforeAttached(
+                    "the relay ended the stream".into(),
+                ));
+            }
             Ok(None) => {
                 decoder.finish()?;
                 return if decoder.ended() {
@@ -238,6 +248,9 @@ where
                 } else {
                     Err(TunnelError::Aborted)
                 };
+            }
+            Ok(Some(Err(e))) if !attached => {
+                return Err(TunnelError::BrokeBeforeAttached(e.to_string()));
             }
             Ok(Some(Err(e))) => return Err(TunnelError::Remote(e.to_string())),
             Ok(Some(Ok(f))) => f,
@@ -402,6 +415,12 @@ mod tests {
     async fn download_requires_end_frame() {
         tokio::time::timeout(Duration::from_secs(10), async {
             let (a, mut b) = pair().await;
+            let body = http_body_util::Full::new(frame::heartbeat());
+            let r = pump_download(body, &a, Duration::from_secs(5), Duration::from_secs(5)).await;
+            assert!(
+                matches!(r, Err(TunnelError::BrokeBeforeAttached(_))),
+                "{r:?}"
+            );
             let mut first = BytesMut::new();
             first.extend_from_slice(&frame::attached());
             first.extend_from_slice(&frame::data(b"x"));

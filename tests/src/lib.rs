@@ -19,10 +19,33 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 /// Log lines captured from one component (what it would print on stderr).
-#[derive(Debug, Clone, Default)]
-pub struct Logs(Arc<Mutex<Vec<u8>>>);
+#[derive(Debug, Clone)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>, Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Default for Logs {
+    fn default() -> Self {
+        Self(Arc::default(), Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
 
 impl Logs {
+    /// Waits until the logs satisfy `pred` (checked after every write); `false` on timeout.
+    pub async fn wait_for(&self, limit: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let mut changes = self.1.subscribe();
+        tokio::time::timeout(limit, async {
+            loop {
+                if pred(&self.text()) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     /// Everything logged so far.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
@@ -54,6 +77,7 @@ impl std::io::Write for Logs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend_from_slice(buf);
+        self.1.send_modify(|n| *n += 1);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
