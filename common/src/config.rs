@@ -363,6 +363,9 @@ fn default_accept_timeout() -> Duration {
 fn default_max_connections() -> usize {
     100_000
 }
+fn default_max_http_connections() -> usize {
+    65_536
+}
 fn default_max_nonces() -> usize {
     1_000_000
 }
@@ -449,6 +452,9 @@ pub struct RelayConfig {
         deserialize_with = "positive_usize"
     )]
     pub max_connections: usize,
+    /// Most HTTP connections served at once; past that, new ones wait to be accepted.
+    #[serde(default = "default_max_http_connections", deserialize_with = "positive_usize")]
+    pub max_http_connections: usize,
     /// Most nonces remembered for replay protection; past that, requests get 503.
     #[serde(default = "default_max_nonces", deserialize_with = "positive_usize")]
     pub max_nonces: usize,

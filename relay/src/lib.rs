@@ -165,7 +165,16 @@ async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     let tracker = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_http_connections));
     loop {
+        // At the HTTP connection limit, stop accepting until one closes.
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -192,6 +201,7 @@ async fn serve(
         let tls = tls.clone();
         tracker.spawn(
             async move {
+                let _permit = permit;
                 match tls {
                     None => serve_http(builder, TokioIo::new(stream), service, shutdown).await,
                     Some(tls) => {
