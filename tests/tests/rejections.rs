@@ -444,3 +444,36 @@ async fn relay_limits_are_enforced() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn relay_serves_at_most_max_http_connections() {
+    within(async {
+        let mut setup = Setup::new().expect("setup");
+        setup.relay_extra = "max_http_connections = 1".into();
+        let relay = start_relay(
+            bind_any().expect("bind"),
+            setup
+                .relay_config("127.0.0.1:0".parse().expect("a"))
+                .expect("c"),
+        )
+        .expect("relay");
+        // The first connection takes the only slot, even idle.
+        let hog = TcpStream::connect(relay.addr).await.expect("connect");
+        let url = format!("http://{}/v1/", relay.addr);
+        let mut second = tokio::spawn(async move { plain_http().get(&url).send().await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), &mut second)
+                .await
+                .is_err(),
+            "a second connection was served beyond max_http_connections"
+        );
+        drop(hog);
+        let r = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("served once the slot is free")
+            .expect("join")
+            .expect("answer");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    })
+    .await;
+}
