@@ -453,7 +453,10 @@ pub struct RelayConfig {
     )]
     pub max_connections: usize,
     /// Most HTTP connections served at once; past that, new ones wait to be accepted.
-    #[serde(default = "default_max_http_connections", deserialize_with = "positive_usize")]
+    #[serde(
+        default = "default_max_http_connections",
+        deserialize_with = "positive_usize"
+    )]
     pub max_http_connections: usize,
     /// Most nonces remembered for replay protection; past that, requests get 503.
     #[serde(default = "default_max_nonces", deserialize_with = "positive_usize")]

@@ -32,7 +32,9 @@ fn system_roots_are_trusted_by_default() {
             );
             let relay = start_relay(
                 bind_any().expect("bind"),
-                setup.relay_config("127.0.0.1:0".parse().expect("addr")).expect("config"),
+                setup
+                    .relay_config("127.0.0.1:0".parse().expect("addr"))
+                    .expect("config"),
             )
             .expect("relay");
             let url = format!("https://localhost:{}", relay.addr.port());
