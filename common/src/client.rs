@@ -224,7 +224,13 @@ pub async fn carry(
 ) -> Result<(), TunnelError> {
     let stream = Arc::new(stream);
     let cancel = CancellationToken::new();
-    let body = TcpUploadBody::new(stream.clone(), heartbeat, cancel.clone());
+    let local_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = TcpUploadBody::new(
+        stream.clone(),
+        local_failed.clone(),
+        heartbeat,
+        cancel.clone(),
+    );
     let upload = async {
         let r = relay
             .post(upload_path)
@@ -244,6 +250,7 @@ pub async fn carry(
     let download = tunnel::pump_download(
         http::Response::from(download).into_body(),
         &stream,
+        &local_failed,
         tunnel::ATTACH_TIMEOUT,
         (heartbeat * 3).max(tunnel::MIN_DEAD_AFTER),
     );

@@ -116,10 +116,14 @@ fn positive_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration,
     Ok(v)
 }
 
+/// A count limit: above zero and at most 2^24 (16777216).
 fn positive_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     let v = usize::deserialize(d)?;
     if v == 0 {
         return Err(serde::de::Error::custom("must be above zero"));
+    }
+    if v > 1 << 24 {
+        return Err(serde::de::Error::custom("must be at most 16777216"));
     }
     Ok(v)
 }

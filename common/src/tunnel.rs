@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -86,6 +87,7 @@ enum UpState {
 /// reserved header and is split off as one frame. An idle body holds no buffer.
 pub struct TcpUploadBody {
     stream: Arc<TcpStream>,
+    local_failed: Arc<AtomicBool>,
     buf: BytesMut,
     heartbeat: Pin<Box<Sleep>>,
     interval: Duration,
@@ -104,9 +106,19 @@ impl std::fmt::Debug for TcpUploadBody {
 impl TcpUploadBody {
     /// A body reading `stream`, sending heartbeats every `interval` of silence, failing once
     /// `cancel` fires.
-    pub fn new(stream: Arc<TcpStream>, interval: Duration, cancel: CancellationToken) -> Self {
+    ///
+    /// `local_failed` is set by the download side when writing to the socket failed: a read
+    /// that then returns EOF is the aftermath of a reset, not a half-close, and must not be
+    /// sent on as `END`.
+    pub fn new(
+        stream: Arc<TcpStream>,
+        local_failed: Arc<AtomicBool>,
+        interval: Duration,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
             stream,
+            local_failed,
             buf: BytesMut::new(),
             heartbeat: Box::pin(tokio::time::sleep(interval)),
             interval,
@@ -152,6 +164,14 @@ impl Body for TcpUploadBody {
             match this.stream.try_read_buf(&mut limited) {
                 Ok(0) => {
                     this.buf = BytesMut::new();
+                    // After a reset, the write that saw it consumed the error and reads
+                    // return EOF: that is an abort, not a half-close.
+                    let failed = this.local_failed.load(Ordering::SeqCst)
+                        || matches!(this.stream.take_error(), Ok(Some(_)) | Err(_));
+                    if failed {
+                        this.state = UpState::Done;
+                        return Poll::Ready(Some(Err("local socket failed".into())));
+                    }
                     this.state = UpState::EndSent;
                     return Poll::Ready(Some(Ok(Frame::data(frame::end()))));
                 }
@@ -202,12 +222,17 @@ pub fn shutdown_write(stream: &TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
 }
 
-/// Makes the next close of `stream` a reset (RST) instead of a FIN, and shuts it down, so
-/// that the local peer sees an abort as an abort.
+/// Makes the close of `stream` a reset (RST) instead of a FIN, so that the local peer sees an
+/// abort as an abort (a clean FIN would pass truncated data off as complete). The reset goes
+/// out when the last handle to the socket is dropped; nothing may shut it down before that,
+/// since `shutdown` would send a FIN.
 pub fn reset(stream: &TcpStream) {
-    let sock = socket2::SockRef::from(stream);
-    let _ = sock.set_linger(Some(Duration::ZERO));
-    let _ = sock.shutdown(std::net::Shutdown::Both);
+    let _ = set_reset_on_close(stream, true);
+}
+
+/// Whether closing `stream` sends a reset (SO_LINGER 0) or a normal FIN.
+pub fn set_reset_on_close(stream: &TcpStream, reset: bool) -> std::io::Result<()> {
+    socket2::SockRef::from(stream).set_linger(reset.then_some(Duration::ZERO))
 }
 
 /// Copies a download body of frames into `stream`. The body must start (heartbeats aside)
@@ -216,6 +241,7 @@ pub fn reset(stream: &TcpStream) {
 pub async fn pump_download<B>(
     mut body: B,
     stream: &TcpStream,
+    local_failed: &AtomicBool,
     attach_timeout: Duration,
     dead_after: Duration,
 ) -> Result<(), TunnelError>
@@ -264,7 +290,12 @@ where
                 Item::Attached if !attached => attached = true,
                 Item::Attached => return Err(FrameError::Unexpected("second ATTACHED").into()),
                 _ if !attached => return Err(FrameError::Unexpected("data before ATTACHED").into()),
-                Item::Data(d) => write_all(stream, &d).await.map_err(TunnelError::Local)?,
+                Item::Data(d) => {
+                    if let Err(e) = write_all(stream, &d).await {
+                        local_failed.store(true, Ordering::SeqCst);
+                        return Err(TunnelError::Local(e));
+                    }
+                }
                 Item::End => shutdown_write(stream).map_err(TunnelError::Local)?,
             }
         }
@@ -316,6 +347,7 @@ mod tests {
             let (mut a, b) = pair().await;
             let mut body = TcpUploadBody::new(
                 Arc::new(b),
+                Arc::default(),
                 Duration::from_millis(50),
                 CancellationToken::new(),
             );
@@ -356,7 +388,12 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), async {
             let (_a, b) = pair().await;
             let cancel = CancellationToken::new();
-            let mut body = TcpUploadBody::new(Arc::new(b), Duration::from_secs(60), cancel.clone());
+            let mut body = TcpUploadBody::new(
+                Arc::new(b),
+                Arc::default(),
+                Duration::from_secs(60),
+                cancel.clone(),
+            );
             cancel.cancel();
             assert!(body.frame().await.expect("frame").is_err());
         })
@@ -369,7 +406,14 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), async {
             let (a, _b) = pair().await;
             let body = http_body_util::Full::new(frame::data(b"x"));
-            let r = pump_download(body, &a, Duration::from_secs(5), Duration::from_secs(5)).await;
+            let r = pump_download(
+                body,
+                &a,
+                &AtomicBool::new(false),
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await;
             assert!(
                 matches!(r, Err(TunnelError::Frame(FrameError::Unexpected(_)))),
                 "{r:?}"
@@ -378,6 +422,7 @@ mod tests {
             let r = pump_download(
                 OneHeartbeat(false),
                 &a,
+                &AtomicBool::new(false),
                 Duration::from_millis(200),
                 Duration::from_secs(5),
             )
@@ -416,7 +461,14 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), async {
             let (a, mut b) = pair().await;
             let body = http_body_util::Full::new(frame::heartbeat());
-            let r = pump_download(body, &a, Duration::from_secs(5), Duration::from_secs(5)).await;
+            let r = pump_download(
+                body,
+                &a,
+                &AtomicBool::new(false),
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await;
             assert!(
                 matches!(r, Err(TunnelError::BrokeBeforeAttached(_))),
                 "{r:?}"
@@ -425,7 +477,14 @@ mod tests {
             first.extend_from_slice(&frame::attached());
             first.extend_from_slice(&frame::data(b"x"));
             let body = http_body_util::Full::new(first.freeze());
-            let r = pump_download(body, &a, Duration::from_secs(5), Duration::from_secs(5)).await;
+            let r = pump_download(
+                body,
+                &a,
+                &AtomicBool::new(false),
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await;
             assert!(matches!(r, Err(TunnelError::Aborted)), "{r:?}");
             let mut got = [0u8; 1];
             tokio::io::AsyncReadExt::read_exact(&mut b, &mut got)
@@ -438,9 +497,15 @@ mod tests {
             both.extend_from_slice(&frame::data(b"yz"));
             both.extend_from_slice(&frame::end());
             let body = http_body_util::Full::new(both.freeze());
-            pump_download(body, &a, Duration::from_secs(5), Duration::from_secs(5))
-                .await
-                .expect("clean");
+            pump_download(
+                body,
+                &a,
+                &AtomicBool::new(false),
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("clean");
             let mut rest = Vec::new();
             tokio::io::AsyncReadExt::read_to_end(&mut b, &mut rest)
                 .await
@@ -449,5 +514,29 @@ mod tests {
         })
         .await
         .expect("timeout");
+    }
+}
+#[cfg(test)]
+mod reset_tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn reset_then_drop_sends_rst() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let a = Arc::new(a.expect("connect"));
+        let mut b = b.expect("accept").0;
+        reset(&a);
+        drop(a);
+        let mut buf = [0u8; 8];
+        let r = b.read(&mut buf).await;
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
     }
 }

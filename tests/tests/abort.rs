@@ -33,29 +33,70 @@ where
     addr
 }
 
-/// Keeps writing to `w` until it fails.
-fn spawn_writer(mut w: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::JoinHandle<()> {
+/// Keeps writing to `w` until it fails; returns how it failed.
+fn spawn_writer(
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+) -> tokio::task::JoinHandle<std::io::ErrorKind> {
     tokio::spawn(async move {
         let chunk = random_bytes(64 * 1024, 5);
-        while w.write_all(&chunk).await.is_ok() {}
+        loop {
+            if let Err(e) = w.write_all(&chunk).await {
+                return e.kind();
+            }
+        }
     })
 }
 
+/// For a socket that is read and written at once: the reset must show on one side or the
+/// other (whichever syscall meets it first consumes the error; the other then sees EOF or a
+/// broken pipe).
+async fn expect_reset_while_writing(
+    r: &mut tokio::net::tcp::OwnedReadHalf,
+    writer: tokio::task::JoinHandle<std::io::ErrorKind>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let read_end = tokio::time::timeout(PROPAGATION, async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => return None,
+                Err(e) => return Some(e.kind()),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("local socket still readable 2 s after the abort");
+    let write_end = tokio::time::timeout(PROPAGATION, writer)
+        .await
+        .expect("local socket still writable 2 s after the abort")
+        .expect("join");
+    use std::io::ErrorKind::ConnectionReset;
+    assert!(
+        read_end == Some(ConnectionReset) || write_end == ConnectionReset,
+        "abort reached the local socket without a reset (read: {read_end:?}, write: {write_end:?})"
+    );
+}
+
+/// The local socket must be reset, not closed cleanly: a clean EOF would pass the truncated
+/// stream off as complete.
 async fn expect_closed(r: &mut tokio::net::tcp::OwnedReadHalf) {
     let mut buf = vec![0u8; 64 * 1024];
     let closed = tokio::time::timeout(PROPAGATION, async {
         loop {
             match r.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return Err("clean EOF"),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(_) => return Err("an error other than a reset"),
                 Ok(_) => {}
             }
         }
     })
     .await;
-    assert!(
-        closed.is_ok(),
-        "local socket still open {PROPAGATION:?} after the abort"
-    );
+    match closed {
+        Err(_) => panic!("local socket still open {PROPAGATION:?} after the abort"),
+        Ok(Err(what)) => panic!("abort reached the local socket as {what}, not as a reset"),
+        Ok(Ok(())) => {}
+    }
 }
 
 async fn expect_state_freed(w: &World) {
@@ -84,12 +125,8 @@ async fn service_reset_mid_transfer_reaches_the_client() {
             .into_split();
         let writer = spawn_writer(wr);
         reset_rx.await.expect("service reset");
-        expect_closed(&mut r).await;
+        expect_reset_while_writing(&mut r, writer).await;
         expect_state_freed(&w).await;
-        tokio::time::timeout(PROPAGATION, writer)
-            .await
-            .expect("client writes fail")
-            .expect("join");
     })
     .await;
 }
@@ -112,12 +149,8 @@ async fn service_close_mid_upload_reaches_the_client() {
             .into_split();
         let writer = spawn_writer(wr);
         closed_rx.await.expect("service closed");
-        expect_closed(&mut r).await;
+        expect_reset_while_writing(&mut r, writer).await;
         expect_state_freed(&w).await;
-        tokio::time::timeout(PROPAGATION, writer)
-            .await
-            .expect("client writes fail")
-            .expect("join");
     })
     .await;
 }
