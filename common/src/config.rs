@@ -370,6 +370,9 @@ fn default_max_connections() -> usize {
 fn default_max_http_connections() -> usize {
     65_536
 }
+fn default_max_http_connections_per_ip() -> usize {
+    1024
+}
 fn default_max_nonces() -> usize {
     1_000_000
 }
@@ -462,6 +465,13 @@ pub struct RelayConfig {
         deserialize_with = "positive_usize"
     )]
     pub max_http_connections: usize,
+    /// Most HTTP connections at once from one address (trusted proxies excepted); more are
+    /// closed at once.
+    #[serde(
+        default = "default_max_http_connections_per_ip",
+        deserialize_with = "positive_usize"
+    )]
+    pub max_http_connections_per_ip: usize,
     /// Most nonces remembered for replay protection; past that, requests get 503.
     #[serde(default = "default_max_nonces", deserialize_with = "positive_usize")]
     pub max_nonces: usize,

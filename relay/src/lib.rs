@@ -166,6 +166,8 @@ async fn serve(
         .keep_alive_timeout(Duration::from_secs(20));
     let tracker = TaskTracker::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_http_connections));
+    let per_ip_counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     loop {
         // At the HTTP connection limit, stop accepting until one closes.
         let permit = tokio::select! {
@@ -187,6 +189,11 @@ async fn serve(
                 }
             },
         };
+        // A few addresses must not take every connection slot: cap each untrusted address.
+        let Some(per_ip) = PerIp::enter(&per_ip_counts, &shared, peer.ip()) else {
+            debug!(%peer, "too many HTTP connections from this address; refused");
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             debug!(error = %e, "set_nodelay failed");
         }
@@ -202,8 +209,22 @@ async fn serve(
         tracker.spawn(
             async move {
                 let _permit = permit;
+                let _per_ip = per_ip;
                 match tls {
-                    None => serve_http(builder, TokioIo::new(stream), service, shutdown).await,
+                    None => {
+                        // A client that connects and stays silent holds a slot: it gets the
+                        // same time to start as a TLS client gets for its handshake.
+                        let mut first = [0u8; 1];
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, stream.peek(&mut first))
+                            .await
+                        {
+                            Ok(Ok(n)) if n > 0 => {
+                                serve_http(builder, TokioIo::new(stream), service, shutdown).await
+                            }
+                            Ok(_) => {}
+                            Err(_) => debug!("no request within the first-byte timeout"),
+                        }
+                    }
                     Some(tls) => {
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
                         {
@@ -254,6 +275,52 @@ async fn serve_http<I, S>(
         () = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+    }
+}
+
+/// Counts one HTTP connection from an untrusted address for as long as it lives.
+struct PerIp {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: Option<std::net::IpAddr>,
+}
+
+impl PerIp {
+    /// Takes a place for `ip`, or `None` at its limit. Trusted proxies are not counted.
+    fn enter(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        shared: &Shared,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        if shared.config.trusted_proxies.iter().any(|c| c.contains(ip)) {
+            return Some(Self {
+                counts: counts.clone(),
+                ip: None,
+            });
+        }
+        let mut map = state::lock(counts);
+        let n = map.entry(ip).or_insert(0);
+        if *n >= shared.config.max_http_connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            ip: Some(ip),
+        })
+    }
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut map = state::lock(&self.counts);
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
         }
     }
 }

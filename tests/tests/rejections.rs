@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ptth_common::auth::{SIGNATURE, SIGNATURE_INPUT, Signer, unix_now};
-use ptth_common::client::{RelayClient, http_client};
+use ptth_common::client::{RelayClient, http_client, http_client_builder};
 use ptth_common::config::RelayUrl;
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{self, CONNECTION_ID_HEADER};
@@ -474,6 +474,65 @@ async fn relay_serves_at_most_max_http_connections() {
             .expect("join")
             .expect("answer");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    within(async {
+        let mut setup = Setup::new().expect("setup");
+        setup.relay_extra = "max_http_connections_per_ip = 1".into();
+        let relay = start_relay(
+            bind_any().expect("bind"),
+            setup
+                .relay_config("127.0.0.1:0".parse().expect("a"))
+                .expect("c"),
+        )
+        .expect("relay");
+        let from = |ip: &str| {
+            http_client_builder(None)
+                .expect("builder")
+                .local_address(Some(ip.parse().expect("ip")))
+                .build()
+                .expect("client")
+        };
+        let url = format!("http://{}/v1/", relay.addr);
+        // 127.0.0.3 holds its one connection (a silent socket)...
+        let hog = tokio::net::TcpSocket::new_v4().expect("socket");
+        hog.bind("127.0.0.3:0".parse().expect("a")).expect("bind");
+        let hog = hog.connect(relay.addr).await.expect("connect");
+        // ...so its next one is closed at once, while 127.0.0.4 is served.
+        assert!(from("127.0.0.3").get(&url).send().await.is_err());
+        let r = from("127.0.0.4")
+            .get(&url)
+            .send()
+            .await
+            .expect("other address served");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        drop(hog);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed() {
+    within(async {
+        let setup = Setup::new().expect("setup");
+        let relay = start_relay(
+            bind_any().expect("bind"),
+            setup
+                .relay_config("127.0.0.1:0".parse().expect("a"))
+                .expect("c"),
+        )
+        .expect("relay");
+        let mut silent = TcpStream::connect(relay.addr).await.expect("connect");
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "a silent connection kept its slot: {closed:?}"
+        );
     })
     .await;
 }
