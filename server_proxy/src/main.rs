@@ -33,14 +33,27 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the public key (base64, as relay.toml wants it) of an existing private key file.
+    Pubkey {
+        /// The private key file (PKCS#8 PEM).
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Command::Keygen { out }) = &args.command {
-        println!("{}", ptth_common::cli::keygen(out)?);
-        return Ok(());
+    match &args.command {
+        Some(Command::Keygen { out }) => {
+            println!("{}", ptth_common::cli::keygen(out)?);
+            return Ok(());
+        }
+        Some(Command::Pubkey { key }) => {
+            println!("{}", PrivateKey::load(key)?.public());
+            return Ok(());
+        }
+        None => {}
     }
     let Some(config_path) = args.config else {
         anyhow::bail!("missing --config FILE (see --help)");

@@ -393,6 +393,27 @@ impl Keyed {
             .to_base64();
         assert_eq!(public.len(), 44);
         assert_eq!(stdout(&out), format!("{public}\n"));
+
+        // `pubkey` prints the same line from the key file, for keygen and openssl keys alike.
+        let mut cmd = command(self.bin);
+        cmd.arg("pubkey").arg("--key").arg(&key);
+        let again = run(cmd);
+        assert!(again.status.success(), "{}", stderr(&again));
+        assert_eq!(stdout(&again), format!("{public}\n"));
+        // The form written is PKCS#8 v1, which OpenSSL reads too.
+        if let Ok(o) = std::process::Command::new("openssl")
+            .arg("pkey")
+            .arg("-in")
+            .arg(&key)
+            .arg("-noout")
+            .output()
+        {
+            assert!(
+                o.status.success(),
+                "openssl cannot read the key: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
     }
 
     pub fn keygen_never_overwrites(&self) {
