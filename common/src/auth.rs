@@ -242,10 +242,15 @@ fn parse<'a>(input: &'a str, signature: &str) -> Result<Parsed<'a>, AuthError> {
 struct NonceCache {
     seen: HashMap<(usize, [u8; NONCE_LEN]), u64>,
     order: VecDeque<(u64, usize, [u8; NONCE_LEN])>,
+    /// Live nonces per key, so that one key cannot fill the cache for everyone.
+    per_key: HashMap<usize, usize>,
     capacity: usize,
+    per_key_capacity: usize,
 }
 
 impl NonceCache {
+    /// Records a nonce until `keep_until`. Entries are kept for the same span from insertion
+    /// (the longest a signature can still be accepted), so the FIFO is also in expiry order.
     fn insert(
         &mut self,
         now: u64,
@@ -258,16 +263,23 @@ impl NonceCache {
                 break;
             }
             self.order.pop_front();
-            if self.seen.get(&(w, n)) == Some(&until) {
-                self.seen.remove(&(w, n));
+            if self.seen.remove(&(w, n)).is_some()
+                && let Some(c) = self.per_key.get_mut(&w)
+            {
+                *c -= 1;
+                if *c == 0 {
+                    self.per_key.remove(&w);
+                }
             }
         }
         if self.seen.contains_key(&(who, nonce)) {
             return Err(AuthError::Replay);
         }
-        if self.seen.len() >= self.capacity {
+        let mine = self.per_key.get(&who).copied().unwrap_or(0);
+        if self.seen.len() >= self.capacity || mine >= self.per_key_capacity {
             return Err(AuthError::Busy);
         }
+        *self.per_key.entry(who).or_insert(0) += 1;
         self.seen.insert((who, nonce), keep_until);
         self.order.push_back((keep_until, who, nonce));
         Ok(())
@@ -294,7 +306,10 @@ impl<P> Verifier<P> {
             nonces: Mutex::new(NonceCache {
                 seen: HashMap::new(),
                 order: VecDeque::new(),
+                per_key: HashMap::new(),
                 capacity: nonce_capacity,
+                // One key may hold at most a quarter of the cache.
+                per_key_capacity: (nonce_capacity / 4).max(1),
             }),
         }
     }
@@ -345,7 +360,10 @@ impl<P> Verifier<P> {
         if !verified {
             return Err(AuthError::BadSignature);
         }
-        let keep_until = p.expires.min(p.created + MAX_AGE_SECS);
+        // A signature is accepted until min(expires, created + 60 s), and created is at most
+        // now + skew: keeping every nonce for max age + skew from now covers that, and keeps
+        // the cache's queue in expiry order.
+        let keep_until = now + MAX_AGE_SECS + MAX_SKEW_SECS;
         self.nonces
             .lock()
             .map_err(|_| AuthError::Busy)?
@@ -429,8 +447,29 @@ mod tests {
     }
 
     #[test]
+    fn one_key_cannot_fill_the_nonce_cache() {
+        let alice = PrivateKey::generate().expect("gen");
+        let bob = PrivateKey::generate().expect("gen");
+        let v = Verifier::new([(alice.public(), "alice"), (bob.public(), "bob")], 8);
+        let (a, b) = (Signer::new(alice), Signer::new(bob));
+        let now = unix_now();
+        for n in 0..2u8 {
+            let h = a.sign_with("POST", A, P, now, &[n; 16]);
+            assert_eq!(check(&v, &h, P, now), Ok("alice"));
+        }
+        let h = a.sign_with("POST", A, P, now, &[9; 16]);
+        assert_eq!(
+            check(&v, &h, P, now),
+            Err(AuthError::Busy),
+            "alice's quarter is full"
+        );
+        let h = b.sign_with("POST", A, P, now, &[9; 16]);
+        assert_eq!(check(&v, &h, P, now), Ok("bob"), "bob is not starved");
+    }
+
+    #[test]
     fn nonce_cache_is_bounded_and_expires() {
-        let (s, v) = setup(2);
+        let (s, v) = setup(8);
         let now = unix_now();
         for n in 0..2u8 {
             let h = s.sign_with("POST", A, P, now, &[n; 16]);
@@ -439,9 +478,25 @@ mod tests {
         let h = s.sign_with("POST", A, P, now, &[9; 16]);
         assert_eq!(check(&v, &h, P, now), Err(AuthError::Busy));
         // Once the first two expire they are forgotten and room is made.
-        let later = now + MAX_AGE_SECS + 1;
+        let later = now + MAX_AGE_SECS + MAX_SKEW_SECS + 1;
         let h = s.sign_with("POST", A, P, later, &[9; 16]);
         assert_eq!(check(&v, &h, P, later), Ok("alice"));
+    }
+
+    #[test]
+    fn nonce_cache_has_a_global_bound() {
+        let keys: Vec<PrivateKey> = (0..5)
+            .map(|_| PrivateKey::generate().expect("gen"))
+            .collect();
+        let names = ["a", "b", "c", "d", "e"];
+        let v = Verifier::new(keys.iter().map(|k| k.public()).zip(names), 4);
+        let now = unix_now();
+        for (k, name) in keys.iter().zip(names).take(4) {
+            let h = Signer::new(k.clone()).sign_with("POST", A, P, now, &[1; 16]);
+            assert_eq!(check(&v, &h, P, now), Ok(name));
+        }
+        let h = Signer::new(keys[4].clone()).sign_with("POST", A, P, now, &[1; 16]);
+        assert_eq!(check(&v, &h, P, now), Err(AuthError::Busy));
     }
 
     #[test]

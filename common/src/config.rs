@@ -373,6 +373,9 @@ fn default_max_http_connections() -> usize {
 fn default_max_http_connections_per_ip() -> usize {
     1024
 }
+fn default_max_connections_per_client() -> usize {
+    20_000
+}
 fn default_max_nonces() -> usize {
     1_000_000
 }
@@ -459,6 +462,12 @@ pub struct RelayConfig {
         deserialize_with = "positive_usize"
     )]
     pub max_connections: usize,
+    /// Most connections (pending or open) of one client at once; more are answered 503.
+    #[serde(
+        default = "default_max_connections_per_client",
+        deserialize_with = "positive_usize"
+    )]
+    pub max_connections_per_client: usize,
     /// Most HTTP connections served at once; past that, new ones wait to be accepted.
     #[serde(
         default = "default_max_http_connections",

@@ -348,12 +348,9 @@ async fn connect_inner(
                 "server does not offer this port",
             ));
         };
-        if !shared.insert_conn(conn.clone()) {
-            warn!("connection limit reached");
-            return Err(ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "relay at connection limit",
-            ));
+        if let Err(why) = shared.insert_conn(conn.clone()) {
+            warn!("{why}");
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why));
         }
         let mut delivered = false;
         while let Some(l) = entry.listeners.pop_front() {

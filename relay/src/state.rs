@@ -1,7 +1,7 @@
 //! The relay's in-memory state: who is listening on which port, and open connections.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -154,6 +154,8 @@ pub(crate) struct Shared {
     pub authorities: Vec<String>,
     pub ports: Mutex<HashMap<(usize, String), PortState>>,
     pub conns: Mutex<HashMap<ConnId, Arc<Conn>>>,
+    /// Connections per client (index as in `client_names`).
+    pub client_conns: Vec<AtomicUsize>,
     /// Number of entries in `conns`, observable from outside (tests, metrics).
     pub conn_count: tokio::sync::watch::Sender<usize>,
     /// Number of `listen` requests waiting, observable from outside.
@@ -192,6 +194,9 @@ impl Shared {
             authorities,
             ports: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            client_conns: (0..config.clients.len())
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
             conn_count: tokio::sync::watch::Sender::new(0),
             listen_count: tokio::sync::watch::Sender::new(0),
             shutdown,
@@ -203,20 +208,27 @@ impl Shared {
         lock(&self.conns).get(&id).cloned()
     }
 
-    /// Adds a connection unless the limit is reached.
-    pub fn insert_conn(&self, conn: Arc<Conn>) -> bool {
+    /// Adds a connection unless a limit is reached: the relay's, or the client's share.
+    pub fn insert_conn(&self, conn: Arc<Conn>) -> Result<(), &'static str> {
         let mut conns = lock(&self.conns);
         if conns.len() >= self.config.max_connections {
-            return false;
+            return Err("relay at connection limit");
         }
+        let per_client = &self.client_conns[conn.client];
+        if per_client.load(Ordering::Relaxed) >= self.config.max_connections_per_client {
+            return Err("too many connections for this client");
+        }
+        per_client.fetch_add(1, Ordering::Relaxed);
         conns.insert(conn.id, conn);
         self.conn_count.send_replace(conns.len());
-        true
+        Ok(())
     }
 
     pub fn remove_conn(&self, id: ConnId) {
         let mut conns = lock(&self.conns);
-        conns.remove(&id);
+        if let Some(c) = conns.remove(&id) {
+            self.client_conns[c.client].fetch_sub(1, Ordering::Relaxed);
+        }
         self.conn_count.send_replace(conns.len());
     }
 }
