@@ -192,9 +192,15 @@ pub(crate) async fn listen(
     {
         let mut ports = lock(&shared.ports);
         let key = (sidx, port.clone());
-        if !ports.contains_key(&key)
-            && ports.keys().filter(|(s, _)| *s == sidx).count() >= MAX_PORTS_PER_SERVER
-        {
+        let full = |ports: &std::collections::HashMap<(usize, String), PortState>| {
+            ports.keys().filter(|(s, _)| *s == sidx).count() >= MAX_PORTS_PER_SERVER
+        };
+        if !ports.contains_key(&key) && full(&ports) {
+            // Forget this server's ports that nobody listens on any more.
+            let now = Instant::now();
+            ports.retain(|(s, _), p| *s != sidx || p.live(now) || !p.queued.is_empty());
+        }
+        if !ports.contains_key(&key) && full(&ports) {
             return Err(ApiError(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many ports for this server",
