@@ -35,8 +35,9 @@ pub fn shutdown_on_signals() -> CancellationToken {
                     _ = term.recv() => {}
                     _ = int.recv() => {}
                 }
-                tracing::info!("shutting down (send the signal again to exit at once)");
+                // Cancel first: logging may fail (a closed stderr) and must not stop shutdown.
                 t.cancel();
+                tracing::info!("shutting down (send the signal again to exit at once)");
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = int.recv() => {}

@@ -38,8 +38,8 @@ proxy_buffering off; proxy_http_version 1.1; client_max_body_size 0;`; HAProxy: 
 /// What to check when streams break.
 pub const TIMEOUT_ADVICE: &str = "if tunnels break after the same idle time, a reverse proxy's \
 timeout is shorter than heartbeat_interval (nginx: proxy_read_timeout, proxy_send_timeout, \
-client_body_timeout, send_timeout; HAProxy: timeout client/server; Caddy: transport \
-read_timeout/write_timeout)";
+client_body_timeout, send_timeout; HAProxy: timeout client/server; Caddy: remove transport read_timeout/write_timeout, which \
+cut uploads the relay answers only at their end)";
 
 /// Why a tunnel ended other than cleanly.
 #[derive(Debug, thiserror::Error)]

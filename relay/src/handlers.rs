@@ -359,6 +359,8 @@ async fn connect_inner(
             return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why));
         }
         let mut delivered = false;
+        // A handed-out listen is about to be re-issued: the port stays offered meanwhile.
+        entry.last_seen = now;
         while let Some(l) = entry.listeners.pop_front() {
             if l.send(id).is_ok() {
                 delivered = true;

@@ -71,7 +71,9 @@ impl PipeBody {
             conn,
             attach: Some(attach),
             state: State::Waiting(rx),
-            heartbeat: Box::pin(tokio::time::sleep(interval)),
+            // The first heartbeat goes out at once: nginx over HTTP/2 holds a streaming
+            // answer's headers back until its first body byte.
+            heartbeat: Box::pin(tokio::time::sleep(Duration::ZERO)),
             interval,
             cancel,
         }

@@ -224,6 +224,10 @@ async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
     };
     let resp = match accepted {
         Ok(Ok(r)) if r.status() == StatusCode::OK => r,
+        Ok(Ok(r)) if !from_relay(&r) => {
+            warn!("accept failed: {}", front_problem(r.status()));
+            return;
+        }
         Ok(Ok(r)) => {
             let status = r.status();
             let reason = error_text(r).await;

@@ -114,6 +114,17 @@ impl Front {
 
 impl Drop for Front {
     fn drop(&mut self) {
+        // SIGTERM first: nginx's master then stops its workers (SIGKILL would orphan them).
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -342,6 +353,7 @@ defaults
 frontend ptth
     bind 127.0.0.1:{port} ssl crt {combined} alpn h2,http/1.1
     option forwardfor
+    option http-no-delay
     default_backend relay
 
 backend relay
