@@ -12,7 +12,6 @@ use ptth_common::client::{
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{CONNECTION_ID_HEADER, ConnId, connect_path, upstream_path};
-use ptth_common::tunnel::TunnelError;
 use reqwest::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -186,28 +185,18 @@ async fn serve(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
     };
     tracing::Span::current().record("conn", tracing::field::display(id));
     // Open: a clean close is a FIN again; `carry` resets the socket on an abort.
-    if let Err(e) = socket2_linger_off(&stream) {
+    if let Err(e) = ptth_common::tunnel::set_reset_on_close(&stream, false) {
         debug!(error = %e, "cannot restore SO_LINGER");
     }
     debug!("tunnel open");
-    let heartbeat = ctx.config.heartbeat_interval;
     let upload_path = upstream_path(fwd.server.as_str(), id);
-    match carry(
+    carry(
         &ctx.relay,
         &upload_path,
         resp,
         stream,
-        heartbeat,
+        ctx.config.heartbeat_interval,
         &ctx.shutdown,
     )
-    .await
-    {
-        Ok(()) => debug!("tunnel closed"),
-        Err(TunnelError::Cancelled) => debug!("tunnel closed by shutdown"),
-        Err(e) => info!(error = %e, "tunnel aborted"),
-    }
-}
-
-fn socket2_linger_off(stream: &TcpStream) -> std::io::Result<()> {
-    ptth_common::tunnel::set_reset_on_close(stream, false)
+    .await;
 }

@@ -214,7 +214,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// `download` (the `connect` or `accept` answer) go into the socket. Dead-peer limit: three
 /// heartbeat intervals (at least [`tunnel::MIN_DEAD_AFTER`]) without anything from the relay:
 /// the heartbeats we receive come from the far endpoint, whose interval may be longer.
+/// Logs how the tunnel ended.
 pub async fn carry(
+    relay: &RelayClient,
+    upload_path: &str,
+    download: reqwest::Response,
+    stream: TcpStream,
+    heartbeat: Duration,
+    shutdown: &CancellationToken,
+) {
+    match carry_inner(relay, upload_path, download, stream, heartbeat, shutdown).await {
+        Ok(()) => tracing::debug!("tunnel closed"),
+        Err(TunnelError::Cancelled) => tracing::debug!("tunnel closed by shutdown"),
+        Err(e) => tracing::info!(error = %e, "tunnel aborted"),
+    }
+}
+
+async fn carry_inner(
     relay: &RelayClient,
     upload_path: &str,
     download: reqwest::Response,

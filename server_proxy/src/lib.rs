@@ -18,7 +18,6 @@ use ptth_common::protocol::{
     ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, CONNECTION_ID_HEADER, ConnId, accept_path,
     downstream_path, listen_path,
 };
-use ptth_common::tunnel::TunnelError;
 use reqwest::StatusCode;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -96,65 +95,21 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
     let mut failing = false;
     let mut need_warm_up = true;
     loop {
-        if need_warm_up {
-            // One connection first, then every listen shares it (HTTP/2).
-            let warm = tokio::select! {
-                () = ctx.shutdown.cancelled() => return,
-                r = ctx.relay.warm_up() => r,
-            };
-            if let Err(problem) = warm {
-                let delay = backoff.next_delay();
-                if failing {
-                    debug!(retry_in = ?delay, "{problem}");
-                } else {
-                    warn!(retry_in = ?delay, "{problem}");
-                    failing = true;
-                }
-                tokio::select! {
-                    () = ctx.shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                continue;
-            }
-            need_warm_up = false;
-        }
-        let request = ctx.relay.post(&path).timeout(LISTEN_REQUEST_TIMEOUT).send();
-        let result = tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            r = request => r,
-        };
-        let problem = match result {
-            Ok(r) if r.status() == StatusCode::OK => {
+        let problem = match listen_once(&ctx, &path, need_warm_up).await {
+            None => return,
+            Some(Ok(id)) => {
                 if failing {
                     info!("connected to the relay again");
                 }
                 failing = false;
+                need_warm_up = false;
                 backoff.reset();
-                let id = r
-                    .headers()
-                    .get(CONNECTION_ID_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<ConnId>().ok());
-                match id {
-                    Some(id) => spawn_tunnel(&ctx, &port, &target, id),
-                    None => warn!("relay answered listen without a valid connection id"),
+                if let Some(id) = id {
+                    spawn_tunnel(&ctx, &port, &target, id);
                 }
                 continue;
             }
-            Ok(r) if r.status() == StatusCode::NO_CONTENT => {
-                if failing {
-                    info!("connected to the relay again");
-                }
-                failing = false;
-                backoff.reset();
-                continue;
-            }
-            Ok(r) if !from_relay(&r) => front_problem(r.status()),
-            Ok(r) => {
-                let status = r.status();
-                format!("relay answered {status}: {}", error_text(r).await)
-            }
-            Err(e) => format!("cannot reach the relay: {}", error_chain(&e)),
+            Some(Err(problem)) => problem,
         };
         need_warm_up = true;
         let delay = backoff.next_delay();
@@ -169,6 +124,50 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
             () = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// One `listen` (after opening the connection first when `warm_up`): `None` on shutdown,
+/// `Ok(Some(id))` for a client, `Ok(None)` for an empty answer, `Err` with what went wrong.
+async fn listen_once(
+    ctx: &Ctx,
+    path: &str,
+    warm_up: bool,
+) -> Option<Result<Option<ConnId>, String>> {
+    if warm_up {
+        // One connection first, then every listen shares it (HTTP/2).
+        let warm = tokio::select! {
+            () = ctx.shutdown.cancelled() => return None,
+            r = ctx.relay.warm_up() => r,
+        };
+        if let Err(problem) = warm {
+            return Some(Err(problem));
+        }
+    }
+    let request = ctx.relay.post(path).timeout(LISTEN_REQUEST_TIMEOUT).send();
+    let result = tokio::select! {
+        () = ctx.shutdown.cancelled() => return None,
+        r = request => r,
+    };
+    Some(match result {
+        Ok(r) if r.status() == StatusCode::OK => {
+            let id = r
+                .headers()
+                .get(CONNECTION_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<ConnId>().ok());
+            if id.is_none() {
+                warn!("relay answered listen without a valid connection id");
+            }
+            Ok(id)
+        }
+        Ok(r) if r.status() == StatusCode::NO_CONTENT => Ok(None),
+        Ok(r) if !from_relay(&r) => Err(front_problem(r.status())),
+        Ok(r) => {
+            let status = r.status();
+            Err(format!("relay answered {status}: {}", error_text(r).await))
+        }
+        Err(e) => Err(format!("cannot reach the relay: {}", error_chain(&e))),
+    })
 }
 
 fn spawn_tunnel(ctx: &Arc<Ctx>, port: &str, target: &str, id: ConnId) {
@@ -244,20 +243,14 @@ async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
         }
     };
     debug!("tunnel open");
-    let heartbeat = ctx.config.heartbeat_interval;
     let upload_path = downstream_path(name, id);
-    match carry(
+    carry(
         &ctx.relay,
         &upload_path,
         resp,
         stream,
-        heartbeat,
+        ctx.config.heartbeat_interval,
         &ctx.shutdown,
     )
-    .await
-    {
-        Ok(()) => debug!("tunnel closed"),
-        Err(TunnelError::Cancelled) => debug!("tunnel closed by shutdown"),
-        Err(e) => info!(error = %e, "tunnel aborted"),
-    }
+    .await;
 }

@@ -405,13 +405,13 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
     .await;
 }
 
-#[tokio::test]
-async fn relay_limits_are_enforced() {
+/// With `extra` in relay.toml, one open tunnel blocks the next connect with `refusal`.
+async fn connection_limit_is_enforced(extra: &str, refusal: &str) {
     within(async {
         let echo = echo_service().await.expect("echo");
         let mut opts = WorldOptions::echo(echo);
         // The server proxy keeps 2 listens on `echo`; allow 2 per port and 1 connection.
-        opts.relay_extra = "max_listens_per_port = 2\nmax_connections = 1".into();
+        opts.relay_extra = format!("max_listens_per_port = 2\n{extra}");
         let w = World::start(opts).await.expect("world");
         let db = relay_client(w.relay.addr, &w.setup.server_key);
         let r = db
@@ -435,7 +435,7 @@ async fn relay_limits_are_enforced() {
             .expect("send");
         let (status, text) = status_and_text(r).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(text, "relay at connection limit");
+        assert_eq!(text, refusal);
         drop(first);
         tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
             .await
@@ -446,42 +446,16 @@ async fn relay_limits_are_enforced() {
 }
 
 #[tokio::test]
+async fn relay_limits_are_enforced() {
+    connection_limit_is_enforced("max_connections = 1", "relay at connection limit").await;
+}
+
+#[tokio::test]
 async fn per_client_connection_limit_is_enforced() {
-    within(async {
-        let echo = echo_service().await.expect("echo");
-        let mut opts = WorldOptions::echo(echo);
-        // The server proxy keeps 2 listens on `echo`; allow 2 per port and 1 connection.
-        opts.relay_extra = "max_listens_per_port = 2\nmax_connections_per_client = 1".into();
-        let w = World::start(opts).await.expect("world");
-        let db = relay_client(w.relay.addr, &w.setup.server_key);
-        let r = db
-            .post(&protocol::listen_path("db", "echo"))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-        // One tunnel open: the next connect is refused with 503, and works again after.
-        let mut first = TcpStream::connect(w.local()).await.expect("connect");
-        tokio::io::AsyncWriteExt::write_all(&mut first, b"a")
-            .await
-            .expect("write");
-        let mut b = [0u8; 1];
-        first.read_exact(&mut b).await.expect("echo");
-        let alice = relay_client(w.relay.addr, &w.setup.alice_key);
-        let r = alice
-            .post(&protocol::connect_path("db", "echo"))
-            .send()
-            .await
-            .expect("send");
-        let (status, text) = status_and_text(r).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(text, "too many connections for this client");
-        drop(first);
-        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
-            .await
-            .expect("freed");
-        assert_eq!(round_trip(w.local(), b"again").await.expect("rt"), b"again");
-    })
+    connection_limit_is_enforced(
+        "max_connections_per_client = 1",
+        "too many connections for this client",
+    )
     .await;
 }
 
