@@ -59,9 +59,13 @@ pub async fn run(
     // Open the connection to the relay before the first user does, so that tunnels opened
     // at once share it (HTTP/2); a failure here is only logged: each connect retries.
     let warm = ctx.relay.clone();
+    let stop = ctx.shutdown.clone();
     ctx.tracker.spawn(async move {
-        if let Err(problem) = warm.warm_up().await {
-            warn!("{problem}");
+        tokio::select! {
+            () = stop.cancelled() => {}
+            r = warm.warm_up() => if let Err(problem) = r {
+                warn!("{problem}");
+            }
         }
     });
     for (listener, fwd) in listeners {
@@ -96,7 +100,8 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, fwd: Forward) {
             },
         };
         let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
-            warn!(%peer, "too many open tunnels (max_connections); closing the new connection");
+            warn!(%peer, "too many open tunnels (max_connections); resetting the new connection");
+            ptth_common::tunnel::reset(&stream);
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -435,6 +435,100 @@ mod tests {
     }
 
     #[test]
+    fn every_signed_parameter_is_covered() {
+        let (s, v) = setup(10);
+        let now = unix_now();
+        let h = s.sign_with("POST", A, P, now - 5, &[4; 16]);
+        let tampered = [
+            // Still inside the time window, so only the signature can catch them.
+            h.input.replace(
+                &format!("created={}", now - 5),
+                &format!("created={}", now - 4),
+            ),
+            h.input.replace(
+                &format!("expires={}", now + 55),
+                &format!("expires={}", now + 54),
+            ),
+            h.input
+                .replace(&STANDARD.encode([4u8; 16]), &STANDARD.encode([5u8; 16])),
+        ];
+        for input in tampered {
+            assert_ne!(input, h.input, "the replacement must change something");
+            assert_eq!(
+                v.verify("POST", A, P, Some(&input), Some(&h.signature), now)
+                    .copied(),
+                Err(AuthError::BadSignature),
+                "{input}"
+            );
+        }
+        assert_eq!(
+            v.verify("GET", A, P, Some(&h.input), Some(&h.signature), now)
+                .copied(),
+            Err(AuthError::BadSignature),
+            "method"
+        );
+        // Unchanged, the same request passes (once).
+        assert_eq!(check(&v, &h, P, now), Ok("alice"));
+    }
+
+    #[test]
+    fn a_longer_validity_than_sixty_seconds_is_refused() {
+        let (s, v) = setup(10);
+        let now = unix_now();
+        let h = s.sign_with("POST", A, P, now, &[6; 16]);
+        let mut long = h.clone();
+        long.input = h.input.replace(
+            &format!("expires={}", now + MAX_AGE_SECS),
+            &format!("expires={}", now + 3600),
+        );
+        assert_eq!(check(&v, &long, P, now), Err(AuthError::Stale));
+    }
+
+    /// The worked example of docs/protocol.md, byte for byte.
+    #[test]
+    fn documented_example_is_reproduced() {
+        let seed: [u8; 32] = [
+            0x9d, 0x61, 0xb1, 0x9d, 0xef, 0xfd, 0x5a, 0x60, 0xba, 0x84, 0x4a, 0xf4, 0x92, 0xec,
+            0x2c, 0xc4, 0x44, 0x49, 0xc5, 0x69, 0x7b, 0x32, 0x69, 0x19, 0x70, 0x3b, 0xac, 0x03,
+            0x1c, 0xae, 0x7f, 0x60,
+        ];
+        let key = PrivateKey::from_seed(&seed);
+        let nonce: Vec<u8> = (0..16).collect();
+        let path = "/v1/servers/db/ports/postgres/connect";
+        let h = Signer::new(key.clone()).sign_with(
+            "POST",
+            "relay.example.com",
+            path,
+            1_700_000_000,
+            &nonce,
+        );
+        assert_eq!(
+            h.input,
+            r#"ptth=("@method" "@authority" "@path");created=1700000000;expires=1700000060;nonce="AAECAwQFBgcICQoLDA0ODw==";keyid="11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";alg="ed25519";tag="ptth-v1""#
+        );
+        assert_eq!(
+            h.signature,
+            "ptth=:vxMFn3YI5l36yhAJ6auboUNMzJAns5azOHVY8gU1OYJxke47NT+QMm2LJWgwyBCabfm6VRX+wyhfAGr7vP69Bw==:"
+        );
+        let v = Verifier::new([(key.public(), "example")], 10);
+        let at = |now| {
+            v.verify(
+                "POST",
+                "relay.example.com",
+                path,
+                Some(&h.input),
+                Some(&h.signature),
+                now,
+            )
+            .copied()
+        };
+        assert_eq!(at(1_699_999_989), Err(AuthError::Stale));
+        assert_eq!(at(1_700_000_061), Err(AuthError::Stale));
+        assert_eq!(at(1_699_999_990), Ok("example"));
+        assert_eq!(at(1_700_000_060), Err(AuthError::Replay));
+    }
+
+    #[test]
     fn refuses_old_and_future_signatures() {
         let (s, v) = setup(10);
         let now = unix_now();

@@ -52,6 +52,27 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// Prints `error` and its causes on stderr, as Rust prints an error returned from `main` but
+/// never with a backtrace (users often have `RUST_BACKTRACE` set), and returns exit code 1.
+pub fn report(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
+    let mut text = format!("Error: {error}");
+    let causes: Vec<String> = std::iter::successors(error.source(), |e| e.source())
+        .map(|e| e.to_string())
+        .collect();
+    match causes.as_slice() {
+        [] => {}
+        [one] => text.push_str(&format!("\n\nCaused by:\n    {one}")),
+        many => {
+            text.push_str("\n\nCaused by:");
+            for (i, c) in many.iter().enumerate() {
+                text.push_str(&format!("\n    {i}: {c}"));
+            }
+        }
+    }
+    eprintln!("{text}");
+    std::process::ExitCode::FAILURE
+}
+
 /// `keygen --out FILE`: writes a new private key (PKCS#8 PEM, mode 0600, never overwriting)
 /// and returns the public key in base64 for the caller to print.
 pub fn keygen(out: &std::path::Path) -> Result<String, crate::keys::KeyError> {

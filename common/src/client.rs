@@ -96,8 +96,11 @@ pub struct RelayClient {
     url: RelayUrl,
     authority: String,
     signer: Signer,
-    warm: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
+    warm: Arc<tokio::sync::Mutex<Option<WarmUp>>>,
 }
+
+/// The last warm-up: when it ended, and how.
+type WarmUp = (std::time::Instant, Result<(), String>);
 
 impl RelayClient {
     /// A client for `url` signing with `key`.
@@ -114,12 +117,16 @@ impl RelayClient {
 
     /// Opens (or confirms) the pooled connection to the relay with one cheap unsigned request
     /// (the relay answers 404), so that requests sent at once afterwards share one HTTP/2
-    /// connection instead of racing to open one each. Calls are serialised, and a success
-    /// less than a second old is reused. Any HTTP answer counts as success.
+    /// connection instead of racing to open one each. Calls are serialised, and the outcome
+    /// of an attempt less than a second old, success or failure, is reused: callers that
+    /// waited for an attempt share its outcome rather than queueing one attempt each. Any
+    /// HTTP answer counts as success.
     pub async fn warm_up(&self) -> Result<(), String> {
         let mut last = self.warm.lock().await;
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-            return Ok(());
+        if let Some((at, outcome)) = &*last
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return outcome.clone();
         }
         let r = self
             .http
@@ -127,13 +134,12 @@ impl RelayClient {
             .timeout(Duration::from_secs(30))
             .send()
             .await;
-        match r {
-            Ok(_) => {
-                *last = Some(std::time::Instant::now());
-                Ok(())
-            }
+        let outcome = match r {
+            Ok(_) => Ok(()),
             Err(e) => Err(format!("cannot reach the relay: {}", error_chain(&e))),
-        }
+        };
+        *last = Some((std::time::Instant::now(), outcome.clone()));
+        outcome
     }
 
     /// A signed POST to a protocol path.
@@ -226,6 +232,10 @@ pub async fn carry(
     match carry_inner(relay, upload_path, download, stream, heartbeat, shutdown).await {
         Ok(()) => tracing::debug!("tunnel closed"),
         Err(TunnelError::Cancelled) => tracing::debug!("tunnel closed by shutdown"),
+        // Something between us and the relay is in the way: the user must act.
+        Err(e @ (TunnelError::NotAttached(_) | TunnelError::BrokeBeforeAttached(_))) => {
+            tracing::warn!(error = %e, "tunnel aborted")
+        }
         Err(e) => tracing::info!(error = %e, "tunnel aborted"),
     }
 }
@@ -240,7 +250,7 @@ async fn carry_inner(
 ) -> Result<(), TunnelError> {
     let stream = Arc::new(stream);
     let cancel = CancellationToken::new();
-    let local_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let local_failed = Arc::new(tunnel::LocalFailed::default());
     let body = TcpUploadBody::new(
         stream.clone(),
         local_failed.clone(),

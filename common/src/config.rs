@@ -145,6 +145,70 @@ fn relay_wait_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duratio
     Ok(v)
 }
 
+/// Most entries in `authorities` (each is tried on a failing signature).
+const MAX_AUTHORITIES: usize = 16;
+
+/// `authorities`: each `host` or `host:port` exactly as a client's `relay_url` names the relay.
+fn authority_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    if list.len() > MAX_AUTHORITIES {
+        return Err(serde::de::Error::custom(format!(
+            "at most {MAX_AUTHORITIES} authorities"
+        )));
+    }
+    for a in &list {
+        check_authority(a).map_err(|why| {
+            serde::de::Error::custom(format!(
+                "{a:?} is not an authority ({why}); write the host, and `:port` when it is not \
+                 the scheme's default, as in relay_url: e.g. \"relay.example.com\" or \
+                 \"relay.example.com:8443\""
+            ))
+        })?;
+    }
+    Ok(list)
+}
+
+fn check_authority(a: &str) -> Result<(), &'static str> {
+    if a.contains("://") {
+        return Err("no scheme");
+    }
+    if a.is_empty() || a.len() > 255 {
+        return Err("1 to 255 characters");
+    }
+    if a.contains('/') || a.contains('@') {
+        return Err("no path or user");
+    }
+    let (host, port) = match a.strip_prefix('[') {
+        Some(v6) => {
+            let (host, rest) = v6.split_once(']').ok_or("unclosed [")?;
+            host.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| "bad IPv6 address")?;
+            match rest {
+                "" => (host, None),
+                r => (host, Some(r.strip_prefix(':').ok_or("junk after ]")?)),
+            }
+        }
+        None => match a.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (a, None),
+        },
+    };
+    if !a.starts_with('[')
+        && (host.is_empty()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'))
+    {
+        return Err("bad host name");
+    }
+    if let Some(p) = port
+        && (p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.parse::<u16>().is_err())
+    {
+        return Err("bad port");
+    }
+    Ok(())
+}
+
 /// A local TCP service to forward to: `host:port`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Target(String);
@@ -424,7 +488,7 @@ pub struct RelayConfig {
     pub listen: SocketAddr,
     /// Names under which clients reach the relay (`host` or `host:port`, as in their
     /// `relay_url`). Signatures must name one of them. Empty: the request's `Host`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "authority_list")]
     pub authorities: Vec<String>,
     /// Reverse proxies whose `X-Forwarded-For` is believed (addresses or networks).
     #[serde(default)]
@@ -767,6 +831,45 @@ mod tests {
             assert!(msg.starts_with("/etc/relay.toml: "), "{msg}");
             assert!(msg.contains(want), "{text} -> {msg}");
         }
+    }
+
+    #[test]
+    fn authorities_are_host_and_optional_port() {
+        for good in [
+            "relay.example.com",
+            "relay.example.com:8443",
+            "127.0.0.1:4000",
+            "[::1]:4000",
+            "[fd00::1]",
+        ] {
+            let text = format!("authorities = [\"{good}\"]\n");
+            let c = RelayConfig::from_str(Path::new("/etc/relay.toml"), &text).expect(good);
+            assert_eq!(c.authorities, [good]);
+        }
+        for bad in [
+            "https://relay.example.com",
+            "relay.example.com/",
+            "relay.example.com:http",
+            "relay.example.com:99999",
+            "user@relay.example.com",
+            "relay example",
+            "",
+            "[::1",
+            "[nope]:1",
+        ] {
+            let text = format!("\nauthorities = [\"{bad}\"]\n");
+            let err = RelayConfig::from_str(Path::new("/etc/relay.toml"), &text)
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("line 2"), "{bad}: {err}");
+            assert!(err.contains("is not an authority"), "{bad}: {err}");
+        }
+        let many = vec!["\"a\""; 17].join(", ");
+        let text = format!("authorities = [{many}]\n");
+        let err = RelayConfig::from_str(Path::new("/etc/relay.toml"), &text)
+            .expect_err("17 authorities")
+            .to_string();
+        assert!(err.contains("at most 16"), "{err}");
     }
 
     #[test]

@@ -127,6 +127,31 @@ pub fn finish_data_frame(buf: &mut BytesMut) -> Bytes {
     buf.split().freeze()
 }
 
+/// A validated frame header.
+enum Header {
+    Data(usize),
+    Heartbeat,
+    End,
+    Attached,
+}
+
+fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
+    let kind = h[0];
+    let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+    match kind {
+        TYPE_DATA if len as usize > MAX_FRAME_PAYLOAD => Err(FrameError::TooLarge(len)),
+        TYPE_DATA if len == 0 => Err(FrameError::BadLength { kind, len }),
+        TYPE_DATA => Ok(Header::Data(len as usize)),
+        TYPE_HEARTBEAT | TYPE_END | TYPE_ATTACHED if len != 0 => {
+            Err(FrameError::BadLength { kind, len })
+        }
+        TYPE_HEARTBEAT => Ok(Header::Heartbeat),
+        TYPE_ATTACHED => Ok(Header::Attached),
+        TYPE_END => Ok(Header::End),
+        other => Err(FrameError::UnknownType(other)),
+    }
+}
+
 /// Streaming frame decoder.
 #[derive(Debug, Default)]
 pub struct Decoder {
@@ -176,33 +201,48 @@ impl Decoder {
                 return Ok(None);
             }
             self.header_len = 0;
-            let kind = self.header[0];
-            let len = u32::from_be_bytes([
-                self.header[1],
-                self.header[2],
-                self.header[3],
-                self.header[4],
-            ]);
-            match kind {
-                TYPE_DATA => {
-                    if len as usize > MAX_FRAME_PAYLOAD {
-                        return Err(FrameError::TooLarge(len));
-                    }
-                    if len == 0 {
-                        return Err(FrameError::BadLength { kind, len });
-                    }
-                    self.remaining = len as usize;
-                }
-                TYPE_HEARTBEAT | TYPE_END | TYPE_ATTACHED if len != 0 => {
-                    return Err(FrameError::BadLength { kind, len });
-                }
-                TYPE_HEARTBEAT => return Ok(Some(Item::Heartbeat)),
-                TYPE_ATTACHED => return Ok(Some(Item::Attached)),
-                TYPE_END => {
+            match parse_header(&self.header)? {
+                Header::Data(len) => self.remaining = len,
+                Header::Heartbeat => return Ok(Some(Item::Heartbeat)),
+                Header::Attached => return Ok(Some(Item::Attached)),
+                Header::End => {
                     self.ended = true;
                     return Ok(Some(Item::End));
                 }
-                other => return Err(FrameError::UnknownType(other)),
+            }
+        }
+    }
+
+    /// Checks the frames of an upload body (`DATA`, `HEARTBEAT`, `END`) in `chunk` without
+    /// taking anything out of it: the relay passes chunks on unchanged and only needs to know
+    /// that they are well formed and where the body ends.
+    pub fn check(&mut self, mut chunk: &[u8]) -> Result<(), FrameError> {
+        loop {
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            if self.ended {
+                return Err(FrameError::AfterEnd);
+            }
+            if self.remaining > 0 {
+                let n = self.remaining.min(chunk.len());
+                self.remaining -= n;
+                chunk = &chunk[n..];
+                continue;
+            }
+            let n = (HEADER_LEN - self.header_len).min(chunk.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&chunk[..n]);
+            chunk = &chunk[n..];
+            self.header_len += n;
+            if self.header_len < HEADER_LEN {
+                return Ok(());
+            }
+            self.header_len = 0;
+            match parse_header(&self.header)? {
+                Header::Data(len) => self.remaining = len,
+                Header::Heartbeat => {}
+                Header::End => self.ended = true,
+                Header::Attached => return Err(FrameError::Unexpected("ATTACHED in an upload")),
             }
         }
     }
@@ -296,6 +336,47 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(decode_all(&[Bytes::copy_from_slice(input)]), Err(want));
+        }
+    }
+
+    #[test]
+    fn check_follows_uploads_split_at_every_byte() {
+        let mut all = BytesMut::new();
+        all.extend_from_slice(&data(b"hello"));
+        all.extend_from_slice(&heartbeat());
+        all.extend_from_slice(&data(&[7u8; 300]));
+        all.extend_from_slice(&end());
+        for split in 0..=all.len() {
+            let mut d = Decoder::new();
+            d.check(&all[..split]).expect("first part");
+            assert!(!d.ended() || split == all.len());
+            d.check(&all[split..]).expect("second part");
+            assert!(d.ended());
+            d.finish().expect("at a boundary");
+        }
+        let mut d = Decoder::new();
+        d.check(&all[..all.len() - 1])
+            .expect("all but the last byte");
+        assert!(!d.ended(), "END is not complete yet");
+        assert_eq!(d.finish(), Err(FrameError::Truncated));
+    }
+
+    #[test]
+    fn check_refuses_what_an_upload_may_not_carry() {
+        let mut after = BytesMut::new();
+        after.extend_from_slice(&end());
+        after.extend_from_slice(&heartbeat());
+        let cases: [(&[u8], FrameError); 4] = [
+            (&attached(), FrameError::Unexpected("ATTACHED in an upload")),
+            (
+                &[TYPE_DATA, 0, 0x10, 0, 1],
+                FrameError::TooLarge(0x0010_0001),
+            ),
+            (&[0, 0, 0, 0, 0], FrameError::UnknownType(0)),
+            (&after, FrameError::AfterEnd),
+        ];
+        for (input, want) in cases {
+            assert_eq!(Decoder::new().check(input), Err(want));
         }
     }
 

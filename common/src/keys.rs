@@ -118,6 +118,11 @@ impl PrivateKey {
         Ok(Self(SigningKey::from_bytes(&seed)))
     }
 
+    /// A key from its 32-byte secret seed (RFC 8032), for test vectors and tools.
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(seed))
+    }
+
     /// The matching public key.
     pub fn public(&self) -> PublicKey {
         PublicKey(self.0.verifying_key())
@@ -128,13 +133,27 @@ impl PrivateKey {
         &self.0
     }
 
-    /// Reads a PKCS#8 PEM key file, refusing files readable by group or others.
+    /// Reads a PKCS#8 PEM key file, refusing files readable by group or others. The checks
+    /// are made on the opened file itself, so the file checked is the file read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
+        use std::io::Read;
         let io = |error| KeyError::Io {
             path: path.to_owned(),
             error,
         };
-        let meta = std::fs::metadata(path).map_err(io)?;
+        let format = |reason: &str| KeyError::Format {
+            path: path.to_owned(),
+            reason: reason.into(),
+        };
+        // Checked before opening too: opening a FIFO would block.
+        if !std::fs::metadata(path).map_err(io)?.is_file() {
+            return Err(format("not a regular file"));
+        }
+        let file = std::fs::File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(format("not a regular file"));
+        }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(KeyError::Permissions {
@@ -142,13 +161,13 @@ impl PrivateKey {
                 mode,
             });
         }
-        if meta.len() > MAX_KEY_FILE {
-            return Err(KeyError::Format {
-                path: path.to_owned(),
-                reason: "file too large".into(),
-            });
+        let mut text = String::new();
+        file.take(MAX_KEY_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_KEY_FILE {
+            return Err(format("file too large"));
         }
-        let text = std::fs::read_to_string(path).map_err(io)?;
         SigningKey::from_pkcs8_pem(&text)
             .map(Self)
             .map_err(|e| KeyError::Format {
@@ -180,8 +199,15 @@ impl PrivateKey {
             .mode(0o600)
             .open(path)
             .map_err(io)?;
-        file.write_all(pem.as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
+        let written = file
+            .write_all(pem.as_bytes())
+            .and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            // Leave no half-written key behind.
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(io(e));
+        }
         Ok(())
     }
 }
@@ -205,6 +231,36 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         let err = PrivateKey::load(&path).expect_err("group-readable");
         assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_secret() {
+        let seed = [0x5au8; 32];
+        let key = PrivateKey::from_seed(&seed);
+        let signer = crate::auth::Signer::new(key.clone());
+        let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+        let forms = [
+            hex.clone(),
+            hex.to_uppercase(),
+            STANDARD.encode(seed),
+            format!("{:?}", &seed[..8]),
+            "90, 90, 90".to_owned(),
+        ];
+        for shown in [format!("{key:?}"), format!("{signer:?}")] {
+            assert!(shown.contains(&key.public().to_base64()), "{shown}");
+            for secret in &forms {
+                assert!(!shown.contains(secret.as_str()), "{shown} shows {secret}");
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_regular_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        let err = PrivateKey::load(dir.path()).expect_err("a folder");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]

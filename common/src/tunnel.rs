@@ -9,13 +9,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -24,14 +24,20 @@ use crate::frame::{self, Decoder, FrameError, Item};
 
 /// Bytes read from the local socket per data frame, at most.
 pub const READ_CHUNK: usize = 64 * 1024;
+/// Reads up to this size are copied into a frame of their own size, so that a queued small
+/// frame does not hold a whole [`READ_CHUNK`] buffer, and the buffer is reused.
+const SMALL_READ: usize = 4 * 1024;
 /// Shortest dead-peer limit, whatever our own heartbeat interval.
 pub const MIN_DEAD_AFTER: Duration = Duration::from_secs(45);
-/// How long the relay may take to confirm that it holds our upload (the `ATTACHED` frame).
-pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the relay may take to confirm that it holds our upload (the `ATTACHED` frame),
+/// counted from the download's answer headers. Over HTTP/1.1 the upload may need a new
+/// connection (and TLS handshake) first; a healthy path confirms in milliseconds.
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(7);
 
 /// What to check when uploads do not reach the relay.
 pub const BUFFERING_ADVICE: &str = "a reverse proxy between here and the relay is holding \
-the upload back (buffering request bodies) or buffering answers. nginx: `proxy_request_buffering off; \
+the upload back (buffering request bodies), buffering answers, or at its limit of concurrent \
+streams or connections. nginx: `proxy_request_buffering off; \
 proxy_buffering off; proxy_http_version 1.1; client_max_body_size 0;`; HAProxy: remove \
 `option http-buffer-request`; Caddy: remove `request_buffers`/`response_buffers` (see docs/deploy.md)";
 
@@ -75,6 +81,55 @@ pub enum TunnelError {
 /// Error type of [`TcpUploadBody`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Whether writing to the local socket has failed, kept in step with those writes.
+///
+/// A reset from the local peer is reported once, to whichever call sees it first; a read after
+/// a write consumed it returns plain EOF. The upload side must not take that EOF for a
+/// half-close, so writes hold this lock until their failure is recorded, and the upload side
+/// checks it under the same lock when it reads EOF.
+#[derive(Debug, Default)]
+pub struct LocalFailed(Mutex<bool>);
+
+impl LocalFailed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a write to the local socket has failed.
+    pub fn get(&self) -> bool {
+        *self.lock()
+    }
+
+    /// One non-blocking write, recording a failure before anyone can read EOF after it.
+    fn try_write(&self, stream: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
+        let mut failed = self.lock();
+        let r = stream.try_write(data);
+        if let Err(e) = &r
+            && e.kind() != std::io::ErrorKind::WouldBlock
+        {
+            *failed = true;
+        }
+        r
+    }
+
+    /// Writes all of `data` to `stream`.
+    pub async fn write_all(&self, stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            stream.writable().await?;
+            match self.try_write(stream, data) {
+                Ok(0) => {
+                    *self.lock() = true;
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UpState {
     Open,
@@ -87,7 +142,7 @@ enum UpState {
 /// reserved header and is split off as one frame. An idle body holds no buffer.
 pub struct TcpUploadBody {
     stream: Arc<TcpStream>,
-    local_failed: Arc<AtomicBool>,
+    local_failed: Arc<LocalFailed>,
     buf: BytesMut,
     heartbeat: Pin<Box<Sleep>>,
     interval: Duration,
@@ -112,7 +167,7 @@ impl TcpUploadBody {
     /// sent on as `END`.
     pub fn new(
         stream: Arc<TcpStream>,
-        local_failed: Arc<AtomicBool>,
+        local_failed: Arc<LocalFailed>,
         interval: Duration,
         cancel: CancellationToken,
     ) -> Self {
@@ -166,7 +221,7 @@ impl Body for TcpUploadBody {
                     this.buf = BytesMut::new();
                     // After a reset, the write that saw it consumed the error and reads
                     // return EOF: that is an abort, not a half-close.
-                    let failed = this.local_failed.load(Ordering::SeqCst)
+                    let failed = this.local_failed.get()
                         || matches!(this.stream.take_error(), Ok(Some(_)) | Err(_));
                     if failed {
                         this.state = UpState::Done;
@@ -174,6 +229,15 @@ impl Body for TcpUploadBody {
                     }
                     this.state = UpState::EndSent;
                     return Poll::Ready(Some(Ok(Frame::data(frame::end()))));
+                }
+                Ok(n) if n <= SMALL_READ => {
+                    // Copy a small read out and keep the buffer for the next one.
+                    let mut small = BytesMut::with_capacity(this.buf.len());
+                    small.extend_from_slice(&this.buf);
+                    this.buf.clear();
+                    let f = frame::finish_data_frame(&mut small);
+                    this.reset_heartbeat();
+                    return Poll::Ready(Some(Ok(Frame::data(f))));
                 }
                 Ok(_) => {
                     let f = frame::finish_data_frame(&mut this.buf);
@@ -203,20 +267,6 @@ impl Body for TcpUploadBody {
     }
 }
 
-/// Writes all of `data` to `stream` (through a shared reference).
-pub async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
-    while !data.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(data) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Shuts down the write side of `stream` (TCP FIN), keeping the read side open.
 pub fn shutdown_write(stream: &TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
@@ -241,7 +291,7 @@ pub fn set_reset_on_close(stream: &TcpStream, reset: bool) -> std::io::Result<()
 pub async fn pump_download<B>(
     mut body: B,
     stream: &TcpStream,
-    local_failed: &AtomicBool,
+    local_failed: &LocalFailed,
     attach_timeout: Duration,
     dead_after: Duration,
 ) -> Result<(), TunnelError>
@@ -291,8 +341,7 @@ where
                 Item::Attached => return Err(FrameError::Unexpected("second ATTACHED").into()),
                 _ if !attached => return Err(FrameError::Unexpected("data before ATTACHED").into()),
                 Item::Data(d) => {
-                    if let Err(e) = write_all(stream, &d).await {
-                        local_failed.store(true, Ordering::SeqCst);
+                    if let Err(e) = local_failed.write_all(stream, &d).await {
                         return Err(TunnelError::Local(e));
                     }
                 }
@@ -302,8 +351,14 @@ where
     }
 }
 
-/// Runs both directions of a tunnel to completion. On the first failure, or when `shutdown`
-/// fires, cancels `body_cancel` (which fails the upload body) and resets the local socket.
+/// Runs both directions of a tunnel to completion. On the first failure, on an error of the
+/// local socket, or when `shutdown` fires, cancels `body_cancel` (which fails the upload body)
+/// and resets the local socket.
+///
+/// The socket is watched for errors on its own, because neither direction may be looking at
+/// it: an upload that waits for HTTP flow control is not polled, and an idle download only
+/// touches the socket when data arrives. A reset from the local peer must still close the
+/// tunnel at once.
 pub async fn run<U, D>(
     stream: &TcpStream,
     upload: U,
@@ -317,6 +372,7 @@ where
 {
     let result = tokio::select! {
         r = async { tokio::try_join!(upload, download) } => r.map(|_| ()),
+        e = local_error(stream) => Err(TunnelError::Local(e)),
         () = shutdown.cancelled() => Err(TunnelError::Cancelled),
     };
     if result.is_err() {
@@ -324,6 +380,19 @@ where
         reset(stream);
     }
     result
+}
+
+/// Resolves when `stream` reports an error (a reset from the peer, say); pending otherwise.
+async fn local_error(stream: &TcpStream) -> std::io::Error {
+    match stream.ready(Interest::ERROR).await {
+        Ok(_) => match stream.take_error() {
+            Ok(Some(e)) => e,
+            // A read or write consumed the error first.
+            Ok(None) => std::io::ErrorKind::ConnectionReset.into(),
+            Err(e) => e,
+        },
+        Err(e) => e,
+    }
 }
 
 #[cfg(test)]
@@ -409,7 +478,7 @@ mod tests {
             let r = pump_download(
                 body,
                 &a,
-                &AtomicBool::new(false),
+                &LocalFailed::default(),
                 Duration::from_secs(5),
                 Duration::from_secs(5),
             )
@@ -422,7 +491,7 @@ mod tests {
             let r = pump_download(
                 OneHeartbeat(false),
                 &a,
-                &AtomicBool::new(false),
+                &LocalFailed::default(),
                 Duration::from_millis(200),
                 Duration::from_secs(5),
             )
@@ -464,7 +533,7 @@ mod tests {
             let r = pump_download(
                 body,
                 &a,
-                &AtomicBool::new(false),
+                &LocalFailed::default(),
                 Duration::from_secs(5),
                 Duration::from_secs(5),
             )
@@ -480,7 +549,7 @@ mod tests {
             let r = pump_download(
                 body,
                 &a,
-                &AtomicBool::new(false),
+                &LocalFailed::default(),
                 Duration::from_secs(5),
                 Duration::from_secs(5),
             )
@@ -500,7 +569,7 @@ mod tests {
             pump_download(
                 body,
                 &a,
-                &AtomicBool::new(false),
+                &LocalFailed::default(),
                 Duration::from_secs(5),
                 Duration::from_secs(5),
             )
@@ -523,20 +592,63 @@ mod reset_tests {
 
     #[tokio::test]
     async fn reset_then_drop_sends_rst() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
-        let a = Arc::new(a.expect("connect"));
-        let mut b = b.expect("accept").0;
-        reset(&a);
-        drop(a);
-        let mut buf = [0u8; 8];
-        let r = b.read(&mut buf).await;
-        assert!(
-            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "{r:?}"
-        );
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+            let a = Arc::new(a.expect("connect"));
+            let mut b = b.expect("accept").0;
+            reset(&a);
+            drop(a);
+            let mut buf = [0u8; 8];
+            let r = b.read(&mut buf).await;
+            assert!(
+                matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "{r:?}"
+            );
+        })
+        .await
+        .expect("timeout");
+    }
+
+    /// A reset that the download's write consumed must not be read as a half-close by the
+    /// upload, which then only sees EOF.
+    #[tokio::test]
+    async fn eof_after_a_failed_write_is_an_abort_not_an_end() {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            use http_body_util::BodyExt;
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+            let a = Arc::new(a.expect("connect"));
+            let b = b.expect("accept").0;
+            b.set_zero_linger().expect("linger");
+            drop(b);
+            let failed = Arc::new(LocalFailed::default());
+            // The write meets the reset and consumes the error.
+            let mut wrote = Ok(());
+            for _ in 0..100 {
+                wrote = failed.write_all(&a, b"after the reset").await;
+                if wrote.is_err() {
+                    break;
+                }
+            }
+            assert!(wrote.is_err(), "writes kept succeeding after a reset");
+            assert!(failed.get());
+            let mut body = TcpUploadBody::new(
+                a.clone(),
+                failed.clone(),
+                Duration::from_secs(60),
+                CancellationToken::new(),
+            );
+            let first = body.frame().await.expect("a frame or an error");
+            assert!(first.is_err(), "EOF after a reset was sent on: {first:?}");
+        })
+        .await
+        .expect("timeout");
     }
 }

@@ -209,13 +209,13 @@ pub(crate) async fn listen(
         let entry = ports.entry(key).or_insert_with(|| PortState {
             listeners: Default::default(),
             queued: Default::default(),
-            last_seen: Instant::now(),
+            answered: None,
         });
-        entry.last_seen = Instant::now();
         // A client already waiting gets this listen at once.
         while let Some(id) = entry.queued.pop_front() {
             let live = shared.conn(id).is_some_and(|c| !c.cancel.is_cancelled());
             if live {
+                entry.answered = Some(Instant::now());
                 debug!(conn = %id, "handing queued connection to listen");
                 return Ok(id_response(StatusCode::OK, Some(id)));
             }
@@ -245,7 +245,7 @@ pub(crate) async fn listen(
         }
     };
     if let Some(e) = lock(&shared.ports).get_mut(&(sidx, port)) {
-        e.last_seen = Instant::now();
+        e.answered = Some(Instant::now());
     }
     Ok(match answer {
         Some(id) => id_response(StatusCode::OK, Some(id)),
@@ -360,7 +360,7 @@ async fn connect_inner(
         }
         let mut delivered = false;
         // A handed-out listen is about to be re-issued: the port stays offered meanwhile.
-        entry.last_seen = now;
+        entry.answered = Some(now);
         while let Some(l) = entry.listeners.pop_front() {
             if l.send(id).is_ok() {
                 delivered = true;

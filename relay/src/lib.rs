@@ -145,7 +145,15 @@ async fn serve(
         "relay listening"
     );
     if config.authorities.is_empty() {
-        debug!("no `authorities` configured: signatures are checked against the Host header");
+        if local.ip().is_loopback() {
+            debug!("no `authorities` configured: signatures are checked against the Host header");
+        } else {
+            warn!(
+                "no `authorities` configured: signatures are checked against the Host header; \
+                 set `authorities` to the relay's public name(s) so that a request signed for \
+                 another relay is refused"
+            );
+        }
     }
     let router = router(shared.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());

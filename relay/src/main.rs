@@ -22,8 +22,14 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => ptth_common::cli::report(e.as_ref()),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     ptth_common::cli::init_logging(args.log_level.as_deref()).map_err(anyhow::Error::msg)?;
     let config = RelayConfig::load(&args.config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -33,7 +33,13 @@ pub(crate) struct Upload {
 enum State {
     /// The upload has not arrived yet; heartbeats keep the download alive meanwhile.
     Waiting(oneshot::Receiver<Upload>),
-    Streaming(axum::body::Body, Option<oneshot::Sender<UploadEnd>>),
+    /// Passing the upload through; the decoder only follows frame boundaries, to tell a body
+    /// that ends with `END` from one that was cut short.
+    Streaming(
+        axum::body::Body,
+        Option<oneshot::Sender<UploadEnd>>,
+        frame::Decoder,
+    ),
     Done,
 }
 
@@ -90,7 +96,7 @@ impl PipeBody {
     }
 
     fn fail(&mut self, why: &str) {
-        if let State::Streaming(_, done) = &mut self.state
+        if let State::Streaming(_, done, _) = &mut self.state
             && let Some(done) = done.take()
         {
             let _ = done.send(Err(why.to_owned()));
@@ -133,7 +139,8 @@ impl Body for PipeBody {
             match &mut this.state {
                 State::Waiting(rx) => match Pin::new(rx).poll(cx) {
                     Poll::Ready(Ok(up)) => {
-                        this.state = State::Streaming(up.body, Some(up.done));
+                        this.state =
+                            State::Streaming(up.body, Some(up.done), frame::Decoder::new());
                     }
                     Poll::Ready(Err(_)) => {
                         this.fail("connection closed");
@@ -141,9 +148,14 @@ impl Body for PipeBody {
                     }
                     Poll::Pending => return this.poll_heartbeat(cx),
                 },
-                State::Streaming(body, done) => match Pin::new(body).poll_frame(cx) {
+                State::Streaming(body, done, frames) => match Pin::new(body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(f))) => match f.into_data() {
                         Ok(data) => {
+                            if let Err(e) = frames.check(&data) {
+                                let why = format!("bad upload: {e}");
+                                this.fail(&why);
+                                return Poll::Ready(Some(Err(why.into())));
+                            }
                             this.conn.touch();
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
@@ -152,6 +164,11 @@ impl Body for PipeBody {
                     Poll::Ready(Some(Err(e))) => {
                         let why = format!("upload failed: {e}");
                         this.fail(&why);
+                        return Poll::Ready(Some(Err(why.into())));
+                    }
+                    Poll::Ready(None) if !frames.ended() => {
+                        let why = "upload ended without END";
+                        this.fail(why);
                         return Poll::Ready(Some(Err(why.into())));
                     }
                     Poll::Ready(None) => {

@@ -25,7 +25,9 @@ pub(crate) enum Principal {
 pub(crate) const MAX_PORTS_PER_SERVER: usize = 256;
 /// Most connects queued for one port while no `listen` is waiting.
 pub(crate) const MAX_QUEUED_CONNECTS: usize = 1024;
-/// A port counts as offered for this long after its last `listen` was seen.
+/// A port counts as offered for this long after a `listen` on it was answered, while the
+/// server re-issues it. A listen that dies unanswered (its server went away) gives no grace,
+/// so that connects to a dead server are refused at once.
 pub(crate) const PORT_GRACE: Duration = Duration::from_secs(5);
 
 /// Listening state of one (server, port).
@@ -33,7 +35,8 @@ pub(crate) const PORT_GRACE: Duration = Duration::from_secs(5);
 pub(crate) struct PortState {
     pub listeners: VecDeque<oneshot::Sender<ConnId>>,
     pub queued: VecDeque<ConnId>,
-    pub last_seen: Instant,
+    /// When a listen on this port was last answered (a client, or an empty answer).
+    pub answered: Option<Instant>,
 }
 
 impl PortState {
@@ -41,16 +44,20 @@ impl PortState {
         self.listeners.retain(|l| !l.is_closed());
     }
 
+    fn in_grace(&self, now: Instant) -> bool {
+        self.answered
+            .is_some_and(|t| now.duration_since(t) < PORT_GRACE)
+    }
+
     /// Whether the server offers this port now (without pruning).
     pub fn live_ro(&self, now: Instant) -> bool {
-        self.listeners.iter().any(|l| !l.is_closed())
-            || now.duration_since(self.last_seen) < PORT_GRACE
+        self.listeners.iter().any(|l| !l.is_closed()) || self.in_grace(now)
     }
 
     /// Whether the server offers this port now.
     pub fn live(&mut self, now: Instant) -> bool {
         self.prune();
-        !self.listeners.is_empty() || now.duration_since(self.last_seen) < PORT_GRACE
+        !self.listeners.is_empty() || self.in_grace(now)
     }
 }
 

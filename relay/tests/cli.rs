@@ -71,6 +71,43 @@ fn sigint_exits_cleanly() {
 }
 
 #[test]
+fn rust_log_is_honoured_and_log_level_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "listen = \"127.0.0.1:0\"\n");
+    // The relay logs this at debug level when it starts on loopback without `authorities`.
+    let debug_line = "no `authorities` configured";
+    let mut cmd = support::config_command(BIN, &config);
+    cmd.env("RUST_LOG", "debug");
+    let mut relay = Running::start(cmd);
+    relay.wait_for_line(debug_line);
+    relay.exits_cleanly_on("TERM", "relay shutting down");
+
+    let mut cmd = support::config_command(BIN, &config);
+    cmd.env("RUST_LOG", "debug").args(["--log-level", "info"]);
+    let mut relay = Running::start(cmd);
+    relay.wait_for_line("relay listening");
+    let log = relay.exits_cleanly_on("TERM", "relay shutting down");
+    assert!(
+        !log.contains(debug_line),
+        "--log-level must win over RUST_LOG:\n{log}"
+    );
+    assert!(!log.contains("DEBUG"), "{log}");
+}
+
+#[test]
+fn errors_never_come_with_a_backtrace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "listen = \"127.0.0.1:0\"\nbogus = 1\n");
+    let mut cmd = support::config_command(BIN, &config);
+    cmd.env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1");
+    let err = failure(&run(cmd));
+    assert!(err.starts_with("Error: "), "{err}");
+    assert!(err.contains("unknown field `bogus`"), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+}
+
+#[test]
 fn listen_address_in_use_is_named() {
     support::listen_address_in_use_is_named(BIN, |dir, addr| {
         write_config(dir, &format!("listen = \"{addr}\"\n"))

@@ -149,19 +149,16 @@ async fn listen_once(
         r = request => r,
     };
     Some(match result {
-        Ok(r) if r.status() == StatusCode::OK => {
-            let id = r
-                .headers()
-                .get(CONNECTION_ID_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<ConnId>().ok());
-            if id.is_none() {
-                warn!("relay answered listen without a valid connection id");
-            }
-            Ok(id)
-        }
-        Ok(r) if r.status() == StatusCode::NO_CONTENT => Ok(None),
+        // Checked first: a front that answers 200 to anything must not make us spin.
         Ok(r) if !from_relay(&r) => Err(front_problem(r.status())),
+        Ok(r) if r.status() == StatusCode::OK => r
+            .headers()
+            .get(CONNECTION_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<ConnId>().ok())
+            .map(Some)
+            .ok_or_else(|| "relay answered listen without a valid connection id".to_owned()),
+        Ok(r) if r.status() == StatusCode::NO_CONTENT => Ok(None),
         Ok(r) => {
             let status = r.status();
             Err(format!("relay answered {status}: {}", error_text(r).await))
@@ -189,22 +186,28 @@ fn spawn_tunnel(ctx: &Arc<Ctx>, port: &str, target: &str, id: ConnId) {
 }
 
 async fn refuse(ctx: &Ctx, id: ConnId) {
-    let r = ctx
+    let request = ctx
         .relay
         .post(&accept_path(ctx.config.name.as_str(), id))
         .header(ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED)
         .timeout(ACCEPT_REQUEST_TIMEOUT)
-        .send()
-        .await;
+        .send();
+    let r = tokio::select! {
+        () = ctx.shutdown.cancelled() => return,
+        r = request => r,
+    };
     if let Err(e) = r {
         debug!(error = %error_chain(&e), "could not report the refusal to the relay");
     }
 }
 
 async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
-    let stream = match tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target))
-        .await
-    {
+    let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target));
+    let connected = tokio::select! {
+        () = ctx.shutdown.cancelled() => return,
+        r = connect => r,
+    };
+    let stream = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             warn!(%target, error = %e, "cannot connect to the local service");
@@ -216,6 +219,9 @@ async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
         }
     };
     let _ = stream.set_nodelay(true);
+    // Until the tunnel is open, any way out of here is a failure: the service then sees a
+    // reset, not a client that connected and said nothing.
+    ptth_common::tunnel::reset(&stream);
     let name = ctx.config.name.as_str();
     let accepted = tokio::select! {
         () = ctx.shutdown.cancelled() => return,
@@ -242,6 +248,10 @@ async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
             return;
         }
     };
+    // Open: a clean close is a FIN again; `carry` resets the socket on an abort.
+    if let Err(e) = ptth_common::tunnel::set_reset_on_close(&stream, false) {
+        debug!(error = %e, "cannot restore SO_LINGER");
+    }
     debug!("tunnel open");
     let upload_path = downstream_path(name, id);
     carry(

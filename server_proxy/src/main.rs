@@ -42,8 +42,14 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => ptth_common::cli::report(e.as_ref()),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     match &args.command {
         Some(Command::Keygen { out }) => {
             println!("{}", ptth_common::cli::keygen(out)?);

@@ -415,10 +415,25 @@ pub async fn echo_service() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// A loopback port with nothing listening (bound, then closed).
+/// A loopback port where connections are refused: bound but never listening, for the whole
+/// test process, so that no other test can be given the port meanwhile.
 pub fn closed_port() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    l.local_addr().map_err(Into::into)
+    static CLOSED: std::sync::OnceLock<std::io::Result<(socket2::Socket, SocketAddr)>> =
+        std::sync::OnceLock::new();
+    let bound = CLOSED.get_or_init(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        s.bind(&any.into())?;
+        let addr = s
+            .local_addr()?
+            .as_socket()
+            .ok_or(std::io::ErrorKind::Unsupported)?;
+        Ok((s, addr))
+    });
+    match bound {
+        Ok((_, addr)) => Ok(*addr),
+        Err(e) => Err(anyhow::anyhow!("closed port: {e}")),
+    }
 }
 
 /// Connects to `addr`, writes `msg`, half-closes and reads the whole answer.

@@ -117,9 +117,22 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// `http://127.0.0.1:PORT` where nothing listens: the port was bound and released.
 #[allow(dead_code)]
 pub fn unreachable_relay_url() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("local addr").port();
-    drop(listener);
+    // Bound but never listening, for the whole test process: connections to it are refused,
+    // and no other test can be given the port meanwhile.
+    static CLOSED: std::sync::OnceLock<(socket2::Socket, u16)> = std::sync::OnceLock::new();
+    let (_, port) = CLOSED.get_or_init(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        s.bind(&any.into()).expect("bind");
+        let port = s
+            .local_addr()
+            .expect("local addr")
+            .as_socket()
+            .expect("inet")
+            .port();
+        (s, port)
+    });
     format!("http://127.0.0.1:{port}")
 }
 
@@ -229,8 +242,8 @@ impl Running {
     }
 
     /// Sends `signal` at once and expects exit 0, a log line containing `shutdown` and no
-    /// `ERROR`. Call it right after the ready line was seen.
-    pub fn exits_cleanly_on(self, signal: &str, shutdown: &str) {
+    /// `ERROR`. Call it right after the ready line was seen. Returns the whole stderr.
+    pub fn exits_cleanly_on(self, signal: &str, shutdown: &str) -> String {
         // The ready line is the contract: once it is logged, SIGTERM and SIGINT must shut down
         // cleanly, so the signal is sent at once, with no grace period.
         self.signal(signal);
@@ -243,6 +256,7 @@ impl Running {
         );
         assert!(log.contains(shutdown), "{log}");
         assert!(!log.contains("ERROR"), "{log}");
+        log
     }
 
     fn log(&self) -> String {
@@ -401,19 +415,18 @@ impl Keyed {
         assert!(again.status.success(), "{}", stderr(&again));
         assert_eq!(stdout(&again), format!("{public}\n"));
         // The form written is PKCS#8 v1, which OpenSSL reads too.
-        if let Ok(o) = std::process::Command::new("openssl")
+        let o = std::process::Command::new("openssl")
             .arg("pkey")
             .arg("-in")
             .arg(&key)
             .arg("-noout")
             .output()
-        {
-            assert!(
-                o.status.success(),
-                "openssl cannot read the key: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
+            .expect("run openssl (the test setup, .ci/run, installs it)");
+        assert!(
+            o.status.success(),
+            "openssl cannot read the key: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 
     pub fn keygen_never_overwrites(&self) {
@@ -448,13 +461,7 @@ impl Keyed {
             .args(["genpkey", "-algorithm", "ed25519", "-out"])
             .arg(&key)
             .stdin(Stdio::null());
-        let out = match try_run(openssl) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("skipped: openssl is not installed");
-                return;
-            }
-            r => r.expect("run openssl"),
-        };
+        let out = try_run(openssl).expect("run openssl (the test setup, .ci/run, installs it)");
         assert!(out.status.success(), "openssl: {}", stderr(&out));
         set_mode(&key, 0o600);
         let config = (self.write_config)(dir.path(), "openssl.key");

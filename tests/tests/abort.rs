@@ -161,8 +161,12 @@ async fn client_close_mid_download_reaches_the_service() {
         let (failed_tx, failed_rx) = oneshot::channel();
         let svc = service(|mut s| async move {
             let chunk = random_bytes(64 * 1024, 9);
-            while s.write_all(&chunk).await.is_ok() {}
-            let _ = failed_tx.send(());
+            let failed = loop {
+                if let Err(e) = s.write_all(&chunk).await {
+                    break e.kind();
+                }
+            };
+            let _ = failed_tx.send(failed);
         })
         .await;
         let w = World::start(WorldOptions::echo(svc)).await.expect("world");
@@ -170,10 +174,82 @@ async fn client_close_mid_download_reaches_the_service() {
         let mut buf = vec![0u8; 1 << 20];
         c.read_exact(&mut buf).await.expect("some download");
         drop(c);
-        tokio::time::timeout(PROPAGATION, failed_rx)
+        let failed = tokio::time::timeout(PROPAGATION, failed_rx)
             .await
             .expect("service still writing 2 s after the client closed")
             .expect("service");
+        assert_eq!(failed, std::io::ErrorKind::ConnectionReset);
+        expect_state_freed(&w).await;
+    })
+    .await;
+}
+
+/// Writes to `w` until one write stays pending for a while: the path behind it is then full
+/// (socket buffers and HTTP/2 windows), and the uploading endpoint waits for flow control.
+/// Waiting here only finds that state; no assertion depends on how long it takes.
+async fn write_until_stalled(w: &mut TcpStream) {
+    let chunk = random_bytes(64 * 1024, 11);
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), w.write_all(&chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("write failed before the stall: {e}"),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Waits until `s` reports an error, and returns it.
+async fn socket_error(s: &TcpStream) -> std::io::ErrorKind {
+    s.ready(tokio::io::Interest::ERROR).await.expect("ready");
+    match s.take_error() {
+        Ok(Some(e)) => e.kind(),
+        other => panic!("error readiness without an error: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_during_a_stalled_upload_reaches_the_service() {
+    within(async {
+        // The service never reads: the client's upload fills every buffer on the way.
+        let (sock_tx, sock_rx) = oneshot::channel();
+        let svc = service(|s| async move {
+            let _ = sock_tx.send(s);
+        })
+        .await;
+        let w = World::start(WorldOptions::echo(svc)).await.expect("world");
+        let mut c = TcpStream::connect(w.local()).await.expect("connect");
+        let s = sock_rx.await.expect("service accepted");
+        write_until_stalled(&mut c).await;
+        c.set_zero_linger().expect("linger");
+        drop(c);
+        let kind = tokio::time::timeout(PROPAGATION, socket_error(&s))
+            .await
+            .expect("service not reset 2 s after the client reset its stalled upload");
+        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+        expect_state_freed(&w).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_reset_during_a_stalled_download_reaches_the_client() {
+    within(async {
+        // The client never reads: the service's bytes fill every buffer on the way.
+        let (reset_tx, reset_rx) = oneshot::channel();
+        let svc = service(|mut s| async move {
+            write_until_stalled(&mut s).await;
+            s.set_zero_linger().expect("linger");
+            drop(s);
+            let _ = reset_tx.send(());
+        })
+        .await;
+        let w = World::start(WorldOptions::echo(svc)).await.expect("world");
+        let c = TcpStream::connect(w.local()).await.expect("connect");
+        reset_rx.await.expect("service reset");
+        let kind = tokio::time::timeout(PROPAGATION, socket_error(&c))
+            .await
+            .expect("client not reset 2 s after the service reset its stalled download");
+        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
         expect_state_freed(&w).await;
     })
     .await;
@@ -204,17 +280,18 @@ async fn client_proxy_killed_closes_the_service() {
         let (eof_tx, eof_rx) = oneshot::channel();
         let svc = service(|mut s| async move {
             let mut buf = [0u8; 1024];
-            loop {
+            let end = loop {
                 match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break None,
+                    Err(e) => break Some(e.kind()),
                     Ok(n) => {
-                        if s.write_all(&buf[..n]).await.is_err() {
-                            break;
+                        if let Err(e) = s.write_all(&buf[..n]).await {
+                            break Some(e.kind());
                         }
                     }
                 }
-            }
-            let _ = eof_tx.send(());
+            };
+            let _ = eof_tx.send(end);
         })
         .await;
         let w = World::start(WorldOptions::echo(svc)).await.expect("world");
@@ -223,10 +300,15 @@ async fn client_proxy_killed_closes_the_service() {
         let mut buf = [0u8; 2];
         c.read_exact(&mut buf).await.expect("echo");
         w.proxy.kill();
-        tokio::time::timeout(PROPAGATION, eof_rx)
+        let end = tokio::time::timeout(PROPAGATION, eof_rx)
             .await
             .expect("service socket still open 2 s after the client proxy died")
             .expect("service");
+        assert_eq!(
+            end,
+            Some(std::io::ErrorKind::ConnectionReset),
+            "the service must see an abort, not a clean end"
+        );
         tokio::time::timeout(PROPAGATION, w.relay.wait_no_connections())
             .await
             .expect("relay still holds the connection's state");
@@ -287,6 +369,23 @@ async fn killed_server_is_offline_at_once() {
             .await
             .expect("relay still counts the dead server's listens")
             .expect("watch");
+        // A connect is refused as "server offline" at once, not queued until accept_timeout.
+        let alice = ptth_common::client::RelayClient::new(
+            ptth_common::client::http_client(None).expect("client"),
+            ptth_common::config::RelayUrl::parse(&format!("http://{}", w.relay.addr)).expect("url"),
+            w.setup.alice_key.clone(),
+        );
+        let r = tokio::time::timeout(
+            PROPAGATION,
+            alice
+                .post(&ptth_common::protocol::connect_path("db", "echo"))
+                .send(),
+        )
+        .await
+        .expect("connect to a dead server must be answered at once")
+        .expect("send");
+        assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.text().await.expect("body").trim(), "server offline");
     })
     .await;
 }

@@ -112,18 +112,42 @@ async fn connect_failures_close_the_socket_with_a_clear_log_line() {
         opts.relay_extra = "accept_timeout = \"1s\"".into();
         let w = World::start(opts).await.expect("world");
         let quick = Duration::from_secs(2);
-        connect_fails(&w, "alice", "web", "x", quick, &["503", "server offline"]).await;
-        connect_fails(&w, "alice", "db", "nope", quick, &["404", "unknown port"]).await;
+        connect_fails(
+            &w,
+            "alice",
+            "web",
+            "x",
+            quick,
+            &["status=503", "server offline"],
+        )
+        .await;
+        connect_fails(
+            &w,
+            "alice",
+            "db",
+            "nope",
+            quick,
+            &["status=404", "unknown port"],
+        )
+        .await;
         connect_fails(
             &w,
             "alice",
             "db",
             "dead",
             quick,
-            &["502", "could not connect to its target"],
+            &["status=502", "could not connect to its target"],
         )
         .await;
-        connect_fails(&w, "bob", "db", "echo", quick, &["403", "not allowed"]).await;
+        connect_fails(
+            &w,
+            "bob",
+            "db",
+            "echo",
+            quick,
+            &["status=403", "not allowed"],
+        )
+        .await;
 
         // A server that listens on `slow` but never accepts: the relay gives up after
         // accept_timeout (1 s here).
@@ -141,7 +165,7 @@ async fn connect_failures_close_the_socket_with_a_clear_log_line() {
             "db",
             "slow",
             Duration::from_secs(4),
-            &["504", "did not take the connection in time"],
+            &["status=504", "did not take the connection in time"],
         )
         .await;
         let offered = listen.await.expect("join").expect("listen answer");
@@ -165,6 +189,47 @@ async fn world_with_short_listens() -> World {
 async fn status_and_text(r: reqwest::Response) -> (StatusCode, String) {
     let s = r.status();
     (s, r.text().await.expect("body").trim().to_owned())
+}
+
+#[tokio::test]
+async fn signatures_must_name_a_configured_authority() {
+    within(async {
+        // No server proxy: it would sign for 127.0.0.1:PORT, which this relay refuses.
+        let mut opts = WorldOptions::echo(closed_port().expect("port"));
+        opts.ports.clear();
+        opts.relay_extra =
+            "authorities = [\"relay.test\", \"relay.test:8443\"]\nlisten_timeout = \"1s\"".into();
+        let w = World::start(opts).await.expect("world");
+        let signer = Signer::new(w.setup.server_key.clone());
+        let path = protocol::listen_path("db", "echo");
+        let http = plain_http();
+        let send = |authority: String| {
+            let h = signer.sign("POST", &authority, &path);
+            http.post(format!("http://{}{}", w.relay.addr, path))
+                .header(SIGNATURE_INPUT, h.input)
+                .header(SIGNATURE, h.signature)
+                .send()
+        };
+        for named in ["relay.test", "relay.test:8443"] {
+            let r = send(named.into()).await.expect("send");
+            assert_eq!(r.status(), StatusCode::NO_CONTENT, "signed for {named}");
+        }
+        // Signed for the address the request really went to, which is not a configured name.
+        for other in [
+            w.relay.addr.to_string(),
+            "relay.test:4000".into(),
+            "other.test".into(),
+        ] {
+            let r = send(other.clone()).await.expect("send");
+            let (status, text) = status_and_text(r).await;
+            assert_eq!(
+                (status, text.as_str()),
+                (StatusCode::UNAUTHORIZED, "invalid signature"),
+                "signed for {other}"
+            );
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -249,10 +314,16 @@ async fn replayed_and_stale_requests_are_refused() {
         );
         let old = signer.sign_with("POST", &authority, &path, unix_now() - 61, &[7; 16]);
         let r = send(&old).await.expect("send");
-        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert!(
             r.headers().contains_key(reqwest::header::DATE),
             "401 carries Date for skew"
+        );
+        assert_eq!(
+            status_and_text(r).await,
+            (
+                StatusCode::UNAUTHORIZED,
+                "signature expired or not yet valid: check the clocks".to_owned()
+            )
         );
     })
     .await;
@@ -311,7 +382,10 @@ async fn keys_may_only_act_as_themselves() {
 #[tokio::test]
 async fn connection_ids_belong_to_their_owners_and_are_single_use() {
     within(async {
-        let w = world_with_short_listens().await;
+        // Default listen_timeout: the hand-made listen below must still wait when the
+        // connect arrives, however loaded the machine.
+        let echo = echo_service().await.expect("echo");
+        let w = World::start(WorldOptions::echo(echo)).await.expect("world");
         let addr = w.relay.addr;
         let db = relay_client(addr, &w.setup.server_key);
         let web = relay_client(addr, &w.setup.web_key);
@@ -403,6 +477,106 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
             .await
             .expect("send");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    })
+    .await;
+}
+
+/// Opens a connection by hand on port `raw` of server `db`: the connection ID, the `connect`
+/// answer and the `accept` answer (dropping a download aborts the connection).
+async fn open_by_hand(
+    w: &World,
+    db: &RelayClient,
+    alice: &RelayClient,
+) -> (protocol::ConnId, reqwest::Response, reqwest::Response) {
+    let l = db.clone();
+    let listen =
+        tokio::spawn(async move { l.post(&protocol::listen_path("db", "raw")).send().await });
+    // The server proxy keeps 2 listens on `echo`: a third waiting listen is this one.
+    tokio::time::timeout(Duration::from_secs(10), w.relay.wait_listens(3))
+        .await
+        .expect("listen registered");
+    let a = alice.clone();
+    let connect =
+        tokio::spawn(async move { a.post(&protocol::connect_path("db", "raw")).send().await });
+    let offered = listen.await.expect("join").expect("listen");
+    assert_eq!(offered.status(), StatusCode::OK);
+    let id: protocol::ConnId = offered.headers()[CONNECTION_ID_HEADER]
+        .to_str()
+        .expect("header")
+        .parse()
+        .expect("id");
+    let accepted = db
+        .post(&protocol::accept_path("db", id))
+        .send()
+        .await
+        .expect("accept");
+    assert_eq!(accepted.status(), StatusCode::OK);
+    let connected = connect.await.expect("join").expect("connect");
+    assert_eq!(connected.status(), StatusCode::OK);
+    (id, connected, accepted)
+}
+
+#[tokio::test]
+async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
+    within(async {
+        use ptth_common::frame;
+        let echo = echo_service().await.expect("echo");
+        let w = World::start(WorldOptions::echo(echo)).await.expect("world");
+        let db = relay_client(w.relay.addr, &w.setup.server_key);
+        let alice = relay_client(w.relay.addr, &w.setup.alice_key);
+        let mut attached_in_upload = frame::data(b"hi").to_vec();
+        attached_in_upload.extend_from_slice(&frame::attached());
+        attached_in_upload.extend_from_slice(&frame::end());
+        let mut after_end = frame::end().to_vec();
+        after_end.extend_from_slice(&frame::heartbeat());
+        let mut clean = frame::data(b"hi").to_vec();
+        clean.extend_from_slice(&frame::end());
+        let cases: [(&str, Vec<u8>, StatusCode); 5] = [
+            ("no END", frame::data(b"hi").to_vec(), StatusCode::GONE),
+            (
+                "cut inside a frame",
+                vec![frame::TYPE_DATA, 0, 0, 0, 9, 1],
+                StatusCode::GONE,
+            ),
+            ("ATTACHED", attached_in_upload, StatusCode::GONE),
+            ("bytes after END", after_end, StatusCode::GONE),
+            ("well formed", clean, StatusCode::OK),
+        ];
+        for (what, downstream_body, want) in cases {
+            let (id, connected, accepted) = open_by_hand(&w, &db, &alice).await;
+            let d = db.clone();
+            let down = tokio::spawn(async move {
+                d.post(&protocol::downstream_path("db", id))
+                    .body(downstream_body)
+                    .send()
+                    .await
+            });
+            let a = alice.clone();
+            let up = tokio::spawn(async move {
+                a.post(&protocol::upstream_path("db", id))
+                    .body(frame::end().to_vec())
+                    .send()
+                    .await
+            });
+            let down = down.await.expect("join").expect("downstream");
+            assert_eq!(down.status(), want, "downstream: {what}");
+            // The client's download fails rather than ending, unless the upload was clean.
+            let body = connected.bytes().await;
+            assert_eq!(body.is_ok(), want == StatusCode::OK, "connect body: {what}");
+            let up = up.await.expect("join").expect("upstream");
+            if want == StatusCode::OK {
+                assert_eq!(up.status(), StatusCode::OK, "upstream: {what}");
+                let mut attached_and_end = frame::attached().to_vec();
+                attached_and_end.extend_from_slice(&frame::end());
+                let got = accepted.bytes().await.expect("accept body");
+                assert!(got.ends_with(&attached_and_end), "accept body: {got:?}");
+            } else {
+                drop(accepted);
+            }
+            tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
+                .await
+                .expect("relay frees the connection");
+        }
     })
     .await;
 }

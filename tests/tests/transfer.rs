@@ -185,10 +185,15 @@ async fn relay_closes_a_silent_connection_after_idle_timeout() {
         let mut buf = [0u8; 1];
         s.read_exact(&mut buf).await.expect("read");
         let started = tokio::time::Instant::now();
-        let (rest, _) = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s))
-            .await
-            .expect("the relay closes the idle tunnel");
+        let (rest, reset) =
+            tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s))
+                .await
+                .expect("the relay closes the idle tunnel");
         assert!(rest.is_empty());
+        assert!(
+            reset,
+            "an idle timeout is an abort: the local socket must be reset"
+        );
         assert!(
             started.elapsed() >= Duration::from_millis(900),
             "closed before idle_timeout"

@@ -47,6 +47,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     ptth_common::cli::init_logging(Some(&level)).map_err(anyhow::Error::msg)?;
+    // Before anything is written: Ctrl-C at any point must still remove the folder with the
+    // private keys in it.
+    let signal = ptth_common::cli::shutdown_on_signals();
     let dir = tempfile::tempdir()?;
     let path = dir.path();
     println!("ptth demo: files in {}", path.display());
@@ -108,34 +111,49 @@ async fn main() -> anyhow::Result<()> {
     println!("  ptth_server  offers db/echo -> built-in echo service at {echo}");
     println!("  ptth_proxy   listens on {forward_addr} -> db/echo");
 
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        listens.wait_for(|n| *n >= server_config.listen_pool),
-    )
-    .await
-    .context("the server proxy did not reach the relay in 10 s")??;
-
-    let started = Instant::now();
-    let answer = tokio::time::timeout(Duration::from_secs(10), prove(forward_addr))
+    let proved = async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            listens.wait_for(|n| *n >= server_config.listen_pool),
+        )
         .await
-        .context("round trip timed out")??;
-    println!(
-        "\nround trip OK in {:.1} ms: sent \"hello through ptth\", got back {answer:?}",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-
-    if once {
-        token.cancel();
-    } else {
-        println!(
-            "\nTry it yourself (the demo runs until Ctrl-C):\n\n    nc {} {}\n\nType a line and press Enter: it travels proxy -> relay -> server -> echo service and back.",
-            forward_addr.ip(),
-            forward_addr.port()
-        );
-        let signal = ptth_common::cli::shutdown_on_signals();
-        signal.cancelled().await;
-        token.cancel();
+        .context("the server proxy did not reach the relay in 10 s")??;
+        let started = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(10), prove(forward_addr))
+            .await
+            .context("round trip timed out")??;
+        anyhow::Ok((answer, started.elapsed()))
+    };
+    let proved = tokio::select! {
+        r = proved => Some(r),
+        () = signal.cancelled() => None,
+    };
+    match proved {
+        None => {}
+        Some(Err(e)) => {
+            token.cancel();
+            return Err(e);
+        }
+        Some(Ok((answer, took))) => {
+            println!(
+                "\nround trip OK in {:.1} ms: sent \"hello through ptth\", got back {answer:?}",
+                took.as_secs_f64() * 1000.0
+            );
+            if !once {
+                let (ip, port) = (forward_addr.ip(), forward_addr.port());
+                println!(
+                    "\nTry it yourself (the demo runs until Ctrl-C), with any TCP client:\n\n    \
+                     nc {ip} {port}\n    telnet {ip} {port}\n\n\
+                     Type a line and press Enter: it travels proxy -> relay -> server -> echo \
+                     service and back. The configuration files are in {dir} while the demo \
+                     runs; docs/configuration.md explains each setting.",
+                    dir = path.display()
+                );
+                signal.cancelled().await;
+            }
+        }
     }
+    token.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = tokio::join!(relay_task, server_task, proxy_task);
     })
