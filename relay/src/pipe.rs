@@ -150,6 +150,10 @@ impl Body for PipeBody {
                 },
                 State::Streaming(body, done, frames) => match Pin::new(body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                        // An upload's end can come as an empty DATA frame. Passed on, it
+                        // counts against the peer's limit on empty frames (h2 closes the
+                        // whole connection after 100), so it is dropped here.
+                        Ok(data) if data.is_empty() => continue,
                         Ok(data) => {
                             if let Err(e) = frames.check(&data) {
                                 let why = format!("bad upload: {e}");
