@@ -97,10 +97,19 @@ pub struct RelayClient {
     authority: String,
     signer: Signer,
     warm: Arc<tokio::sync::Mutex<Option<WarmUp>>>,
+    /// Number of warm-up attempts made so far.
+    warm_attempts: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// The last warm-up: when it ended, and how.
-type WarmUp = (std::time::Instant, Result<(), String>);
+/// The last warm-up.
+#[derive(Debug)]
+struct WarmUp {
+    /// Its number, counting attempts from 1.
+    attempt: u64,
+    /// When it ended.
+    at: std::time::Instant,
+    outcome: Result<(), String>,
+}
 
 impl RelayClient {
     /// A client for `url` signing with `key`.
@@ -112,21 +121,26 @@ impl RelayClient {
             authority,
             signer: Signer::new(key),
             warm: Arc::default(),
+            warm_attempts: Arc::default(),
         }
     }
 
     /// Opens (or confirms) the pooled connection to the relay with one cheap unsigned request
     /// (the relay answers 404), so that requests sent at once afterwards share one HTTP/2
-    /// connection instead of racing to open one each. Calls are serialised, and the outcome
-    /// of an attempt less than a second old, success or failure, is reused: callers that
-    /// waited for an attempt share its outcome rather than queueing one attempt each. Any
+    /// connection instead of racing to open one each. Calls are serialised: callers that
+    /// waited while an attempt was made share its outcome, success or failure, rather than
+    /// queueing one attempt each; a success less than a second old is reused by anyone. Any
     /// HTTP answer counts as success.
     pub async fn warm_up(&self) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let attempts_before = self.warm_attempts.load(Ordering::Acquire);
         let mut last = self.warm.lock().await;
-        if let Some((at, outcome)) = &*last
-            && at.elapsed() < Duration::from_secs(1)
-        {
-            return outcome.clone();
+        if let Some(w) = &*last {
+            let made_while_waiting = w.attempt > attempts_before;
+            let fresh_success = w.outcome.is_ok() && w.at.elapsed() < Duration::from_secs(1);
+            if made_while_waiting || fresh_success {
+                return w.outcome.clone();
+            }
         }
         let r = self
             .http
@@ -138,7 +152,12 @@ impl RelayClient {
             Ok(_) => Ok(()),
             Err(e) => Err(format!("cannot reach the relay: {}", error_chain(&e))),
         };
-        *last = Some((std::time::Instant::now(), outcome.clone()));
+        let attempt = self.warm_attempts.fetch_add(1, Ordering::AcqRel) + 1;
+        *last = Some(WarmUp {
+            attempt,
+            at: std::time::Instant::now(),
+            outcome: outcome.clone(),
+        });
         outcome
     }
 
@@ -280,5 +299,5 @@ async fn carry_inner(
         tunnel::ATTACH_TIMEOUT,
         (heartbeat * 3).max(tunnel::MIN_DEAD_AFTER),
     );
-    tunnel::run(&stream, upload, download, &cancel, shutdown).await
+    tunnel::run(&stream, &local_failed, upload, download, &cancel, shutdown).await
 }

@@ -161,7 +161,7 @@ fn authority_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
             serde::de::Error::custom(format!(
                 "{a:?} is not an authority ({why}); write the host, and `:port` when it is not \
                  the scheme's default, as in relay_url: e.g. \"relay.example.com\" or \
-                 \"relay.example.com:8443\""
+                 \"relay.example.com:8443\" (an internationalised name in its xn-- form)"
             ))
         })?;
     }
@@ -197,7 +197,7 @@ fn check_authority(a: &str) -> Result<(), &'static str> {
         && (host.is_empty()
             || !host
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'))
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')))
     {
         return Err("bad host name");
     }
@@ -838,6 +838,9 @@ mod tests {
         for good in [
             "relay.example.com",
             "relay.example.com:8443",
+            "RELAY.example.com.",
+            "xn--bcher-kva.example",
+            "ptth_relay:4000",
             "127.0.0.1:4000",
             "[::1]:4000",
             "[fd00::1]",

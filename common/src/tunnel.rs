@@ -361,6 +361,7 @@ where
 /// tunnel at once.
 pub async fn run<U, D>(
     stream: &TcpStream,
+    local_failed: &LocalFailed,
     upload: U,
     download: D,
     body_cancel: &CancellationToken,
@@ -372,7 +373,7 @@ where
 {
     let result = tokio::select! {
         r = async { tokio::try_join!(upload, download) } => r.map(|_| ()),
-        e = local_error(stream) => Err(TunnelError::Local(e)),
+        e = local_error(stream, local_failed) => Err(TunnelError::Local(e)),
         () = shutdown.cancelled() => Err(TunnelError::Cancelled),
     };
     if result.is_err() {
@@ -383,14 +384,20 @@ where
 }
 
 /// Resolves when `stream` reports an error (a reset from the peer, say); pending otherwise.
-async fn local_error(stream: &TcpStream) -> std::io::Error {
-    match stream.ready(Interest::ERROR).await {
-        Ok(_) => match stream.take_error() {
-            Ok(Some(e)) => e,
-            // A read or write consumed the error first.
-            Ok(None) => std::io::ErrorKind::ConnectionReset.into(),
-            Err(e) => e,
-        },
+///
+/// Reading the error clears it, so that a read after it returns plain EOF: the failure is
+/// recorded in `local_failed` under its lock first, as a failed write records it, so that the
+/// upload never takes that EOF for a half-close.
+async fn local_error(stream: &TcpStream, local_failed: &LocalFailed) -> std::io::Error {
+    if let Err(e) = stream.ready(Interest::ERROR).await {
+        return e;
+    }
+    let mut failed = local_failed.lock();
+    *failed = true;
+    match stream.take_error() {
+        Ok(Some(e)) => e,
+        // A read or write consumed the error first.
+        Ok(None) => std::io::ErrorKind::ConnectionReset.into(),
         Err(e) => e,
     }
 }
@@ -614,7 +621,8 @@ mod reset_tests {
     }
 
     /// A reset that the download's write consumed must not be read as a half-close by the
-    /// upload, which then only sees EOF.
+    /// upload, which then only sees EOF. (This checks the outcome in one order of events; the
+    /// lock in `LocalFailed` is what makes every interleaving end the same way.)
     #[tokio::test]
     async fn eof_after_a_failed_write_is_an_abort_not_an_end() {
         tokio::time::timeout(Duration::from_secs(10), async {

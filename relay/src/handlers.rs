@@ -230,10 +230,21 @@ pub(crate) async fn listen(
         entry.listeners.push_back(tx);
     }
     let _counted = ListenGuard::new(&shared);
+    let mut unanswered = ForgetGraceOnDrop {
+        shared: &shared,
+        key: Some((sidx, port)),
+    };
+    let key = unanswered.key.clone().unwrap_or_default();
     let answer = tokio::select! {
         r = &mut rx => r.ok(),
         () = tokio::time::sleep(shared.config.listen_timeout) => {
+            // Closed and marked answered at once, under the lock that connects take: a connect
+            // never sees this port with its listen closed and no grace yet.
+            let mut ports = lock(&shared.ports);
             rx.close();
+            if let Some(e) = ports.get_mut(&key) {
+                e.answered = Some(Instant::now());
+            }
             rx.try_recv().ok()
         }
         () = shared.shutdown.cancelled() => {
@@ -244,13 +255,33 @@ pub(crate) async fn listen(
             }
         }
     };
-    if let Some(e) = lock(&shared.ports).get_mut(&(sidx, port)) {
+    if let Some(e) = lock(&shared.ports).get_mut(&key) {
         e.answered = Some(Instant::now());
     }
+    unanswered.key = None;
     Ok(match answer {
         Some(id) => id_response(StatusCode::OK, Some(id)),
         None => id_response(StatusCode::NO_CONTENT, None),
     })
+}
+
+/// Ends a port's grace when a `listen` on it dies unanswered (its HTTP connection went away):
+/// the server is then most likely gone, and connects to it must get `503` at once rather
+/// than wait in the queue. A server that is still there re-issues its listen, which makes
+/// the port live again.
+struct ForgetGraceOnDrop<'a> {
+    shared: &'a Shared,
+    key: Option<(usize, String)>,
+}
+
+impl Drop for ForgetGraceOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take()
+            && let Some(e) = lock(&self.shared.ports).get_mut(&key)
+        {
+            e.answered = None;
+        }
+    }
 }
 
 /// Cancels a connection if the `connect` handler is dropped before it answers.
@@ -359,11 +390,12 @@ async fn connect_inner(
             return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why));
         }
         let mut delivered = false;
-        // A handed-out listen is about to be re-issued: the port stays offered meanwhile.
-        entry.answered = Some(now);
         while let Some(l) = entry.listeners.pop_front() {
             if l.send(id).is_ok() {
                 delivered = true;
+                // The listen just answered is about to be re-issued: the port stays offered
+                // meanwhile.
+                entry.answered = Some(now);
                 break;
             }
         }

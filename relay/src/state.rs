@@ -187,11 +187,21 @@ impl Shared {
             client_names.push(c.name.get_ref().clone());
             client_allow.push(c.allow.clone());
         }
-        let authorities = config
-            .authorities
-            .iter()
-            .map(|a| a.to_ascii_lowercase())
-            .collect();
+        // Clients leave a scheme's default port out of what they sign: `host:443` and
+        // `host:80` also stand for the bare host.
+        let mut authorities: Vec<String> = Vec::new();
+        for a in &config.authorities {
+            let a = a.to_ascii_lowercase();
+            let bare = a
+                .strip_suffix(":443")
+                .or_else(|| a.strip_suffix(":80"))
+                .map(str::to_owned);
+            for name in std::iter::once(a).chain(bare) {
+                if !authorities.contains(&name) {
+                    authorities.push(name);
+                }
+            }
+        }
         Self {
             verifier: Verifier::new(keys, config.max_nonces),
             server_index,

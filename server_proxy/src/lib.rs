@@ -228,7 +228,7 @@ async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
         r = tokio::time::timeout(ACCEPT_REQUEST_TIMEOUT, ctx.relay.post(&accept_path(name, id)).send()) => r,
     };
     let resp = match accepted {
-        Ok(Ok(r)) if r.status() == StatusCode::OK => r,
+        Ok(Ok(r)) if r.status() == StatusCode::OK && from_relay(&r) => r,
         Ok(Ok(r)) if !from_relay(&r) => {
             warn!("accept failed: {}", front_problem(r.status()));
             return;

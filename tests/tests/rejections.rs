@@ -198,7 +198,9 @@ async fn signatures_must_name_a_configured_authority() {
         let mut opts = WorldOptions::echo(closed_port().expect("port"));
         opts.ports.clear();
         opts.relay_extra =
-            "authorities = [\"relay.test\", \"relay.test:8443\"]\nlisten_timeout = \"1s\"".into();
+            "authorities = [\"relay.test\", \"Relay.Test:8443\", \"other.test:443\"]\n\
+             listen_timeout = \"1s\""
+                .into();
         let w = World::start(opts).await.expect("world");
         let signer = Signer::new(w.setup.server_key.clone());
         let path = protocol::listen_path("db", "echo");
@@ -210,7 +212,13 @@ async fn signatures_must_name_a_configured_authority() {
                 .header(SIGNATURE, h.signature)
                 .send()
         };
-        for named in ["relay.test", "relay.test:8443"] {
+        // Names are compared lowercased; `other.test:443` also stands for `other.test`.
+        for named in [
+            "relay.test",
+            "relay.test:8443",
+            "other.test",
+            "other.test:443",
+        ] {
             let r = send(named.into()).await.expect("send");
             assert_eq!(r.status(), StatusCode::NO_CONTENT, "signed for {named}");
         }
@@ -218,7 +226,8 @@ async fn signatures_must_name_a_configured_authority() {
         for other in [
             w.relay.addr.to_string(),
             "relay.test:4000".into(),
-            "other.test".into(),
+            "other.test:80".into(),
+            "third.test".into(),
         ] {
             let r = send(other.clone()).await.expect("send");
             let (status, text) = status_and_text(r).await;
