@@ -152,6 +152,16 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
     }
 }
 
+/// What one [`Decoder::step`] consumed.
+enum Step {
+    /// Payload bytes of the current `DATA` frame.
+    Payload,
+    /// Part of a header, not yet complete.
+    Partial,
+    /// The rest of a header, now complete.
+    Header(Header),
+}
+
 /// Streaming frame decoder.
 #[derive(Debug, Default)]
 pub struct Decoder {
@@ -177,74 +187,64 @@ impl Decoder {
         self.header_len == 0 && self.remaining == 0
     }
 
+    /// One step over `chunk`: how many bytes of it were consumed, and what they were. The
+    /// shared core of [`Decoder::decode`] and [`Decoder::check`].
+    fn step(&mut self, chunk: &[u8]) -> Result<(usize, Step), FrameError> {
+        if self.ended {
+            return Err(FrameError::AfterEnd);
+        }
+        if self.remaining > 0 {
+            let n = self.remaining.min(chunk.len());
+            self.remaining -= n;
+            return Ok((n, Step::Payload));
+        }
+        let n = (HEADER_LEN - self.header_len).min(chunk.len());
+        self.header[self.header_len..self.header_len + n].copy_from_slice(&chunk[..n]);
+        self.header_len += n;
+        if self.header_len < HEADER_LEN {
+            return Ok((n, Step::Partial));
+        }
+        self.header_len = 0;
+        let header = parse_header(&self.header)?;
+        match header {
+            Header::Data(len) => self.remaining = len,
+            Header::End => self.ended = true,
+            Header::Heartbeat | Header::Attached => {}
+        }
+        Ok((n, Step::Header(header)))
+    }
+
     /// Takes the next item from `chunk`, advancing it. Returns `Ok(None)` when `chunk` is
     /// exhausted without completing an item. Data items borrow `chunk`'s buffer (no copy).
     pub fn decode(&mut self, chunk: &mut Bytes) -> Result<Option<Item>, FrameError> {
-        loop {
-            if chunk.is_empty() {
-                return Ok(None);
-            }
-            if self.ended {
-                return Err(FrameError::AfterEnd);
-            }
-            if self.remaining > 0 {
-                let n = self.remaining.min(chunk.len());
-                self.remaining -= n;
+        while !chunk.is_empty() {
+            let (n, step) = self.step(chunk)?;
+            if let Step::Payload = step {
                 return Ok(Some(Item::Data(chunk.split_to(n))));
             }
-            let want = HEADER_LEN - self.header_len;
-            let n = want.min(chunk.len());
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&chunk[..n]);
             chunk.advance(n);
-            self.header_len += n;
-            if self.header_len < HEADER_LEN {
-                return Ok(None);
-            }
-            self.header_len = 0;
-            match parse_header(&self.header)? {
-                Header::Data(len) => self.remaining = len,
-                Header::Heartbeat => return Ok(Some(Item::Heartbeat)),
-                Header::Attached => return Ok(Some(Item::Attached)),
-                Header::End => {
-                    self.ended = true;
-                    return Ok(Some(Item::End));
-                }
+            match step {
+                Step::Header(Header::Heartbeat) => return Ok(Some(Item::Heartbeat)),
+                Step::Header(Header::Attached) => return Ok(Some(Item::Attached)),
+                Step::Header(Header::End) => return Ok(Some(Item::End)),
+                Step::Header(Header::Data(_)) | Step::Partial | Step::Payload => {}
             }
         }
+        Ok(None)
     }
 
     /// Checks the frames of an upload body (`DATA`, `HEARTBEAT`, `END`) in `chunk` without
     /// taking anything out of it: the relay passes chunks on unchanged and only needs to know
     /// that they are well formed and where the body ends.
     pub fn check(&mut self, mut chunk: &[u8]) -> Result<(), FrameError> {
-        loop {
-            if chunk.is_empty() {
-                return Ok(());
+        while !chunk.is_empty() {
+            let (n, step) = self.step(chunk)?;
+            if matches!(step, Step::Header(Header::Attached)) {
+                return Err(FrameError::Unexpected("ATTACHED in an upload"));
             }
-            if self.ended {
-                return Err(FrameError::AfterEnd);
-            }
-            if self.remaining > 0 {
-                let n = self.remaining.min(chunk.len());
-                self.remaining -= n;
-                chunk = &chunk[n..];
-                continue;
-            }
-            let n = (HEADER_LEN - self.header_len).min(chunk.len());
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&chunk[..n]);
             chunk = &chunk[n..];
-            self.header_len += n;
-            if self.header_len < HEADER_LEN {
-                return Ok(());
-            }
-            self.header_len = 0;
-            match parse_header(&self.header)? {
-                Header::Data(len) => self.remaining = len,
-                Header::Heartbeat => {}
-                Header::End => self.ended = true,
-                Header::Attached => return Err(FrameError::Unexpected("ATTACHED in an upload")),
-            }
         }
+        Ok(())
     }
 
     /// Checks that the body may end here; an end without `END` is still an abort, which the
