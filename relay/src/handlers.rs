@@ -230,11 +230,12 @@ pub(crate) async fn listen(
         entry.listeners.push_back(tx);
     }
     let _counted = ListenGuard::new(&shared);
+    let key = (sidx, port);
     let mut unanswered = ForgetGraceOnDrop {
         shared: &shared,
-        key: Some((sidx, port)),
+        key: &key,
+        armed: true,
     };
-    let key = unanswered.key.clone().unwrap_or_default();
     let answer = tokio::select! {
         r = &mut rx => r.ok(),
         () = tokio::time::sleep(shared.config.listen_timeout) => {
@@ -255,10 +256,9 @@ pub(crate) async fn listen(
             }
         }
     };
-    if let Some(e) = lock(&shared.ports).get_mut(&key) {
-        e.answered = Some(Instant::now());
-    }
-    unanswered.key = None;
+    // Answered: a client's connect marked the port when it handed over its ID, the timeout
+    // arm above when it closed the listen.
+    unanswered.armed = false;
     Ok(match answer {
         Some(id) => id_response(StatusCode::OK, Some(id)),
         None => id_response(StatusCode::NO_CONTENT, None),
@@ -271,13 +271,14 @@ pub(crate) async fn listen(
 /// the port live again.
 struct ForgetGraceOnDrop<'a> {
     shared: &'a Shared,
-    key: Option<(usize, String)>,
+    key: &'a (usize, String),
+    armed: bool,
 }
 
 impl Drop for ForgetGraceOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take()
-            && let Some(e) = lock(&self.shared.ports).get_mut(&key)
+        if self.armed
+            && let Some(e) = lock(&self.shared.ports).get_mut(self.key)
         {
             e.answered = None;
         }
