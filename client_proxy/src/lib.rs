@@ -133,9 +133,9 @@ fn explain(status: StatusCode) -> &'static str {
 }
 
 async fn serve(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
-    // Until the tunnel is open, any way out of here is a failure: the local socket is then
-    // reset, as a refused connection would be, rather than closed as if the service had
-    // nothing to say.
+    // Until the tunnel is open (`carry` undoes this), any way out of here is a failure: the
+    // local socket is then reset, as a refused connection would be, rather than closed as if
+    // the service had nothing to say.
     ptth_common::tunnel::reset(&stream);
     let path = connect_path(fwd.server.as_str(), fwd.port.as_str());
     let request = tokio::time::timeout(CONNECT_REQUEST_TIMEOUT, ctx.relay.post(&path).send());
@@ -189,10 +189,6 @@ async fn serve(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
         return;
     };
     tracing::Span::current().record("conn", tracing::field::display(id));
-    // Open: a clean close is a FIN again; `carry` resets the socket on an abort.
-    if let Err(e) = ptth_common::tunnel::set_reset_on_close(&stream, false) {
-        debug!(error = %e, "cannot restore SO_LINGER");
-    }
     debug!("tunnel open");
     let upload_path = upstream_path(fwd.server.as_str(), id);
     carry(

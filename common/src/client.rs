@@ -240,6 +240,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// heartbeat intervals (at least [`tunnel::MIN_DEAD_AFTER`]) without anything from the relay:
 /// the heartbeats we receive come from the far endpoint, whose interval may be longer.
 /// Logs how the tunnel ended.
+///
+/// The proxies make `stream` reset on close (see [`tunnel::reset`]) while they open the tunnel;
+/// from here on a clean end closes it with a FIN again, and an abort resets it.
 pub async fn carry(
     relay: &RelayClient,
     upload_path: &str,
@@ -267,6 +270,9 @@ async fn carry_inner(
     heartbeat: Duration,
     shutdown: &CancellationToken,
 ) -> Result<(), TunnelError> {
+    if let Err(e) = tunnel::set_reset_on_close(&stream, false) {
+        tracing::debug!(error = %e, "cannot restore SO_LINGER");
+    }
     let stream = Arc::new(stream);
     let cancel = CancellationToken::new();
     let local_failed = Arc::new(tunnel::LocalFailed::default());

@@ -219,8 +219,8 @@ async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
         }
     };
     let _ = stream.set_nodelay(true);
-    // Until the tunnel is open, any way out of here is a failure: the service then sees a
-    // reset, not a client that connected and said nothing.
+    // Until the tunnel is open (`carry` undoes this), any way out of here is a failure: the
+    // service then sees a reset, not a client that connected and said nothing.
     ptth_common::tunnel::reset(&stream);
     let name = ctx.config.name.as_str();
     let accepted = tokio::select! {
@@ -248,10 +248,6 @@ async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
             return;
         }
     };
-    // Open: a clean close is a FIN again; `carry` resets the socket on an abort.
-    if let Err(e) = ptth_common::tunnel::set_reset_on_close(&stream, false) {
-        debug!(error = %e, "cannot restore SO_LINGER");
-    }
     debug!("tunnel open");
     let upload_path = downstream_path(name, id);
     carry(
