@@ -591,26 +591,16 @@ mod tests {
         .await
         .expect("timeout");
     }
-}
-#[cfg(test)]
-mod reset_tests {
-    use super::*;
-    use tokio::io::AsyncReadExt;
 
     #[tokio::test]
     async fn reset_then_drop_sends_rst() {
         tokio::time::timeout(Duration::from_secs(10), async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let addr = l.local_addr().expect("addr");
-            let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
-            let a = Arc::new(a.expect("connect"));
-            let mut b = b.expect("accept").0;
+            let (a, mut b) = pair().await;
+            let a = Arc::new(a);
             reset(&a);
             drop(a);
             let mut buf = [0u8; 8];
-            let r = b.read(&mut buf).await;
+            let r = tokio::io::AsyncReadExt::read(&mut b, &mut buf).await;
             assert!(
                 matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
                 "{r:?}"
@@ -626,14 +616,8 @@ mod reset_tests {
     #[tokio::test]
     async fn eof_after_a_failed_write_is_an_abort_not_an_end() {
         tokio::time::timeout(Duration::from_secs(10), async {
-            use http_body_util::BodyExt;
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let addr = l.local_addr().expect("addr");
-            let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
-            let a = Arc::new(a.expect("connect"));
-            let b = b.expect("accept").0;
+            let (a, b) = pair().await;
+            let a = Arc::new(a);
             b.set_zero_linger().expect("linger");
             drop(b);
             let failed = Arc::new(LocalFailed::default());

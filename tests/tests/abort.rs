@@ -208,13 +208,19 @@ async fn write_until_stalled(w: &mut TcpStream) {
     }
 }
 
-/// Waits until `s` reports an error, and returns it.
-async fn socket_error(s: &TcpStream) -> std::io::ErrorKind {
-    s.ready(tokio::io::Interest::ERROR).await.expect("ready");
-    match s.take_error() {
-        Ok(Some(e)) => e.kind(),
-        other => panic!("error readiness without an error: {other:?}"),
-    }
+/// Expects `s` to be reset within [`PROPAGATION`] (`what` names the abort for the message).
+async fn expect_socket_reset(s: &TcpStream, what: &str) {
+    let error = async {
+        s.ready(tokio::io::Interest::ERROR).await.expect("ready");
+        match s.take_error() {
+            Ok(Some(e)) => e.kind(),
+            other => panic!("error readiness without an error: {other:?}"),
+        }
+    };
+    let kind = tokio::time::timeout(PROPAGATION, error)
+        .await
+        .unwrap_or_else(|_| panic!("socket not reset {PROPAGATION:?} after {what}"));
+    assert_eq!(kind, std::io::ErrorKind::ConnectionReset, "after {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,10 +238,7 @@ async fn client_reset_during_a_stalled_upload_reaches_the_service() {
         write_until_stalled(&mut c).await;
         c.set_zero_linger().expect("linger");
         drop(c);
-        let kind = tokio::time::timeout(PROPAGATION, socket_error(&s))
-            .await
-            .expect("service not reset 2 s after the client reset its stalled upload");
-        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+        expect_socket_reset(&s, "the client reset its stalled upload").await;
         expect_state_freed(&w).await;
     })
     .await;
@@ -256,10 +259,7 @@ async fn service_reset_during_a_stalled_download_reaches_the_client() {
         let w = World::start(WorldOptions::echo(svc)).await.expect("world");
         let c = TcpStream::connect(w.local()).await.expect("connect");
         reset_rx.await.expect("service reset");
-        let kind = tokio::time::timeout(PROPAGATION, socket_error(&c))
-            .await
-            .expect("client not reset 2 s after the service reset its stalled download");
-        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+        expect_socket_reset(&c, "the service reset its stalled download").await;
         expect_state_freed(&w).await;
     })
     .await;

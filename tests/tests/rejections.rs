@@ -400,22 +400,7 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
         let web = relay_client(addr, &w.setup.web_key);
         let alice = relay_client(addr, &w.setup.alice_key);
         let bob = relay_client(addr, &w.setup.bob_key);
-        let l = db.clone();
-        let listen =
-            tokio::spawn(async move { l.post(&protocol::listen_path("db", "raw")).send().await });
-        tokio::time::timeout(Duration::from_secs(10), w.relay.wait_listens(3))
-            .await
-            .expect("listen registered");
-        let a = alice.clone();
-        let connect =
-            tokio::spawn(async move { a.post(&protocol::connect_path("db", "raw")).send().await });
-        let offered = listen.await.expect("join").expect("listen");
-        assert_eq!(offered.status(), StatusCode::OK);
-        let id: protocol::ConnId = offered.headers()[CONNECTION_ID_HEADER]
-            .to_str()
-            .expect("header")
-            .parse()
-            .expect("id");
+        let (id, connect) = offer_by_hand(&w, &db, &alice).await;
 
         // Another server cannot take it, under either name.
         let r = web
@@ -490,13 +475,16 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
     .await;
 }
 
-/// Opens a connection by hand on port `raw` of server `db`: the connection ID, the `connect`
-/// answer and the `accept` answer (dropping a download aborts the connection).
-async fn open_by_hand(
+/// A `listen` by `db` on port `raw` and a `connect` by `alice` to it, by hand: the connection
+/// ID the listen was given, and the connect still waiting for its answer.
+async fn offer_by_hand(
     w: &World,
     db: &RelayClient,
     alice: &RelayClient,
-) -> (protocol::ConnId, reqwest::Response, reqwest::Response) {
+) -> (
+    protocol::ConnId,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
     let l = db.clone();
     let listen =
         tokio::spawn(async move { l.post(&protocol::listen_path("db", "raw")).send().await });
@@ -514,6 +502,17 @@ async fn open_by_hand(
         .expect("header")
         .parse()
         .expect("id");
+    (id, connect)
+}
+
+/// Opens a connection by hand on port `raw` of server `db`: the connection ID, the `connect`
+/// answer and the `accept` answer (dropping a download aborts the connection).
+async fn open_by_hand(
+    w: &World,
+    db: &RelayClient,
+    alice: &RelayClient,
+) -> (protocol::ConnId, reqwest::Response, reqwest::Response) {
+    let (id, connect) = offer_by_hand(w, db, alice).await;
     let accepted = db
         .post(&protocol::accept_path("db", id))
         .send()
