@@ -1,17 +1,47 @@
 //! `ptth_proxy`: forwards local TCP ports to services offered through a relay.
 //!
-//! Each accepted local connection becomes `connect` (its answer brings the connection ID and
-//! then the service's bytes) and `upstream` (its request body is the user's bytes). See [`run`].
+//! The entry point is [`run`]: give it one bound listener per `[[forwards]]` entry, the
+//! configuration, the client's key and a cancellation token, and await the [`Proxy`] it
+//! returns. Each accepted local connection becomes a `connect` (its answer brings the
+//! connection ID and then the downstream, the service's bytes); the tunnel is then carried by
+//! `ptth_common::tunnel::carry`, which sends the user's bytes as the `upstream` upload.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use ptth_common::config::ProxyConfig;
+//! use ptth_common::keys::PrivateKey;
+//! use tokio::net::TcpListener;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let text = "relay_url = \"http://127.0.0.1:4000\"\nkey_file = \"alice.key\"\n\
+//!             [[forwards]]\nlisten = \"127.0.0.1:0\"\nserver = \"db\"\nport = \"postgres\"\n";
+//! let config = ProxyConfig::from_str("proxy.toml".as_ref(), text)?;
+//! let key = PrivateKey::generate()?; // PrivateKey::load(&config.key_file) in real use
+//! let listener = TcpListener::bind(config.forwards[0].listen).await?;
+//! let shutdown = CancellationToken::new();
+//! let proxy = ptth_proxy::run(vec![listener], config, key, shutdown.clone())?;
+//! let local = proxy.local_addrs()[0]; // where to point psql
+//! let serving = tokio::spawn(proxy.into_future());
+//! assert_ne!(local.port(), 0);
+//! shutdown.cancel();
+//! serving.await?;
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
 
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptth_common::client::{
-    RelayClient, carry, error_chain, error_text, from_relay, front_problem, http_client,
-};
+use ptth_common::client::{CallError, RelayClient, SetupError, call, http_client};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{CONNECTION_ID_HEADER, ConnId, connect_path, upstream_path};
+use ptth_common::tunnel;
 use reqwest::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -19,72 +49,108 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-/// Errors that stop the proxy from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    /// The HTTP client could not be set up (for example a bad `ca_file`).
-    #[error(transparent)]
-    Client(#[from] ptth_common::client::ClientError),
-}
-
 /// Upper bound on waiting for the answer headers of `connect` (the relay answers within its
 /// `accept_timeout`, at most 60 s).
 const CONNECT_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Prepares the proxy on `listeners`, one per entry of `config.forwards` and in the same
+/// order: await the returned [`Proxy`] to forward until `shutdown` is cancelled. Fails at once
+/// if the counts differ or the HTTP client cannot be set up (a bad `ca_file`, say).
+pub fn run(
+    listeners: Vec<TcpListener>,
+    config: ProxyConfig,
+    key: PrivateKey,
+    shutdown: CancellationToken,
+) -> Result<Proxy, SetupError> {
+    if listeners.len() != config.forwards.len() {
+        return Err(SetupError::Listeners {
+            forwards: config.forwards.len(),
+            listeners: listeners.len(),
+        });
+    }
+    let http = http_client(config.ca_file.as_deref())?;
+    let relay = RelayClient::new(http, config.relay_url.clone(), key);
+    let forwards = listeners
+        .into_iter()
+        .zip(config.forwards.iter().cloned())
+        .map(|(listener, forward)| {
+            let local = listener.local_addr()?;
+            Ok((listener, local, forward))
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(SetupError::Listener)?;
+    Ok(Proxy {
+        forwards,
+        ctx: Arc::new(Ctx {
+            relay,
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            shutdown,
+            tasks: TaskTracker::new(),
+        }),
+    })
+}
+
+/// A proxy ready to forward. Awaiting it accepts local connections and carries their tunnels
+/// until shutdown, then closes the tunnels and waits (boundedly) for its tasks.
+#[must_use = "a proxy forwards only when awaited"]
+#[derive(Debug)]
+pub struct Proxy {
+    forwards: Vec<(TcpListener, SocketAddr, Forward)>,
+    ctx: Arc<Ctx>,
+}
+
+impl Proxy {
+    /// The local address of each forward, in the order of `config.forwards`.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.forwards.iter().map(|(_, local, _)| *local).collect()
+    }
+}
+
+impl IntoFuture for Proxy {
+    type Output = ();
+    type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(serve(self.ctx, self.forwards))
+    }
+}
+
+/// What every task of the proxy shares.
 #[derive(Debug)]
 struct Ctx {
     relay: RelayClient,
     config: ProxyConfig,
     shutdown: CancellationToken,
-    tracker: TaskTracker,
+    tasks: TaskTracker,
+    /// One per open tunnel, at most `max_connections`.
     slots: Arc<Semaphore>,
 }
 
-/// Runs the proxy on already bound listeners, one per forward, until `shutdown` is cancelled.
-pub async fn run(
-    listeners: Vec<(TcpListener, Forward)>,
-    config: ProxyConfig,
-    key: PrivateKey,
-    shutdown: CancellationToken,
-) -> Result<(), ProxyError> {
-    let http = http_client(config.ca_file.as_deref())?;
-    let relay = RelayClient::new(http, config.relay_url.clone(), key);
-    let ctx = Arc::new(Ctx {
-        relay,
-        slots: Arc::new(Semaphore::new(config.max_connections)),
-        config,
-        shutdown,
-        tracker: TaskTracker::new(),
-    });
+async fn serve(ctx: Arc<Ctx>, forwards: Vec<(TcpListener, SocketAddr, Forward)>) {
     // Open the connection to the relay before the first user does, so that tunnels opened
     // at once share it (HTTP/2); a failure here is only logged: each connect retries.
-    let warm = ctx.relay.clone();
-    let stop = ctx.shutdown.clone();
-    ctx.tracker.spawn(async move {
+    let warm = ctx.clone();
+    ctx.tasks.spawn(async move {
         tokio::select! {
-            () = stop.cancelled() => {}
-            r = warm.warm_up() => if let Err(problem) = r {
+            () = warm.shutdown.cancelled() => {}
+            r = warm.relay.warm_up() => if let Err(problem) = r {
                 warn!("{problem}");
             }
         }
     });
-    for (listener, fwd) in listeners {
-        let local = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+    for (listener, local, fwd) in forwards {
         info!(listen = %local, server = %fwd.server, port = %fwd.port, relay = %ctx.config.relay_url, "forwarding");
         let span = info_span!("forward", listen = %local, server = %fwd.server, port = %fwd.port);
-        ctx.tracker
+        ctx.tasks
             .spawn(accept_loop(ctx.clone(), listener, fwd).instrument(span));
     }
     ctx.shutdown.cancelled().await;
     info!("proxy shutting down");
-    ctx.tracker.close();
-    ctx.tracker.wait().await;
-    Ok(())
+    ptth_common::drain(&ctx.tasks).await;
 }
 
+/// Accepts local connections of one forward, one task each, within `max_connections`.
 async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, fwd: Forward) {
     let fwd = Arc::new(fwd);
     loop {
@@ -101,23 +167,24 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, fwd: Forward) {
         };
         let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
             warn!(%peer, "too many open tunnels (max_connections); resetting the new connection");
-            ptth_common::tunnel::reset(&stream);
+            tunnel::reset(&stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let span = info_span!("conn", %peer, conn = tracing::field::Empty);
-        let ctx2 = ctx.clone();
+        let task_ctx = ctx.clone();
         let fwd = fwd.clone();
-        ctx.tracker.spawn(
+        ctx.tasks.spawn(
             async move {
                 let _permit = permit;
-                serve(&ctx2, &fwd, stream).await;
+                serve_connection(&task_ctx, &fwd, stream).await;
             }
             .instrument(span),
         );
     }
 }
 
+/// What a refused `connect` most likely means, for the user.
 fn explain(status: StatusCode) -> &'static str {
     match status {
         StatusCode::SERVICE_UNAVAILABLE => "server offline (or relay busy)",
@@ -132,54 +199,32 @@ fn explain(status: StatusCode) -> &'static str {
     }
 }
 
-async fn serve(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
+/// Opens a tunnel for one local connection (`connect`) and carries it.
+async fn serve_connection(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
     // Until the tunnel is open (`carry` undoes this), any way out of here is a failure: the
     // local socket is then reset, as a refused connection would be, rather than closed as if
     // the service had nothing to say.
-    ptth_common::tunnel::reset(&stream);
-    let path = connect_path(fwd.server.as_str(), fwd.port.as_str());
-    let request = tokio::time::timeout(CONNECT_REQUEST_TIMEOUT, ctx.relay.post(&path).send());
-    let result = tokio::select! {
-        () = ctx.shutdown.cancelled() => return,
-        r = request => r,
-    };
-    let resp = match result {
-        Ok(Ok(r)) if r.status() == StatusCode::OK => r,
-        Ok(Ok(r)) if !from_relay(&r) => {
-            error!(
-                "connect to {}/{} failed: {}",
-                fwd.server,
-                fwd.port,
-                front_problem(r.status())
-            );
+    tunnel::reset(&stream);
+    let (server, port) = (fwd.server.as_str(), fwd.port.as_str());
+    let connected = call(
+        ctx.relay.post(&connect_path(server, port)),
+        &[StatusCode::OK],
+        CONNECT_REQUEST_TIMEOUT,
+        &ctx.shutdown,
+    );
+    let download = match connected.await {
+        Ok(download) => download,
+        Err(CallError::Cancelled) => return,
+        Err(CallError::Refused { status, reason }) => {
+            error!(%status, %reason, "connect to {server}/{port} failed: {}", explain(status));
             return;
         }
-        Ok(Ok(r)) => {
-            let status = r.status();
-            let reason = error_text(r).await;
-            error!(
-                %status,
-                %reason,
-                "connect to {}/{} failed: {}",
-                fwd.server,
-                fwd.port,
-                explain(status)
-            );
-            return;
-        }
-        Ok(Err(e)) => {
-            error!(error = %error_chain(&e), "connect to {}/{} failed: cannot reach the relay", fwd.server, fwd.port);
-            return;
-        }
-        Err(_) => {
-            error!(
-                "connect to {}/{} failed: the relay did not answer in time",
-                fwd.server, fwd.port
-            );
+        Err(e) => {
+            error!("connect to {server}/{port} failed: {e}");
             return;
         }
     };
-    let id = resp
+    let id = download
         .headers()
         .get(CONNECTION_ID_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -190,11 +235,10 @@ async fn serve(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
     };
     tracing::Span::current().record("conn", tracing::field::display(id));
     debug!("tunnel open");
-    let upload_path = upstream_path(fwd.server.as_str(), id);
-    carry(
+    tunnel::carry(
         &ctx.relay,
-        &upload_path,
-        resp,
+        &upstream_path(server, id),
+        download,
         stream,
         ctx.config.heartbeat_interval,
         &ctx.shutdown,

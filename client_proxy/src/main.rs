@@ -1,9 +1,11 @@
-//! The `ptth_proxy` binary: see the library for the proxy itself.
+//! The `ptth_proxy` binary: the key commands, or reads the configuration and key, binds one
+//! listener per forward and calls [`ptth_proxy::run`].
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use ptth_common::cli::KeyCommand;
 use ptth_common::config::ProxyConfig;
 use ptth_common::keys::PrivateKey;
 
@@ -22,44 +24,18 @@ struct Args {
     #[arg(long)]
     log_level: Option<String>,
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Write a new private key (PKCS#8 PEM, mode 0600) and print its public key (base64).
-    Keygen {
-        /// The key file to create; an existing file is never overwritten.
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Print the public key (base64, as relay.toml wants it) of an existing private key file.
-    Pubkey {
-        /// The private key file (PKCS#8 PEM).
-        #[arg(long)]
-        key: PathBuf,
-    },
+    command: Option<KeyCommand>,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run(Args::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => ptth_common::cli::report(e.as_ref()),
-    }
+    ptth_common::cli::exit_code(run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    match &args.command {
-        Some(Command::Keygen { out }) => {
-            println!("{}", ptth_common::cli::keygen(out)?);
-            return Ok(());
-        }
-        Some(Command::Pubkey { key }) => {
-            println!("{}", PrivateKey::load(key)?.public());
-            return Ok(());
-        }
-        None => {}
+    if let Some(command) = &args.command {
+        println!("{}", command.run()?);
+        return Ok(());
     }
     let Some(config_path) = args.config else {
         anyhow::bail!("missing --config FILE (see --help)");
@@ -70,12 +46,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("key_file in {}", config_path.display()))?;
     let mut listeners = Vec::new();
     for fwd in &config.forwards {
-        let l = tokio::net::TcpListener::bind(*fwd.listen.get_ref())
+        let l = tokio::net::TcpListener::bind(fwd.listen)
             .await
-            .with_context(|| format!("cannot listen on {}", fwd.listen.get_ref()))?;
-        listeners.push((l, fwd.clone()));
+            .with_context(|| format!("cannot listen on {}", fwd.listen))?;
+        listeners.push(l);
     }
     let shutdown = ptth_common::cli::shutdown_on_signals();
-    ptth_proxy::run(listeners, config, key, shutdown).await?;
+    ptth_proxy::run(listeners, config, key, shutdown)?.await;
     Ok(())
 }

@@ -15,12 +15,12 @@
 //! the signature (`verify_strict`), and only then records the nonce in a bounded cache.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signature, Signer as _};
+use parking_lot::Mutex;
 
 use crate::keys::{PrivateKey, PublicKey};
 
@@ -76,11 +76,6 @@ impl Signer {
         Self { key, keyid }
     }
 
-    /// The public key in base64 (the `keyid`).
-    pub fn keyid(&self) -> &str {
-        &self.keyid
-    }
-
     /// Signs `method authority path`, created now.
     pub fn sign(&self, method: &str, authority: &str, path: &str) -> SignedHeaders {
         let mut nonce = [0u8; NONCE_LEN];
@@ -123,7 +118,7 @@ fn signature_base(method: &str, authority: &str, path: &str, params: &str) -> St
 }
 
 /// Why a request was not authenticated.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     /// Headers missing, oversized or not of this profile.
     #[error("missing or malformed signature headers: {0}")]
@@ -299,7 +294,7 @@ impl<P> Verifier<P> {
         let keys = keys
             .into_iter()
             .enumerate()
-            .map(|(i, (k, p))| (k.0.to_bytes(), (i, p)))
+            .map(|(i, (k, p))| (k.to_bytes(), (i, p)))
             .collect();
         Self {
             keys,
@@ -314,23 +309,10 @@ impl<P> Verifier<P> {
         }
     }
 
-    /// Verifies a request; `authority` is what the relay considers its own name for this
-    /// request. `now` is seconds since the epoch.
+    /// Verifies a request signed over any one of `authorities` (the names the relay answers
+    /// to: its configured public names, or the request's own `Host`). `now` is seconds since
+    /// the epoch. Returns the principal of the key that signed it.
     pub fn verify(
-        &self,
-        method: &str,
-        authority: &str,
-        path: &str,
-        input: Option<&str>,
-        signature: Option<&str>,
-        now: u64,
-    ) -> Result<&P, AuthError> {
-        self.verify_any(method, &[authority], path, input, signature, now)
-    }
-
-    /// Like [`Verifier::verify`], accepting a signature over any one of `authorities` (the
-    /// relay's configured public names).
-    pub fn verify_any(
         &self,
         method: &str,
         authorities: &[&str],
@@ -364,10 +346,7 @@ impl<P> Verifier<P> {
         // now + skew: keeping every nonce for max age + skew from now covers that, and keeps
         // the cache's queue in expiry order.
         let keep_until = now + MAX_AGE_SECS + MAX_SKEW_SECS;
-        self.nonces
-            .lock()
-            .map_err(|_| AuthError::Busy)?
-            .insert(now, *who, p.nonce, keep_until)?;
+        self.nonces.lock().insert(now, *who, p.nonce, keep_until)?;
         Ok(principal)
     }
 }
@@ -391,7 +370,7 @@ mod tests {
         path: &str,
         now: u64,
     ) -> Result<&'static str, AuthError> {
-        v.verify("POST", A, path, Some(&h.input), Some(&h.signature), now)
+        v.verify("POST", &[A], path, Some(&h.input), Some(&h.signature), now)
             .copied()
     }
 
@@ -415,7 +394,7 @@ mod tests {
         assert_eq!(
             v.verify(
                 "POST",
-                "other:4000",
+                &["other:4000"],
                 P,
                 Some(&h.input),
                 Some(&h.signature),
@@ -455,14 +434,14 @@ mod tests {
         for input in tampered {
             assert_ne!(input, h.input, "the replacement must change something");
             assert_eq!(
-                v.verify("POST", A, P, Some(&input), Some(&h.signature), now)
+                v.verify("POST", &[A], P, Some(&input), Some(&h.signature), now)
                     .copied(),
                 Err(AuthError::BadSignature),
                 "{input}"
             );
         }
         assert_eq!(
-            v.verify("GET", A, P, Some(&h.input), Some(&h.signature), now)
+            v.verify("GET", &[A], P, Some(&h.input), Some(&h.signature), now)
                 .copied(),
             Err(AuthError::BadSignature),
             "method"
@@ -514,7 +493,7 @@ mod tests {
         let at = |now| {
             v.verify(
                 "POST",
-                "relay.example.com",
+                &["relay.example.com"],
                 path,
                 Some(&h.input),
                 Some(&h.signature),
@@ -599,19 +578,19 @@ mod tests {
         let h = s.sign("POST", A, P);
         let now = unix_now();
         assert!(matches!(
-            v.verify("POST", A, P, None, Some(&h.signature), now),
+            v.verify("POST", &[A], P, None, Some(&h.signature), now),
             Err(AuthError::Malformed(_))
         ));
         let long = format!("{}{}", h.input, "x".repeat(600));
         assert!(matches!(
-            v.verify("POST", A, P, Some(&long), Some(&h.signature), now),
+            v.verify("POST", &[A], P, Some(&long), Some(&h.signature), now),
             Err(AuthError::Malformed(_))
         ));
         let other_components = h.input.replace(r#""@path")"#, r#""@path" "@query")"#);
         assert!(matches!(
             v.verify(
                 "POST",
-                A,
+                &[A],
                 P,
                 Some(&other_components),
                 Some(&h.signature),

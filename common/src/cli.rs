@@ -1,6 +1,11 @@
-//! Helpers for the binaries: logging setup and shutdown signals.
+//! What the three binaries share around their library's `run`: logging, shutdown signals, error
+//! reports and exit codes, and the key commands of `ptth_server` and `ptth_proxy`.
+
+use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
+
+use crate::keys::{KeyError, PrivateKey};
 
 /// Sets up `tracing` output on stderr. `level` (from `--log-level`) wins; otherwise `RUST_LOG`
 /// is honoured; otherwise `info`.
@@ -52,6 +57,18 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// The exit code of a binary whose `main` ended with `result`: success, or 1 after the error
+/// is [reported](report).
+pub fn exit_code<E>(result: Result<(), E>) -> std::process::ExitCode
+where
+    E: AsRef<dyn std::error::Error + 'static>,
+{
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => report(e.as_ref()),
+    }
+}
+
 /// Prints `error` and its causes on stderr, as Rust prints an error returned from `main` but
 /// never with a backtrace (users often have `RUST_BACKTRACE` set), and returns exit code 1.
 pub fn report(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
@@ -73,10 +90,37 @@ pub fn report(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCo
     std::process::ExitCode::FAILURE
 }
 
+/// The key subcommands of `ptth_server` and `ptth_proxy`.
+#[derive(Debug, clap::Subcommand)]
+pub enum KeyCommand {
+    /// Write a new private key (PKCS#8 PEM, mode 0600) and print its public key (base64).
+    Keygen {
+        /// The key file to create; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public key (base64, as relay.toml wants it) of an existing private key file.
+    Pubkey {
+        /// The private key file (PKCS#8 PEM).
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+impl KeyCommand {
+    /// Runs the command and returns the line to print: the public key in base64.
+    pub fn run(&self) -> Result<String, KeyError> {
+        match self {
+            Self::Keygen { out } => keygen(out),
+            Self::Pubkey { key } => Ok(PrivateKey::load(key)?.public().to_base64()),
+        }
+    }
+}
+
 /// `keygen --out FILE`: writes a new private key (PKCS#8 PEM, mode 0600, never overwriting)
 /// and returns the public key in base64 for the caller to print.
-pub fn keygen(out: &std::path::Path) -> Result<String, crate::keys::KeyError> {
-    let key = crate::keys::PrivateKey::generate()?;
+pub fn keygen(out: &std::path::Path) -> Result<String, KeyError> {
+    let key = PrivateKey::generate()?;
     key.write_new(out)?;
     Ok(key.public().to_base64())
 }

@@ -1,22 +1,23 @@
-//! The HTTP client side shared by `ptth_server` and `ptth_proxy`: one `reqwest` client (rustls
-//! with the `ring` provider, system roots plus an optional private CA) and request signing.
+//! The endpoints' HTTP client to the relay (feature `endpoint`): one `reqwest` client (rustls
+//! with the `ring` provider, system roots plus an optional private CA), request signing, the
+//! checks every answer goes through, and the reconnect backoff.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use reqwest::{RequestBuilder, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
-use crate::protocol::TUNNEL_CONTENT_TYPE;
-use crate::tunnel::{self, TcpUploadBody, TunnelError};
+use crate::protocol::RELAY_ANSWER_HEADER;
 
-/// Why the HTTP client could not be built.
+/// Why `ptth_server` or `ptth_proxy` cannot start.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum SetupError {
     /// The CA file could not be read or holds no certificate.
     #[error("ca_file {path}: {message}")]
     CaFile {
@@ -25,12 +26,25 @@ pub enum ClientError {
         /// what went wrong
         message: String,
     },
-    /// TLS or client setup failed.
+    /// TLS or HTTP client setup failed.
     #[error("HTTP client setup: {0}")]
-    Setup(String),
+    Client(String),
+    /// A listener given to the proxy is unusable.
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+    /// The proxy was given another number of listeners than it has forwards.
+    #[error(
+        "{listeners} listeners for {forwards} forwards: give one per [[forwards]] entry, in order"
+    )]
+    Listeners {
+        /// `[[forwards]]` entries in the configuration
+        forwards: usize,
+        /// listeners given
+        listeners: usize,
+    },
 }
 
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientError> {
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SetupError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {
@@ -41,7 +55,7 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientErro
     if let Some(path) = ca_file {
         use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
-        let err = |message: String| ClientError::CaFile {
+        let err = |message: String| SetupError::CaFile {
             path: path.display().to_string(),
             message,
         };
@@ -59,7 +73,7 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientErro
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Setup(e.to_string()))?
+        .map_err(|e| SetupError::Client(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -68,14 +82,14 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientErro
 
 /// Builds the HTTP client used for every call to the relay. No total timeout is set: tunnel
 /// requests live as long as their TCP connection.
-pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, ClientError> {
+pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, SetupError> {
     http_client_builder(ca_file)?
         .build()
-        .map_err(|e| ClientError::Setup(e.to_string()))
+        .map_err(|e| SetupError::Client(e.to_string()))
 }
 
 /// The builder behind [`http_client`], for callers that need one more setting.
-pub fn http_client_builder(ca_file: Option<&Path>) -> Result<reqwest::ClientBuilder, ClientError> {
+pub fn http_client_builder(ca_file: Option<&Path>) -> Result<reqwest::ClientBuilder, SetupError> {
     Ok(reqwest::Client::builder()
         .tls_backend_preconfigured(tls_config(ca_file)?)
         .connect_timeout(Duration::from_secs(10))
@@ -98,7 +112,7 @@ pub struct RelayClient {
     signer: Signer,
     warm: Arc<tokio::sync::Mutex<Option<WarmUp>>>,
     /// Number of warm-up attempts made so far.
-    warm_attempts: Arc<std::sync::atomic::AtomicU64>,
+    warm_attempts: Arc<AtomicU64>,
 }
 
 /// The last warm-up.
@@ -107,7 +121,7 @@ struct WarmUp {
     /// Its number, counting attempts from 1.
     attempt: u64,
     /// When it ended.
-    at: std::time::Instant,
+    at: Instant,
     outcome: Result<(), String>,
 }
 
@@ -132,7 +146,6 @@ impl RelayClient {
     /// queueing one attempt each; a success less than a second old is reused by anyone. Any
     /// HTTP answer counts as success.
     pub async fn warm_up(&self) -> Result<(), String> {
-        use std::sync::atomic::Ordering;
         let attempts_before = self.warm_attempts.load(Ordering::Acquire);
         let mut last = self.warm.lock().await;
         if let Some(w) = &*last {
@@ -150,39 +163,99 @@ impl RelayClient {
             .await;
         let outcome = match r {
             Ok(_) => Ok(()),
-            Err(e) => Err(format!("cannot reach the relay: {}", error_chain(&e))),
+            Err(e) => Err(CallError::Unreachable(error_chain(&e)).to_string()),
         };
         let attempt = self.warm_attempts.fetch_add(1, Ordering::AcqRel) + 1;
         *last = Some(WarmUp {
             attempt,
-            at: std::time::Instant::now(),
+            at: Instant::now(),
             outcome: outcome.clone(),
         });
         outcome
     }
 
     /// A signed POST to a protocol path.
-    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+    pub fn post(&self, path: &str) -> RequestBuilder {
         let h = self.signer.sign("POST", &self.authority, path);
         self.http
             .post(self.url.join(path))
             .header(SIGNATURE_INPUT, h.input)
             .header(SIGNATURE, h.signature)
     }
+}
 
-    /// The relay URL.
-    pub fn url(&self) -> &RelayUrl {
-        &self.url
+/// Why a call to the relay did not get the answer it needed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The program is shutting down.
+    #[error("cancelled by shutdown")]
+    Cancelled,
+    /// No answer headers within the time allowed.
+    #[error("the relay did not answer within {0:?}")]
+    Timeout(Duration),
+    /// No HTTP answer at all: the connection (TCP, TLS, HTTP) failed.
+    #[error("cannot reach the relay: {0}")]
+    Unreachable(String),
+    /// A reverse proxy in front of the relay answered instead of the relay.
+    #[error("{}", front_problem(*.0))]
+    Front(StatusCode),
+    /// The relay answered with another status, and this reason.
+    #[error("relay answered {status}: {reason}")]
+    Refused {
+        /// the status
+        status: StatusCode,
+        /// the one-line reason in the answer's body
+        reason: String,
+    },
+}
+
+/// Sends `request` (made by [`RelayClient::post`]) and waits at most `limit` for the answer's
+/// headers, then [checks](check) the answer. Fails with [`CallError::Cancelled`] as soon as
+/// `shutdown` fires.
+pub async fn call(
+    request: RequestBuilder,
+    expected: &[StatusCode],
+    limit: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Response, CallError> {
+    let sent = tokio::select! {
+        () = shutdown.cancelled() => return Err(CallError::Cancelled),
+        r = tokio::time::timeout(limit, request.send()) => r,
+    };
+    match sent {
+        Ok(answer) => check(answer, expected).await,
+        Err(_) => Err(CallError::Timeout(limit)),
     }
 }
 
-/// Reads the plain-text reason a relay put in an error answer (bounded).
-pub async fn error_text(resp: reqwest::Response) -> String {
+/// The answer to a call, if it is one of the `expected` statuses and came from the relay
+/// itself (it carries `ptth-relay`, which a reverse proxy's own 502 or 413 does not). A
+/// refusal's reason is read from the body (bounded).
+pub async fn check(
+    answer: reqwest::Result<Response>,
+    expected: &[StatusCode],
+) -> Result<Response, CallError> {
+    let answer = answer.map_err(|e| CallError::Unreachable(error_chain(&e)))?;
+    let status = answer.status();
+    // Checked first: a front that answers 200 to anything must not pass for the relay.
+    if !answer.headers().contains_key(RELAY_ANSWER_HEADER) {
+        return Err(CallError::Front(status));
+    }
+    if expected.contains(&status) {
+        return Ok(answer);
+    }
+    Err(CallError::Refused {
+        status,
+        reason: reason(answer).await,
+    })
+}
+
+/// Reads the plain-text reason a relay put in an error answer (bounded in size and time).
+async fn reason(mut answer: Response) -> String {
     const MAX: usize = 512;
-    let mut resp = resp;
     let mut out = Vec::new();
     while out.len() < MAX {
-        match tokio::time::timeout(Duration::from_secs(2), resp.chunk()).await {
+        match tokio::time::timeout(Duration::from_secs(2), answer.chunk()).await {
             Ok(Ok(Some(c))) => out.extend_from_slice(&c[..c.len().min(MAX - out.len())]),
             _ => break,
         }
@@ -190,14 +263,8 @@ pub async fn error_text(resp: reqwest::Response) -> String {
     String::from_utf8_lossy(&out).trim().to_owned()
 }
 
-/// Whether an answer was written by the relay itself rather than by a reverse proxy in front.
-pub fn from_relay(r: &reqwest::Response) -> bool {
-    r.headers()
-        .contains_key(crate::protocol::RELAY_ANSWER_HEADER)
-}
-
 /// Explains an error status that a reverse proxy in front of the relay made up.
-pub fn front_problem(status: reqwest::StatusCode) -> String {
+fn front_problem(status: StatusCode) -> String {
     let hint = match status.as_u16() {
         413 => "it caps request bodies: nginx `client_max_body_size 0;`",
         502 | 503 => {
@@ -213,7 +280,8 @@ pub fn front_problem(status: reqwest::StatusCode) -> String {
     format!("a reverse proxy in front of the relay answered {status}: {hint}")
 }
 
-/// The error and its sources on one line (reqwest hides the useful part in the sources).
+/// The error and its sources on one line (reqwest hides the useful part in the sources), with
+/// advice when TLS did not trust the relay.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -234,76 +302,65 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Carries an open tunnel until both directions end: the local socket's bytes go up as the
-/// streaming body of a POST to `upload_path` (`upstream` or `downstream`), and the frames of
-/// `download` (the `connect` or `accept` answer) go into the socket. Dead-peer limit: three
-/// heartbeat intervals (at least [`tunnel::MIN_DEAD_AFTER`]) without anything from the relay:
-/// the heartbeats we receive come from the far endpoint, whose interval may be longer.
-/// Logs how the tunnel ended.
-///
-/// The proxies make `stream` reset on close (see [`tunnel::reset`]) while they open the tunnel;
-/// from here on a clean end closes it with a FIN again, and an abort resets it.
-pub async fn carry(
-    relay: &RelayClient,
-    upload_path: &str,
-    download: reqwest::Response,
-    stream: TcpStream,
-    heartbeat: Duration,
-    shutdown: &CancellationToken,
-) {
-    match carry_inner(relay, upload_path, download, stream, heartbeat, shutdown).await {
-        Ok(()) => tracing::debug!("tunnel closed"),
-        Err(TunnelError::Cancelled) => tracing::debug!("tunnel closed by shutdown"),
-        // Something between us and the relay is in the way: the user must act.
-        Err(e @ (TunnelError::NotAttached(_) | TunnelError::BrokeBeforeAttached(_))) => {
-            tracing::warn!(error = %e, "tunnel aborted")
+/// Backoff schedule for retrying calls to the relay: doubles from 100 ms up to `max`, with
+/// jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at 100 ms.
+    pub fn new(max: Duration) -> Self {
+        Self {
+            next: Duration::from_millis(100).min(max),
+            max,
         }
-        Err(e) => tracing::info!(error = %e, "tunnel aborted"),
+    }
+
+    /// The next delay (with up to 25% random jitter subtracted), doubling the one after.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let mut b = [0u8; 1];
+        let _ = getrandom::fill(&mut b);
+        base - base.mul_f64(f64::from(b[0]) / 1024.0)
+    }
+
+    /// Back to the first delay after a success.
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(100).min(self.max);
     }
 }
 
-async fn carry_inner(
-    relay: &RelayClient,
-    upload_path: &str,
-    download: reqwest::Response,
-    stream: TcpStream,
-    heartbeat: Duration,
-    shutdown: &CancellationToken,
-) -> Result<(), TunnelError> {
-    if let Err(e) = tunnel::set_reset_on_close(&stream, false) {
-        tracing::debug!(error = %e, "cannot restore SO_LINGER");
-    }
-    let stream = Arc::new(stream);
-    let cancel = CancellationToken::new();
-    let local_failed = Arc::new(tunnel::LocalFailed::default());
-    let body = TcpUploadBody::new(
-        stream.clone(),
-        local_failed.clone(),
-        heartbeat,
-        cancel.clone(),
-    );
-    let upload = async {
-        let r = relay
-            .post(upload_path)
-            .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
-            .body(reqwest::Body::wrap(body))
-            .send()
-            .await
-            .map_err(|e| TunnelError::Remote(error_chain(&e)))?;
-        match r.status() {
-            reqwest::StatusCode::OK => Ok(()),
-            status if !from_relay(&r) => Err(TunnelError::Remote(front_problem(status))),
-            status => Err(TunnelError::Remote(format!(
-                "relay answered {status} to the upload"
-            ))),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_max_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(500));
+        let within = |d: Duration, base: u64| {
+            let base = Duration::from_millis(base);
+            d <= base && d >= base * 3 / 4
+        };
+        for base in [100, 200, 400, 500, 500] {
+            let d = b.next_delay();
+            assert!(within(d, base), "{d:?} for {base} ms");
         }
-    };
-    let download = tunnel::pump_download(
-        http::Response::from(download).into_body(),
-        &stream,
-        &local_failed,
-        tunnel::ATTACH_TIMEOUT,
-        (heartbeat * 3).max(tunnel::MIN_DEAD_AFTER),
-    );
-    tunnel::run(&stream, &local_failed, upload, download, &cancel, shutdown).await
+        b.reset();
+        assert!(within(b.next_delay(), 100));
+    }
+
+    #[test]
+    fn front_answers_are_explained() {
+        let e = CallError::Front(StatusCode::PAYLOAD_TOO_LARGE).to_string();
+        assert!(
+            e.contains("413") && e.contains("client_max_body_size 0"),
+            "{e}"
+        );
+        let e = CallError::Front(StatusCode::GATEWAY_TIMEOUT).to_string();
+        assert!(e.contains("proxy_read_timeout"), "{e}");
+    }
 }

@@ -91,36 +91,44 @@ pub fn end() -> Bytes {
     Bytes::from_static(&[TYPE_END, 0, 0, 0, 0])
 }
 
-/// Encodes a data frame by copying `payload` (used for small messages and tests; the tunnel
-/// path uses [`finish_data_frame`] to avoid the copy).
-///
-/// # Panics
-/// Never for payloads up to [`MAX_FRAME_PAYLOAD`]; callers must split larger ones.
+/// Encodes `payload` as `DATA` frames by copying it: one frame, or several when it exceeds
+/// [`MAX_FRAME_PAYLOAD`]; nothing at all when it is empty (a `DATA` frame is never empty). For
+/// small messages, other implementations and tests; the tunnel reads into frames in place.
 pub fn data(payload: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(HEADER_LEN + payload.len());
-    buf.put_u8(TYPE_DATA);
-    buf.put_u32(payload_len(payload.len()));
-    buf.put_slice(payload);
+    let frames = payload.len().div_ceil(MAX_FRAME_PAYLOAD);
+    let mut buf = BytesMut::with_capacity(frames * HEADER_LEN + payload.len());
+    for part in payload.chunks(MAX_FRAME_PAYLOAD) {
+        buf.put_u8(TYPE_DATA);
+        buf.put_u32(payload_len(part.len()));
+        buf.put_slice(part);
+    }
     buf.freeze()
 }
 
+/// A payload length as the header writes it; callers keep payloads within
+/// [`MAX_FRAME_PAYLOAD`], which fits a `u32`.
 fn payload_len(len: usize) -> u32 {
     debug_assert!(len <= MAX_FRAME_PAYLOAD);
-    u32::try_from(len.min(MAX_FRAME_PAYLOAD)).unwrap_or(u32::MAX)
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
-/// Prepares `buf` to receive a data frame read in place: reserves room for the header.
+/// Prepares `buf` to receive the payload of one data frame read in place: reserves room for
+/// the header and for `capacity` (at most [`MAX_FRAME_PAYLOAD`]) payload bytes.
 ///
-/// The caller reads payload bytes after the returned header and then calls
+/// The caller reads at most `capacity` bytes after the header room and then calls
 /// [`finish_data_frame`], which writes the header and splits the frame off without copying.
-pub fn begin_data_frame(buf: &mut BytesMut, capacity: usize) {
+#[cfg(feature = "endpoint")]
+pub(crate) fn begin_data_frame(buf: &mut BytesMut, capacity: usize) {
     debug_assert!(buf.is_empty());
+    debug_assert!(capacity <= MAX_FRAME_PAYLOAD);
     buf.reserve(HEADER_LEN + capacity);
     buf.put_bytes(0, HEADER_LEN);
 }
 
-/// Completes a frame started by [`begin_data_frame`]: `buf` holds header room plus payload.
-pub fn finish_data_frame(buf: &mut BytesMut) -> Bytes {
+/// Completes a frame started by [`begin_data_frame`]: `buf` holds header room plus 1 to
+/// `capacity` payload bytes.
+#[cfg(feature = "endpoint")]
+pub(crate) fn finish_data_frame(buf: &mut BytesMut) -> Bytes {
     let len = buf.len() - HEADER_LEN;
     buf[0] = TYPE_DATA;
     buf[1..HEADER_LEN].copy_from_slice(&payload_len(len).to_be_bytes());
@@ -183,7 +191,7 @@ impl Decoder {
     }
 
     /// Whether the decoder is between frames (a body may end here).
-    pub fn at_boundary(&self) -> bool {
+    fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.remaining == 0
     }
 
@@ -302,6 +310,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn data_splits_large_payloads_and_encodes_nothing_for_none() {
+        assert!(data(b"").is_empty());
+        let big = vec![9u8; MAX_FRAME_PAYLOAD * 2 + 3];
+        let encoded = data(&big);
+        assert_eq!(encoded.len(), big.len() + 3 * HEADER_LEN);
+        let items = decode_all(&[encoded]).expect("valid frames");
+        let mut payload = Vec::new();
+        for item in items {
+            match item {
+                Item::Data(d) => payload.extend_from_slice(&d),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(payload == big);
+    }
+
+    #[cfg(feature = "endpoint")]
     #[test]
     fn in_place_frame_matches_copying_encoder() {
         let mut buf = BytesMut::new();

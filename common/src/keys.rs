@@ -55,7 +55,7 @@ pub enum KeyError {
 
 /// A public key, shown as base64 and compared by value.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PublicKey(pub VerifyingKey);
+pub struct PublicKey(VerifyingKey);
 
 impl PublicKey {
     /// Parses standard base64 of 32 bytes, refusing weak (small-order) keys.
@@ -78,6 +78,11 @@ impl PublicKey {
     /// Standard base64 of the 32 key bytes.
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0.as_bytes())
+    }
+
+    /// The 32 key bytes (what a signature's `keyid` decodes to).
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
     }
 }
 
@@ -129,7 +134,7 @@ impl PrivateKey {
     }
 
     /// The dalek signing key.
-    pub fn signing_key(&self) -> &SigningKey {
+    pub(crate) fn signing_key(&self) -> &SigningKey {
         &self.0
     }
 

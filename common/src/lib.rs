@@ -1,50 +1,79 @@
-//! Code shared by `ptth_relay`, `ptth_server` and `ptth_proxy`.
+//! Code shared by `ptth_relay`, `ptth_server` and `ptth_proxy`: the protocol and the pieces of a
+//! tunnel that more than one program needs.
 //!
-//! * [`protocol`]: paths, header names, connection IDs.
-//! * [`frame`]: the frames inside every tunnel body (data, heartbeat, end).
+//! A tunnel carries one TCP connection between a user's application and a service through the
+//! relay. Its two **endpoints** are `ptth_proxy` (at the user) and `ptth_server` (at the
+//! service). It has two **directions**, named after the requests that carry them:
+//! **upstream** (the user's bytes, towards the service) and **downstream** (the service's
+//! bytes, towards the user). An endpoint sends its direction as an **upload** (the streaming
+//! request body of `upstream` or `downstream`) and receives the other as a **download** (the
+//! streaming answer body of `connect` or `accept`); the relay splices each upload into the
+//! matching download.
+//!
+//! * [`protocol`]: routes and paths, header names, names, connection IDs.
+//! * [`frame`]: the frames inside every tunnel body (`DATA`, `HEARTBEAT`, `END`, `ATTACHED`).
 //! * [`auth`]: request signing and verification (an RFC 9421 profile with ed25519).
 //! * [`keys`]: key files and public key encoding.
 //! * [`config`]: the three TOML configuration files.
-//! * [`tunnel`]: the endpoint side of a tunnel (TCP socket to and from frames).
-//! * [`client`]: the signed HTTP client used by the two proxies.
-//! * [`cli`]: logging and signal handling for the binaries.
+//! * [`cli`]: logging, signals, error reports and key commands for the binaries.
+//! * With the `endpoint` feature (what the two endpoints use, and the relay does not):
+//!   [`client`], the signed HTTP client to the relay, and [`tunnel`], which carries a local
+//!   TCP socket over an upload and a download ([`tunnel::carry`]).
+//!
+//! Every call to the relay is signed; the relay verifies it before anything else:
+//!
+//! ```
+//! use ptth_common::auth::{Signer, Verifier, unix_now};
+//! use ptth_common::keys::PrivateKey;
+//! use ptth_common::protocol::connect_path;
+//!
+//! let alice = PrivateKey::generate()?;
+//! let relay = Verifier::new([(alice.public(), "alice")], 1000);
+//! let path = connect_path("db", "postgres");
+//! let signed = Signer::new(alice).sign("POST", "relay.example.com", &path);
+//! let who = relay.verify(
+//!     "POST",
+//!     &["relay.example.com"],
+//!     &path,
+//!     Some(&signed.input),
+//!     Some(&signed.signature),
+//!     unix_now(),
+//! );
+//! assert_eq!(who, Ok(&"alice"));
+//! # Ok::<(), ptth_common::keys::KeyError>(())
+//! ```
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod cli;
+#[cfg(feature = "endpoint")]
 pub mod client;
 pub mod config;
 pub mod frame;
 pub mod keys;
 pub mod protocol;
+#[cfg(feature = "endpoint")]
 pub mod tunnel;
 
-/// Backoff schedule for reconnecting: doubles from 100 ms up to `max`, with jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    next: std::time::Duration,
-    max: std::time::Duration,
-}
+use std::time::Duration;
 
-impl Backoff {
-    /// Starts at 100 ms.
-    pub fn new(max: std::time::Duration) -> Self {
-        Self {
-            next: std::time::Duration::from_millis(100).min(max),
-            max,
-        }
-    }
+use tokio_util::task::TaskTracker;
 
-    /// The next delay (with up to 25% random jitter subtracted), doubling the one after.
-    pub fn next_delay(&mut self) -> std::time::Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let mut b = [0u8; 1];
-        let _ = getrandom::fill(&mut b);
-        base - base.mul_f64(f64::from(b[0]) / 1024.0)
-    }
+/// How long a program waits, once its shutdown has begun, for the tasks it started to end.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-    /// Back to the first delay after a success.
-    pub fn reset(&mut self) {
-        self.next = std::time::Duration::from_millis(100).min(self.max);
+/// Closes `tracker` to new tasks and waits at most [`SHUTDOWN_GRACE`] for its tasks to end;
+/// logs how many were left behind.
+pub async fn drain(tracker: &TaskTracker) {
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = tracker.len(),
+            grace = ?SHUTDOWN_GRACE,
+            "tasks still running after the shutdown grace period; leaving them"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Names shared by the relay and the proxies: paths, headers, identifiers, status meanings.
+//! Names shared by the relay and the endpoints: routes and paths, headers, names, connection
+//! IDs.
 //!
 //! See `docs/protocol.md` for the full description.
 
@@ -17,29 +18,57 @@ pub const RELAY_ANSWER_HEADER: &str = "ptth-relay";
 /// Content type of every tunnel body.
 pub const TUNNEL_CONTENT_TYPE: &str = "application/octet-stream";
 
+/// Route of `listen` (server: "give me the next connection for this port"), as a path template
+/// whose `{placeholders}` the relay's router matches and [`listen_path`] fills in.
+pub const LISTEN_ROUTE: &str = "/v1/servers/{server}/ports/{port}/listen";
+/// Route of `connect` (client: open a connection; the answer's body is the downstream).
+pub const CONNECT_ROUTE: &str = "/v1/servers/{server}/ports/{port}/connect";
+/// Route of `accept` (server: take a connection; the answer's body is the upstream).
+pub const ACCEPT_ROUTE: &str = "/v1/servers/{server}/connections/{id}/accept";
+/// Route of `downstream` (server: the request body carries the service's bytes).
+pub const DOWNSTREAM_ROUTE: &str = "/v1/servers/{server}/connections/{id}/downstream";
+/// Route of `upstream` (client: the request body carries the user's bytes).
+pub const UPSTREAM_ROUTE: &str = "/v1/servers/{server}/connections/{id}/upstream";
+
+/// `route` with its two placeholders replaced by `first` and `second`, in order.
+fn fill(route: &str, first: &str, second: &str) -> String {
+    let mut out = String::with_capacity(route.len() + first.len() + second.len());
+    let mut values = [first, second].into_iter();
+    let mut rest = route;
+    while let Some(open) = rest.find('{')
+        && let Some(len) = rest[open..].find('}')
+    {
+        out.push_str(&rest[..open]);
+        out.push_str(values.next().unwrap_or_default());
+        rest = &rest[open + len + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Path of `listen` for `server` and `port`.
 pub fn listen_path(server: &str, port: &str) -> String {
-    format!("/v1/servers/{server}/ports/{port}/listen")
+    fill(LISTEN_ROUTE, server, port)
 }
 
 /// Path of `connect` for `server` and `port`.
 pub fn connect_path(server: &str, port: &str) -> String {
-    format!("/v1/servers/{server}/ports/{port}/connect")
+    fill(CONNECT_ROUTE, server, port)
 }
 
 /// Path of `accept` for a connection.
 pub fn accept_path(server: &str, id: ConnId) -> String {
-    format!("/v1/servers/{server}/connections/{id}/accept")
+    fill(ACCEPT_ROUTE, server, &id.to_string())
 }
 
 /// Path of `downstream` for a connection.
 pub fn downstream_path(server: &str, id: ConnId) -> String {
-    format!("/v1/servers/{server}/connections/{id}/downstream")
+    fill(DOWNSTREAM_ROUTE, server, &id.to_string())
 }
 
 /// Path of `upstream` for a connection.
 pub fn upstream_path(server: &str, id: ConnId) -> String {
-    format!("/v1/servers/{server}/connections/{id}/upstream")
+    fill(UPSTREAM_ROUTE, server, &id.to_string())
 }
 
 /// Longest server, client or port name.
@@ -117,6 +146,25 @@ mod tests {
         let dashed = "67e55044-10b1-426f-9247-bb680e5fe0c8";
         assert!(dashed.parse::<ConnId>().is_err());
         assert_ne!(ConnId::random().expect("random"), id);
+    }
+
+    #[test]
+    fn paths_fill_the_routes() {
+        let id: ConnId = "0123456789abcdef0123456789abcdef".parse().expect("id");
+        assert_eq!(listen_path("db", "pg"), "/v1/servers/db/ports/pg/listen");
+        assert_eq!(connect_path("db", "pg"), "/v1/servers/db/ports/pg/connect");
+        assert_eq!(
+            accept_path("db", id),
+            format!("/v1/servers/db/connections/{id}/accept")
+        );
+        assert_eq!(
+            downstream_path("db", id),
+            format!("/v1/servers/db/connections/{id}/downstream")
+        );
+        assert_eq!(
+            upstream_path("db", id),
+            format!("/v1/servers/db/connections/{id}/upstream")
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The endpoint half of a tunnel, shared by `ptth_server` and `ptth_proxy`: a local TCP socket
-//! on one side, an upload body (TCP bytes into frames) and a download body (frames into TCP
-//! bytes) on the other.
+//! The endpoint side of a tunnel (feature `endpoint`), shared by `ptth_server` and
+//! `ptth_proxy`: [`carry`] joins a local TCP socket to the relay with an upload (TCP bytes into
+//! frames, the request body of `upstream` or `downstream`) and a download (frames into TCP
+//! bytes, the answer body of `connect` or `accept`). Both directions of the tunnel end live
+//! here.
 //!
 //! Half-close is kept: when the local peer shuts down its write side, an `END` frame is sent and
 //! the upload ends; when an `END` frame arrives, the local socket's write side is shut down. An
@@ -9,47 +11,50 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
+use parking_lot::{Mutex, MutexGuard};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::client::{self, RelayClient};
 use crate::frame::{self, Decoder, FrameError, Item};
+use crate::protocol::TUNNEL_CONTENT_TYPE;
 
 /// Bytes read from the local socket per data frame, at most.
-pub const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 /// Reads up to this size are copied into a frame of their own size, so that a queued small
 /// frame does not hold a whole [`READ_CHUNK`] buffer, and the buffer is reused.
 const SMALL_READ: usize = 4 * 1024;
 /// Shortest dead-peer limit, whatever our own heartbeat interval.
-pub const MIN_DEAD_AFTER: Duration = Duration::from_secs(45);
+const MIN_DEAD_AFTER: Duration = Duration::from_secs(45);
 /// How long the relay may take to confirm that it holds our upload (the `ATTACHED` frame),
 /// counted from the download's answer headers. Over HTTP/1.1 the upload may need a new
 /// connection (and TLS handshake) first; a healthy path confirms in milliseconds.
-pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(7);
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(7);
 
 /// What to check when uploads do not reach the relay.
-pub const BUFFERING_ADVICE: &str = "a reverse proxy between here and the relay is holding \
+const BUFFERING_ADVICE: &str = "a reverse proxy between here and the relay is holding \
 the upload back (buffering request bodies), buffering answers, or at its limit of concurrent \
 streams or connections. nginx: `proxy_request_buffering off; \
 proxy_buffering off; proxy_http_version 1.1; client_max_body_size 0;`; HAProxy: remove \
 `option http-buffer-request`; Caddy: remove `request_buffers`/`response_buffers` (see docs/deploy.md)";
 
 /// What to check when streams break.
-pub const TIMEOUT_ADVICE: &str = "if tunnels break after the same idle time, a reverse proxy's \
+const TIMEOUT_ADVICE: &str = "if tunnels break after the same idle time, a reverse proxy's \
 timeout is shorter than heartbeat_interval (nginx: proxy_read_timeout, proxy_send_timeout, \
 client_body_timeout, send_timeout; HAProxy: timeout client/server; Caddy: remove transport read_timeout/write_timeout, which \
 cut uploads the relay answers only at their end)";
 
 /// Why a tunnel ended other than cleanly.
 #[derive(Debug, thiserror::Error)]
-pub enum TunnelError {
+enum TunnelError {
     /// The local TCP socket failed.
     #[error("local socket: {0}")]
     Local(std::io::Error),
@@ -78,8 +83,77 @@ pub enum TunnelError {
     Cancelled,
 }
 
-/// Error type of [`TcpUploadBody`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Carries an open tunnel until both directions end: the local socket's bytes go up as the
+/// streaming body of a POST to `upload_path` (`upstream` or `downstream`), and the frames of
+/// `download` (the `connect` or `accept` answer) go into the socket. Dead-peer limit: three
+/// heartbeat intervals (at least 45 s) without anything from the relay: the heartbeats we
+/// receive come from the far endpoint, whose interval may be longer. Logs how the tunnel ended.
+///
+/// The endpoints make `stream` [`reset`] on close while they open the tunnel; from here on a
+/// clean end closes it with a FIN again, and an abort resets it.
+pub async fn carry(
+    relay: &RelayClient,
+    upload_path: &str,
+    download: reqwest::Response,
+    stream: TcpStream,
+    heartbeat: Duration,
+    shutdown: &CancellationToken,
+) {
+    match carry_inner(relay, upload_path, download, stream, heartbeat, shutdown).await {
+        Ok(()) => tracing::debug!("tunnel closed"),
+        Err(TunnelError::Cancelled) => tracing::debug!("tunnel closed by shutdown"),
+        // Something between us and the relay is in the way: the user must act.
+        Err(e @ (TunnelError::NotAttached(_) | TunnelError::BrokeBeforeAttached(_))) => {
+            tracing::warn!(error = %e, "tunnel aborted")
+        }
+        Err(e) => tracing::info!(error = %e, "tunnel aborted"),
+    }
+}
+
+async fn carry_inner(
+    relay: &RelayClient,
+    upload_path: &str,
+    download: reqwest::Response,
+    stream: TcpStream,
+    heartbeat: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), TunnelError> {
+    if let Err(e) = set_reset_on_close(&stream, false) {
+        tracing::debug!(error = %e, "cannot restore SO_LINGER");
+    }
+    let stream = Arc::new(stream);
+    let cancel = CancellationToken::new();
+    let local_failed = Arc::new(LocalFailed::default());
+    let body = UploadBody::new(
+        stream.clone(),
+        local_failed.clone(),
+        heartbeat,
+        cancel.clone(),
+    );
+    let upload = async {
+        let answer = relay
+            .post(upload_path)
+            .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
+            .body(reqwest::Body::wrap(body))
+            .send()
+            .await;
+        client::check(answer, &[reqwest::StatusCode::OK])
+            .await
+            .map(drop)
+            .map_err(|e| TunnelError::Remote(e.to_string()))
+    };
+    let download = pump_download(
+        http::Response::from(download).into_body(),
+        &stream,
+        &local_failed,
+        ATTACH_TIMEOUT,
+        (heartbeat * 3).max(MIN_DEAD_AFTER),
+    );
+    run(&stream, &local_failed, upload, download, &cancel, shutdown).await
+}
+
+/// Error type of [`UploadBody`].
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Whether writing to the local socket has failed, kept in step with those writes.
 ///
@@ -88,15 +162,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// half-close, so writes hold this lock until their failure is recorded, and the upload side
 /// checks it under the same lock when it reads EOF.
 #[derive(Debug, Default)]
-pub struct LocalFailed(Mutex<bool>);
+struct LocalFailed(Mutex<bool>);
 
 impl LocalFailed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        self.0.lock()
     }
 
     /// Whether a write to the local socket has failed.
-    pub fn get(&self) -> bool {
+    fn get(&self) -> bool {
         *self.lock()
     }
 
@@ -113,7 +187,7 @@ impl LocalFailed {
     }
 
     /// Writes all of `data` to `stream`.
-    pub async fn write_all(&self, stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    async fn write_all(&self, stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
             stream.writable().await?;
             match self.try_write(stream, data) {
@@ -140,7 +214,7 @@ enum UpState {
 /// An upload body that reads the local socket and yields frames: data as it comes, a heartbeat
 /// after `interval` of silence, `END` at EOF. No bytes are copied: each read lands after a
 /// reserved header and is split off as one frame. An idle body holds no buffer.
-pub struct TcpUploadBody {
+struct UploadBody {
     stream: Arc<TcpStream>,
     local_failed: Arc<LocalFailed>,
     buf: BytesMut,
@@ -150,22 +224,22 @@ pub struct TcpUploadBody {
     cancel: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
-impl std::fmt::Debug for TcpUploadBody {
+impl std::fmt::Debug for UploadBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpUploadBody")
+        f.debug_struct("UploadBody")
             .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }
 
-impl TcpUploadBody {
+impl UploadBody {
     /// A body reading `stream`, sending heartbeats every `interval` of silence, failing once
     /// `cancel` fires.
     ///
     /// `local_failed` is set by the download side when writing to the socket failed: a read
     /// that then returns EOF is the aftermath of a reset, not a half-close, and must not be
     /// sent on as `END`.
-    pub fn new(
+    fn new(
         stream: Arc<TcpStream>,
         local_failed: Arc<LocalFailed>,
         interval: Duration,
@@ -188,7 +262,7 @@ impl TcpUploadBody {
     }
 }
 
-impl Body for TcpUploadBody {
+impl Body for UploadBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -268,7 +342,7 @@ impl Body for TcpUploadBody {
 }
 
 /// Shuts down the write side of `stream` (TCP FIN), keeping the read side open.
-pub fn shutdown_write(stream: &TcpStream) -> std::io::Result<()> {
+fn shutdown_write(stream: &TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
 }
 
@@ -281,14 +355,14 @@ pub fn reset(stream: &TcpStream) {
 }
 
 /// Whether closing `stream` sends a reset (SO_LINGER 0) or a normal FIN.
-pub fn set_reset_on_close(stream: &TcpStream, reset: bool) -> std::io::Result<()> {
+fn set_reset_on_close(stream: &TcpStream, reset: bool) -> std::io::Result<()> {
     socket2::SockRef::from(stream).set_linger(reset.then_some(Duration::ZERO))
 }
 
 /// Copies a download body of frames into `stream`. The body must start (heartbeats aside)
 /// with `ATTACHED` within `attach_timeout`; it ends `Ok` after an `END` frame and the end of
 /// the body, and fails on anything else. `dead_after` bounds the silence between two chunks.
-pub async fn pump_download<B>(
+async fn pump_download<B>(
     mut body: B,
     stream: &TcpStream,
     local_failed: &LocalFailed,
@@ -359,7 +433,7 @@ where
 /// it: an upload that waits for HTTP flow control is not polled, and an idle download only
 /// touches the socket when data arrives. A reset from the local peer must still close the
 /// tunnel at once.
-pub async fn run<U, D>(
+async fn run<U, D>(
     stream: &TcpStream,
     local_failed: &LocalFailed,
     upload: U,
@@ -421,7 +495,7 @@ mod tests {
     async fn upload_body_frames_data_heartbeat_and_end() {
         tokio::time::timeout(Duration::from_secs(10), async {
             let (mut a, b) = pair().await;
-            let mut body = TcpUploadBody::new(
+            let mut body = UploadBody::new(
                 Arc::new(b),
                 Arc::default(),
                 Duration::from_millis(50),
@@ -464,7 +538,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), async {
             let (_a, b) = pair().await;
             let cancel = CancellationToken::new();
-            let mut body = TcpUploadBody::new(
+            let mut body = UploadBody::new(
                 Arc::new(b),
                 Arc::default(),
                 Duration::from_secs(60),
@@ -631,7 +705,7 @@ mod tests {
             }
             assert!(wrote.is_err(), "writes kept succeeding after a reset");
             assert!(failed.get());
-            let mut body = TcpUploadBody::new(
+            let mut body = UploadBody::new(
                 a.clone(),
                 failed.clone(),
                 Duration::from_secs(60),

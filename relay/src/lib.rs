@@ -1,80 +1,76 @@
-//! `ptth_relay`: pairs clients with servers and splices their streaming HTTP bodies.
+//! `ptth_relay`: the HTTP server in the middle of every tunnel. It pairs clients with servers
+//! and splices their streaming HTTP bodies; it never opens a TCP connection to a service.
 //!
-//! * [`run`] serves the relay on an already bound listener until a cancellation token fires.
-//! * `handlers`: the five endpoints (`listen`, `accept`, `downstream`, `connect`, `upstream`).
-//! * `pipe`: the body that hands an upload request body to a download response, unchanged.
-//! * `state`: listening ports, open connections, and the per-connection reaper task.
-//! * `tls`: optional HTTPS termination (rustls with the `ring` provider, ALPN h2 and http/1.1).
+//! The entry point is [`run`]: give it a bound listener, the configuration and a cancellation
+//! token, and await the [`Relay`] it returns. A byte of a tunnel crosses these files in turn:
 //!
-//! The relay never opens a TCP connection to a service: it only answers HTTP.
+//! * `lib.rs` (here): accepts TCP connections (TLS with `tls.rs` when configured) and serves
+//!   HTTP/1.1 and HTTP/2 on them, one task per connection, routing the five endpoints;
+//! * `handlers.rs`: the endpoints, HTTP in and out; `access.rs` checks each caller first;
+//! * `state.rs`: the ports servers offer and the `listen`s waiting on them, where `connect`
+//!   offers a new connection;
+//! * `conn.rs`: one connection's hand-over slots (the upload of `upstream` or `downstream`
+//!   meets the download that carries it on), the table of connections and its reaper;
+//! * `pipe.rs`: the download body that passes an upload through unchanged.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use ptth_common::config::RelayConfig;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let config = RelayConfig::from_str("relay.toml".as_ref(), "listen = \"127.0.0.1:0\"\n")?;
+//! let listener = tokio::net::TcpListener::bind(config.listen).await?;
+//! let shutdown = CancellationToken::new();
+//! let relay = ptth_relay::run(listener, config, shutdown.clone())?;
+//! let listens = relay.listens(); // how many `listen`s wait (0: no server yet)
+//! let serving = tokio::spawn(relay.into_future());
+//! assert_eq!(*listens.borrow(), 0);
+//! shutdown.cancel();
+//! serving.await?;
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
 
+mod access;
+mod conn;
 mod handlers;
 mod pipe;
 mod state;
 mod tls;
 
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::post;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use parking_lot::Mutex;
 use ptth_common::config::RelayConfig;
-use tokio::net::TcpListener;
+use ptth_common::protocol::{
+    ACCEPT_ROUTE, CONNECT_ROUTE, DOWNSTREAM_ROUTE, LISTEN_ROUTE, UPSTREAM_ROUTE,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::access::Peer;
 use crate::state::Shared;
 
-/// Time allowed for a TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a new TCP connection has to send its first byte, or to finish its TLS handshake.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to open HTTP connections to finish after shutdown starts.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-
-/// Builds the router of the relay's HTTP API.
-fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route(
-            "/v1/servers/{server}/ports/{port}/listen",
-            post(handlers::listen),
-        )
-        .route(
-            "/v1/servers/{server}/ports/{port}/connect",
-            post(handlers::connect),
-        )
-        .route(
-            "/v1/servers/{server}/connections/{id}/accept",
-            post(handlers::accept),
-        )
-        .route(
-            "/v1/servers/{server}/connections/{id}/downstream",
-            post(handlers::downstream),
-        )
-        .route(
-            "/v1/servers/{server}/connections/{id}/upstream",
-            post(handlers::upstream),
-        )
-        .with_state(shared)
-}
-
-/// A relay: its state, ready to serve on a listener.
-pub struct Relay {
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-impl std::fmt::Debug for Relay {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay")
-            .field("tls", &self.tls.is_some())
-            .finish_non_exhaustive()
-    }
-}
+const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a relay cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -82,60 +78,109 @@ pub enum RelayError {
     /// The TLS certificate or key is unusable.
     #[error("{0}")]
     Tls(String),
-    /// The listener failed.
+    /// The listener is unusable.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
-impl Relay {
-    /// A relay with `config`, stopping when `shutdown` is cancelled. Fails if the TLS
-    /// certificate or key cannot be used.
-    pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Result<Self, RelayError> {
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
-            _ => None,
-        };
-        let shared = Arc::new(Shared::new(config, shutdown.child_token()));
-        Ok(Self {
-            shared,
-            shutdown,
-            tls,
-        })
-    }
-
-    /// Watches the number of connections (pending or open) the relay holds state for.
-    pub fn connections(&self) -> tokio::sync::watch::Receiver<usize> {
-        self.shared.conn_count.subscribe()
-    }
-
-    /// Watches the number of `listen` requests waiting for a client.
-    pub fn listens(&self) -> tokio::sync::watch::Receiver<usize> {
-        self.shared.listen_count.subscribe()
-    }
-
-    /// Serves on `listener` until the shutdown token is cancelled, then closes every tunnel,
-    /// gives open HTTP connections a short grace period and returns.
-    pub async fn serve(self, listener: TcpListener) -> Result<(), RelayError> {
-        serve(self.shared, listener, self.shutdown, self.tls).await
-    }
-}
-
-/// Serves a relay with `config` on `listener` until `shutdown` is cancelled.
-pub async fn run(
+/// Prepares a relay with `config` on `listener`, serving until `shutdown` is cancelled: await
+/// the returned [`Relay`] to serve. Fails at once if the TLS certificate or key cannot be
+/// used.
+pub fn run(
     listener: TcpListener,
     config: RelayConfig,
     shutdown: CancellationToken,
-) -> Result<(), RelayError> {
-    Relay::new(config, shutdown)?.serve(listener).await
+) -> Result<Relay, RelayError> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(RelayError::Tls)?),
+        _ => None,
+    };
+    let local = listener.local_addr()?;
+    let shared = Arc::new(Shared::new(config, shutdown.child_token()));
+    Ok(Relay {
+        shared,
+        listener,
+        local,
+        shutdown,
+        tls,
+    })
 }
 
-async fn serve(
+/// A relay ready to serve on its listener. Awaiting it serves until shutdown, then closes every
+/// tunnel, gives open HTTP connections a short grace period, waits (boundedly) for its tasks
+/// and returns.
+#[must_use = "a relay serves only when awaited"]
+pub struct Relay {
     shared: Arc<Shared>,
     listener: TcpListener,
+    local: SocketAddr,
     shutdown: CancellationToken,
     tls: Option<tokio_rustls::TlsAcceptor>,
-) -> Result<(), RelayError> {
-    let local = listener.local_addr()?;
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("local", &self.local)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Watches the number of connections (pending or open) the relay holds state for.
+    pub fn connections(&self) -> watch::Receiver<usize> {
+        self.shared.conns.count()
+    }
+
+    /// Watches the number of `listen` requests waiting for a client.
+    pub fn listens(&self) -> watch::Receiver<usize> {
+        self.shared.listens()
+    }
+}
+
+impl IntoFuture for Relay {
+    type Output = ();
+    type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(serve(self))
+    }
+}
+
+/// The router of the relay's HTTP API.
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(LISTEN_ROUTE, post(handlers::listen))
+        .route(CONNECT_ROUTE, post(handlers::connect))
+        .route(ACCEPT_ROUTE, post(handlers::accept))
+        .route(DOWNSTREAM_ROUTE, post(handlers::downstream))
+        .route(UPSTREAM_ROUTE, post(handlers::upstream))
+        .with_state(shared)
+}
+
+/// Runs hyper's background tasks (HTTP/2 streams) on the relay's task tracker.
+#[derive(Debug, Clone)]
+struct TrackedExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
+async fn serve(relay: Relay) {
+    let Relay {
+        shared,
+        listener,
+        local,
+        shutdown,
+        tls,
+    } = relay;
     let config = &shared.config;
     info!(
         address = %local,
@@ -156,7 +201,7 @@ async fn serve(
         }
     }
     let router = router(shared.clone());
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TrackedExecutor(shared.tasks.clone()));
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -172,10 +217,8 @@ async fn serve(
         .max_header_list_size(16 * 1024)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let tracker = TaskTracker::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_http_connections));
-    let per_ip_counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
-        Arc::default();
+    let per_ip_counts = Arc::new(PerIpCounts::default());
     loop {
         // At the HTTP connection limit, stop accepting until one closes.
         let permit = tokio::select! {
@@ -205,59 +248,67 @@ async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(error = %e, "set_nodelay failed");
         }
-        let builder = builder.clone();
-        let service = TowerToHyperService::new(router.clone().map_request(
-            move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(handlers::Peer(peer));
-                req
-            },
-        ));
-        let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        tracker.spawn(
+        let connection = serve_connection(
+            builder.clone(),
+            stream,
+            peer,
+            router.clone(),
+            tls.clone(),
+            shutdown.clone(),
+        );
+        shared.tasks.spawn(
             async move {
                 let _permit = permit;
                 let _per_ip = per_ip;
-                match tls {
-                    None => {
-                        // A client that connects and stays silent holds a slot: it gets the
-                        // same time to start as a TLS client gets for its handshake.
-                        let mut first = [0u8; 1];
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, stream.peek(&mut first))
-                            .await
-                        {
-                            Ok(Ok(n)) if n > 0 => {
-                                serve_http(builder, TokioIo::new(stream), service, shutdown).await
-                            }
-                            Ok(_) => {}
-                            Err(_) => debug!("no request within the first-byte timeout"),
-                        }
-                    }
-                    Some(tls) => {
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
-                        {
-                            Ok(Ok(s)) => {
-                                serve_http(builder, TokioIo::new(s), service, shutdown).await
-                            }
-                            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => debug!("TLS handshake timed out"),
-                        }
-                    }
-                }
+                connection.await;
             }
             .instrument(info_span!("http", %peer)),
         );
     }
     info!("relay shutting down");
     shared.shutdown.cancel();
-    tracker.close();
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, tracker.wait()).await;
-    Ok(())
+    ptth_common::drain(&shared.tasks).await;
 }
 
-/// Serves one HTTP connection (HTTP/1.1 or HTTP/2) until it ends or shutdown is requested.
+/// Serves one TCP connection: its TLS handshake if configured, then HTTP until it ends or
+/// shutdown is requested. A connection that stays silent gets as long to send its first byte
+/// as a TLS client gets for its handshake.
+async fn serve_connection(
+    builder: auto::Builder<TrackedExecutor>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    let service = TowerToHyperService::new(router.map_request(
+        move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(Peer(peer));
+            req
+        },
+    ));
+    match tls {
+        None => {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    serve_http(builder, TokioIo::new(stream), service, shutdown).await
+                }
+                Ok(_) => {}
+                Err(_) => debug!("no request within the first-byte timeout"),
+            }
+        }
+        Some(tls) => match tokio::time::timeout(FIRST_BYTES_TIMEOUT, tls.accept(stream)).await {
+            Ok(Ok(s)) => serve_http(builder, TokioIo::new(s), service, shutdown).await,
+            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+            Err(_) => debug!("TLS handshake timed out"),
+        },
+    }
+}
+
+/// Serves HTTP (HTTP/1.1 or HTTP/2) on `io` until it ends or shutdown is requested.
 async fn serve_http<I, S>(
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<TrackedExecutor>,
     io: I,
     service: S,
     shutdown: CancellationToken,
@@ -282,31 +333,30 @@ async fn serve_http<I, S>(
         }
         () = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+            let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, conn).await;
         }
     }
 }
 
+/// HTTP connections open per untrusted address.
+type PerIpCounts = Mutex<HashMap<IpAddr, usize>>;
+
 /// Counts one HTTP connection from an untrusted address for as long as it lives.
 struct PerIp {
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-    ip: Option<std::net::IpAddr>,
+    counts: Arc<PerIpCounts>,
+    ip: Option<IpAddr>,
 }
 
 impl PerIp {
     /// Takes a place for `ip`, or `None` at its limit. Trusted proxies are not counted.
-    fn enter(
-        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-        shared: &Shared,
-        ip: std::net::IpAddr,
-    ) -> Option<Self> {
+    fn enter(counts: &Arc<PerIpCounts>, shared: &Shared, ip: IpAddr) -> Option<Self> {
         if shared.config.trusted_proxies.iter().any(|c| c.contains(ip)) {
             return Some(Self {
                 counts: counts.clone(),
                 ip: None,
             });
         }
-        let mut map = state::lock(counts);
+        let mut map = counts.lock();
         let n = map.entry(ip).or_insert(0);
         if *n >= shared.config.max_http_connections_per_ip {
             return None;
@@ -322,7 +372,7 @@ impl PerIp {
 impl Drop for PerIp {
     fn drop(&mut self) {
         if let Some(ip) = self.ip {
-            let mut map = state::lock(&self.counts);
+            let mut map = self.counts.lock();
             if let Some(n) = map.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {

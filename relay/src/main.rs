@@ -1,10 +1,12 @@
-//! The `ptth_relay` binary: see the library for the server itself.
+//! The `ptth_relay` binary: reads the configuration, binds the listener and calls
+//! [`ptth_relay::run`].
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
 use ptth_common::config::RelayConfig;
+use ptth_relay::RelayError;
 
 /// PTTH relay: pairs ptth_proxy clients with ptth_server servers over streaming HTTP.
 #[derive(Debug, Parser)]
@@ -23,10 +25,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run(Args::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => ptth_common::cli::report(e.as_ref()),
-    }
+    ptth_common::cli::exit_code(run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -36,8 +35,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = ptth_common::cli::shutdown_on_signals();
-    let relay = ptth_relay::Relay::new(config, shutdown)
-        .with_context(|| format!("TLS settings in {}", args.config.display()))?;
-    relay.serve(listener).await?;
+    let relay = ptth_relay::run(listener, config, shutdown).map_err(|e| match e {
+        RelayError::Tls(_) => {
+            anyhow::Error::new(e).context(format!("TLS settings in {}", args.config.display()))
+        }
+        e => e.into(),
+    })?;
+    relay.await;
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! Splicing: the response body of `accept` (or `connect`) *is* the request body of `upstream`
-//! (or `downstream`), handed over whole. The relay never copies or buffers tunnel bytes; HTTP
-//! flow control carries backpressure from one side to the other.
+//! Splicing: the download of `accept` (or `connect`) *is* the upload of `upstream` (or
+//! `downstream`), handed over whole. The relay never copies or buffers tunnel bytes; HTTP flow
+//! control carries backpressure from one side to the other.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,20 +15,10 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::state::Conn;
+use crate::conn::{Conn, Upload, UploadEnd};
 
 /// What a body's `poll_frame` returns.
 type PollFrame = Poll<Option<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>>;
-
-/// How an upload ended, reported to the handler that waits to answer it.
-pub(crate) type UploadEnd = Result<(), String>;
-
-/// An upload request body handed to the matching download response.
-#[derive(Debug)]
-pub(crate) struct Upload {
-    pub body: axum::body::Body,
-    pub done: oneshot::Sender<UploadEnd>,
-}
 
 enum State {
     /// The upload has not arrived yet; heartbeats keep the download alive meanwhile.
@@ -66,17 +56,19 @@ impl std::fmt::Debug for PipeBody {
 }
 
 impl PipeBody {
+    /// The download of `conn` that sends `ATTACHED` once `attach` fires and then carries the
+    /// upload that `upload` brings, with a heartbeat every `interval` until then.
     pub(crate) fn new(
         conn: Arc<Conn>,
         attach: oneshot::Receiver<()>,
-        rx: oneshot::Receiver<Upload>,
+        upload: oneshot::Receiver<Upload>,
         interval: Duration,
     ) -> Self {
         let cancel = Box::pin(conn.cancel.clone().cancelled_owned());
         Self {
             conn,
             attach: Some(attach),
-            state: State::Waiting(rx),
+            state: State::Waiting(upload),
             // The first heartbeat goes out at once: nginx over HTTP/2 holds a streaming
             // answer's headers back until its first body byte.
             heartbeat: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -138,9 +130,9 @@ impl Body for PipeBody {
         loop {
             match &mut this.state {
                 State::Waiting(rx) => match Pin::new(rx).poll(cx) {
-                    Poll::Ready(Ok(up)) => {
+                    Poll::Ready(Ok(upload)) => {
                         this.state =
-                            State::Streaming(up.body, Some(up.done), frame::Decoder::new());
+                            State::Streaming(upload.body, Some(upload.done), frame::Decoder::new());
                     }
                     Poll::Ready(Err(_)) => {
                         this.fail("connection closed");

@@ -7,11 +7,9 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::RelayError;
-
-/// Builds the TLS acceptor from PEM files.
-pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, RelayError> {
-    let err = |path: &Path, m: String| RelayError::Tls(format!("{}: {m}", path.display()));
+/// Builds the TLS acceptor from PEM files; the error names the file at fault.
+pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    let err = |path: &Path, m: String| format!("{}: {m}", path.display());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| err(cert, e.to_string()))?
         .collect::<Result<_, _>>()
@@ -23,7 +21,7 @@ pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAccep
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| RelayError::Tls(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_single_cert(certs, key_der)
         .map_err(|e| err(cert, format!("certificate and key do not fit: {e}")))?;

@@ -1,23 +1,46 @@
-//! `ptth_server`: offers local TCP services through a relay.
+//! `ptth_server`: offers local TCP services through a relay, dialing out only.
 //!
-//! For each configured port it keeps a small pool of `listen` long-polls open at the relay.
-//! When one returns a connection ID, a task connects to the local service and carries the
-//! bytes: `accept` (its answer's body is the client's bytes) and then `downstream` (its
-//! request body is the service's bytes). See [`run`].
+//! The entry point is [`run`]: give it the configuration, the server's key and a cancellation
+//! token, and await the [`Server`] it returns. For each configured port it keeps a pool of
+//! `listen` long-polls open at the relay. When one returns a connection ID, a task connects to
+//! the local service and calls `accept`, whose answer's body is the upstream (the client's
+//! bytes); it then carries the tunnel with `ptth_common::tunnel::carry`, which sends the
+//! service's bytes as the `downstream` upload.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use ptth_common::config::ServerConfig;
+//! use ptth_common::keys::PrivateKey;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let text = "relay_url = \"http://127.0.0.1:4000\"\nname = \"db\"\nkey_file = \"db.key\"\n\
+//!             [ports]\npostgres = \"127.0.0.1:5432\"\n";
+//! let config = ServerConfig::from_str("server.toml".as_ref(), text)?;
+//! let key = PrivateKey::generate()?; // PrivateKey::load(&config.key_file) in real use
+//! let shutdown = CancellationToken::new();
+//! let server = ptth_server::run(config, key, shutdown.clone())?;
+//! let serving = tokio::spawn(server.into_future()); // retries until the relay answers
+//! shutdown.cancel();
+//! serving.await?;
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
 
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptth_common::Backoff;
-use ptth_common::client::{
-    RelayClient, carry, error_chain, error_text, from_relay, front_problem, http_client,
-};
+use ptth_common::client::{Backoff, CallError, RelayClient, SetupError, call, http_client};
 use ptth_common::config::ServerConfig;
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{
     ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, CONNECTION_ID_HEADER, ConnId, accept_path,
     downstream_path, listen_path,
 };
+use ptth_common::tunnel;
 use reqwest::StatusCode;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -25,54 +48,72 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-/// Errors that stop the server proxy from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// The HTTP client could not be set up (for example a bad `ca_file`).
-    #[error(transparent)]
-    Client(#[from] ptth_common::client::ClientError),
-}
-
-/// Upper bound on a `listen` call, above any sane relay `listen_timeout`, so that a relay that
-/// vanished without closing the connection is noticed.
+/// Upper bound on waiting for a `listen` answer, above any relay `listen_timeout` (at most
+/// 60 s), so that a relay that vanished without closing the connection is noticed.
 const LISTEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// Upper bound on waiting for the answer headers of `accept`.
 const ACCEPT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Prepares the server proxy: await the returned [`Server`] to offer the configured ports
+/// until `shutdown` is cancelled. Fails at once if the HTTP client cannot be set up (a bad
+/// `ca_file`, say).
+pub fn run(
+    config: ServerConfig,
+    key: PrivateKey,
+    shutdown: CancellationToken,
+) -> Result<Server, SetupError> {
+    let http = http_client(config.ca_file.as_deref())?;
+    let relay = RelayClient::new(http, config.relay_url.clone(), key);
+    Ok(Server {
+        ctx: Arc::new(Ctx {
+            relay,
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            shutdown,
+            tasks: TaskTracker::new(),
+        }),
+    })
+}
+
+/// A server proxy ready to run. Awaiting it keeps the `listen` pools open and serves tunnels
+/// until shutdown, then closes the tunnels and waits (boundedly) for its tasks.
+#[must_use = "a server proxy runs only when awaited"]
+#[derive(Debug)]
+pub struct Server {
+    ctx: Arc<Ctx>,
+}
+
+impl IntoFuture for Server {
+    type Output = ();
+    type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(serve(self.ctx))
+    }
+}
+
+/// What every task of the server proxy shares.
 #[derive(Debug)]
 struct Ctx {
     relay: RelayClient,
     config: ServerConfig,
     shutdown: CancellationToken,
-    tracker: TaskTracker,
+    tasks: TaskTracker,
+    /// One per open tunnel, at most `max_connections`.
     slots: Arc<Semaphore>,
 }
 
-/// Runs the server proxy until `shutdown` is cancelled. Open tunnels are then closed.
-pub async fn run(
-    config: ServerConfig,
-    key: PrivateKey,
-    shutdown: CancellationToken,
-) -> Result<(), ServerError> {
-    let http = http_client(config.ca_file.as_deref())?;
-    let relay = RelayClient::new(http, config.relay_url.clone(), key);
+async fn serve(ctx: Arc<Ctx>) {
     info!(
-        relay = %config.relay_url,
-        server = %config.name,
-        ports = ?config.ports.keys().collect::<Vec<_>>(),
+        relay = %ctx.config.relay_url,
+        server = %ctx.config.name,
+        ports = ?ctx.config.ports.keys().collect::<Vec<_>>(),
         "server proxy started"
     );
-    let ctx = Arc::new(Ctx {
-        relay,
-        slots: Arc::new(Semaphore::new(config.max_connections)),
-        config,
-        shutdown,
-        tracker: TaskTracker::new(),
-    });
     for (port, target) in &ctx.config.ports {
         for slot in 0..ctx.config.listen_pool {
             let span = info_span!("listen", port = %port, slot);
-            ctx.tracker.spawn(
+            ctx.tasks.spawn(
                 listen_loop(
                     ctx.clone(),
                     port.as_str().to_owned(),
@@ -84,11 +125,11 @@ pub async fn run(
     }
     ctx.shutdown.cancelled().await;
     info!("server proxy shutting down");
-    ctx.tracker.close();
-    ctx.tracker.wait().await;
-    Ok(())
+    ptth_common::drain(&ctx.tasks).await;
 }
 
+/// One slot of a port's `listen` pool: listens again at once after each answer, with backoff
+/// after failures.
 async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
     let path = listen_path(ctx.config.name.as_str(), &port);
     let mut backoff = Backoff::new(ctx.config.max_backoff);
@@ -96,8 +137,7 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
     let mut need_warm_up = true;
     loop {
         let problem = match listen_once(&ctx, &path, need_warm_up).await {
-            None => return,
-            Some(Ok(id)) => {
+            Ok(id) => {
                 if failing {
                     info!("connected to the relay again");
                 }
@@ -109,7 +149,8 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
                 }
                 continue;
             }
-            Some(Err(problem)) => problem,
+            Err(CallError::Cancelled) => return,
+            Err(problem) => problem,
         };
         need_warm_up = true;
         let delay = backoff.next_delay();
@@ -126,82 +167,76 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
     }
 }
 
-/// One `listen` (after opening the connection first when `warm_up`): `None` on shutdown,
-/// `Ok(Some(id))` for a client, `Ok(None)` for an empty answer, `Err` with what went wrong.
-async fn listen_once(
-    ctx: &Ctx,
-    path: &str,
-    warm_up: bool,
-) -> Option<Result<Option<ConnId>, String>> {
+/// One `listen` (after opening the connection to the relay first when `warm_up`): a
+/// connection ID for a client, or `None` for an empty answer.
+async fn listen_once(ctx: &Ctx, path: &str, warm_up: bool) -> Result<Option<ConnId>, CallError> {
     if warm_up {
         // One connection first, then every listen shares it (HTTP/2).
-        let warm = tokio::select! {
-            () = ctx.shutdown.cancelled() => return None,
-            r = ctx.relay.warm_up() => r,
-        };
-        if let Err(problem) = warm {
-            return Some(Err(problem));
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => return Err(CallError::Cancelled),
+            r = ctx.relay.warm_up() => r.map_err(CallError::Unreachable)?,
         }
     }
-    let request = ctx.relay.post(path).timeout(LISTEN_REQUEST_TIMEOUT).send();
-    let result = tokio::select! {
-        () = ctx.shutdown.cancelled() => return None,
-        r = request => r,
-    };
-    Some(match result {
-        // Checked first: a front that answers 200 to anything must not make us spin.
-        Ok(r) if !from_relay(&r) => Err(front_problem(r.status())),
-        Ok(r) if r.status() == StatusCode::OK => r
-            .headers()
-            .get(CONNECTION_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<ConnId>().ok())
-            .map(Some)
-            .ok_or_else(|| "relay answered listen without a valid connection id".to_owned()),
-        Ok(r) if r.status() == StatusCode::NO_CONTENT => Ok(None),
-        Ok(r) => {
-            let status = r.status();
-            Err(format!("relay answered {status}: {}", error_text(r).await))
-        }
-        Err(e) => Err(format!("cannot reach the relay: {}", error_chain(&e))),
-    })
+    let answer = call(
+        ctx.relay.post(path),
+        &[StatusCode::OK, StatusCode::NO_CONTENT],
+        LISTEN_REQUEST_TIMEOUT,
+        &ctx.shutdown,
+    )
+    .await?;
+    if answer.status() == StatusCode::NO_CONTENT {
+        return Ok(None);
+    }
+    answer
+        .headers()
+        .get(CONNECTION_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<ConnId>().ok())
+        .map(Some)
+        .ok_or_else(|| CallError::Refused {
+            status: answer.status(),
+            reason: "a listen answer without a valid connection id".to_owned(),
+        })
 }
 
+/// Starts the task of one offered connection, within `max_connections`.
 fn spawn_tunnel(ctx: &Arc<Ctx>, port: &str, target: &str, id: ConnId) {
     let span = info_span!("conn", conn = %id, port = %port);
     let permit = ctx.slots.clone().try_acquire_owned();
-    let ctx2 = ctx.clone();
+    let task_ctx = ctx.clone();
     let target = target.to_owned();
-    ctx.tracker.spawn(
+    ctx.tasks.spawn(
         async move {
             let Ok(_permit) = permit else {
                 warn!("too many open tunnels (max_connections); refusing");
-                refuse(&ctx2, id).await;
+                refuse(&task_ctx, id).await;
                 return;
             };
-            serve(&ctx2, id, &target).await;
+            serve_connection(&task_ctx, id, &target).await;
         }
         .instrument(span),
     );
 }
 
+/// Tells the relay that this connection cannot be served (`accept` with a refusal).
 async fn refuse(ctx: &Ctx, id: ConnId) {
     let request = ctx
         .relay
         .post(&accept_path(ctx.config.name.as_str(), id))
-        .header(ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED)
-        .timeout(ACCEPT_REQUEST_TIMEOUT)
-        .send();
-    let r = tokio::select! {
-        () = ctx.shutdown.cancelled() => return,
-        r = request => r,
-    };
-    if let Err(e) = r {
-        debug!(error = %error_chain(&e), "could not report the refusal to the relay");
+        .header(ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED);
+    let answer = call(
+        request,
+        &[StatusCode::NO_CONTENT],
+        ACCEPT_REQUEST_TIMEOUT,
+        &ctx.shutdown,
+    );
+    if let Err(e) = answer.await {
+        debug!(error = %e, "could not report the refusal to the relay");
     }
 }
 
-async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
+/// Connects to the local service, accepts the connection and carries the tunnel.
+async fn serve_connection(ctx: &Ctx, id: ConnId, target: &str) {
     let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target));
     let connected = tokio::select! {
         () = ctx.shutdown.cancelled() => return,
@@ -221,39 +256,27 @@ async fn serve(ctx: &Ctx, id: ConnId, target: &str) {
     let _ = stream.set_nodelay(true);
     // Until the tunnel is open (`carry` undoes this), any way out of here is a failure: the
     // service then sees a reset, not a client that connected and said nothing.
-    ptth_common::tunnel::reset(&stream);
+    tunnel::reset(&stream);
     let name = ctx.config.name.as_str();
-    let accepted = tokio::select! {
-        () = ctx.shutdown.cancelled() => return,
-        r = tokio::time::timeout(ACCEPT_REQUEST_TIMEOUT, ctx.relay.post(&accept_path(name, id)).send()) => r,
-    };
-    let resp = match accepted {
-        Ok(Ok(r)) if r.status() == StatusCode::OK && from_relay(&r) => r,
-        Ok(Ok(r)) if !from_relay(&r) => {
-            warn!("accept failed: {}", front_problem(r.status()));
-            return;
-        }
-        Ok(Ok(r)) => {
-            let status = r.status();
-            let reason = error_text(r).await;
-            warn!(%status, %reason, "relay refused accept");
-            return;
-        }
-        Ok(Err(e)) => {
-            warn!(error = %error_chain(&e), "accept failed");
-            return;
-        }
-        Err(_) => {
-            warn!("accept timed out");
+    let accepted = call(
+        ctx.relay.post(&accept_path(name, id)),
+        &[StatusCode::OK],
+        ACCEPT_REQUEST_TIMEOUT,
+        &ctx.shutdown,
+    );
+    let download = match accepted.await {
+        Ok(download) => download,
+        Err(CallError::Cancelled) => return,
+        Err(e) => {
+            warn!("accept failed: {e}");
             return;
         }
     };
     debug!("tunnel open");
-    let upload_path = downstream_path(name, id);
-    carry(
+    tunnel::carry(
         &ctx.relay,
-        &upload_path,
-        resp,
+        &downstream_path(name, id),
+        download,
         stream,
         ctx.config.heartbeat_interval,
         &ctx.shutdown,

@@ -1,9 +1,11 @@
-//! The `ptth_server` binary: see the library for the proxy itself.
+//! The `ptth_server` binary: the key commands, or reads the configuration and key and calls
+//! [`ptth_server::run`].
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use ptth_common::cli::KeyCommand;
 use ptth_common::config::ServerConfig;
 use ptth_common::keys::PrivateKey;
 
@@ -22,44 +24,18 @@ struct Args {
     #[arg(long)]
     log_level: Option<String>,
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Write a new private key (PKCS#8 PEM, mode 0600) and print its public key (base64).
-    Keygen {
-        /// The key file to create; an existing file is never overwritten.
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Print the public key (base64, as relay.toml wants it) of an existing private key file.
-    Pubkey {
-        /// The private key file (PKCS#8 PEM).
-        #[arg(long)]
-        key: PathBuf,
-    },
+    command: Option<KeyCommand>,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run(Args::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => ptth_common::cli::report(e.as_ref()),
-    }
+    ptth_common::cli::exit_code(run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    match &args.command {
-        Some(Command::Keygen { out }) => {
-            println!("{}", ptth_common::cli::keygen(out)?);
-            return Ok(());
-        }
-        Some(Command::Pubkey { key }) => {
-            println!("{}", PrivateKey::load(key)?.public());
-            return Ok(());
-        }
-        None => {}
+    if let Some(command) = &args.command {
+        println!("{}", command.run()?);
+        return Ok(());
     }
     let Some(config_path) = args.config else {
         anyhow::bail!("missing --config FILE (see --help)");
@@ -69,6 +45,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let key = PrivateKey::load(&config.key_file)
         .with_context(|| format!("key_file in {}", config_path.display()))?;
     let shutdown = ptth_common::cli::shutdown_on_signals();
-    ptth_server::run(config, key, shutdown).await?;
+    ptth_server::run(config, key, shutdown)?.await;
     Ok(())
 }

@@ -1,22 +1,37 @@
 //! Test and demo harness: starts a relay, server proxies and client proxies in-process on
 //! port 0, with keys and configuration files written to a temporary folder exactly as a user
-//! would write them, plus small TCP services to forward to.
+//! would write them, plus small TCP services to forward to, and what every test file shares:
+//! [`within`] (the time limit of a test), [`Logs`] (captured log lines) and
+//! [`transfer_each_way`] (a SHA-checked transfer through a tunnel).
+//!
+//! * [`fronts`]: nginx, Caddy and HAProxy in front of a relay, with a private CA.
+//! * [`taps`]: a counting TCP forwarder and an HTTP/1.1-only TLS bridge.
+#![warn(missing_docs)]
 
 pub mod fronts;
+pub mod taps;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use parking_lot::Mutex;
 use ptth_common::config::{ProxyConfig, RelayConfig, ServerConfig};
 use ptth_common::keys::PrivateKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
+
+/// Runs a test body, failing it if it takes longer than `limit`.
+pub async fn within<F: Future<Output = ()>>(limit: Duration, body: F) {
+    tokio::time::timeout(limit, body)
+        .await
+        .expect("test timed out");
+}
 
 /// Log lines captured from one component (what it would print on stderr).
 #[derive(Debug, Clone)]
@@ -48,7 +63,7 @@ impl Logs {
 
     /// Everything logged so far.
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
     }
 
     /// Lines at WARN or ERROR level.
@@ -73,10 +88,7 @@ impl Logs {
 
 impl std::io::Write for Logs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
+        self.0.lock().extend_from_slice(buf);
         self.1.send_modify(|n| *n += 1);
         Ok(buf.len())
     }
@@ -308,21 +320,17 @@ pub fn start_relay(
     listener.set_nonblocking(true)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let component = Component::spawn(move |token| async move {
-        let relay = match ptth_relay::Relay::new(config, token) {
-            Ok(r) => r,
+        let started = TcpListener::from_std(listener)
+            .map_err(|e| e.to_string())
+            .and_then(|l| ptth_relay::run(l, config, token).map_err(|e| e.to_string()));
+        match started {
+            Ok(relay) => {
+                let _ = tx.send(Ok((relay.connections(), relay.listens())));
+                relay.await;
+            }
             Err(e) => {
-                let _ = tx.send(Err(e.to_string()));
-                return;
+                let _ = tx.send(Err(e));
             }
-        };
-        let _ = tx.send(Ok((relay.connections(), relay.listens())));
-        match TcpListener::from_std(listener) {
-            Ok(l) => {
-                if let Err(e) = relay.serve(l).await {
-                    tracing::error!(error = %e, "relay failed");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "relay listener"),
         }
     });
     let (connections, listens) = rx
@@ -359,8 +367,9 @@ pub fn bind_any() -> anyhow::Result<std::net::TcpListener> {
 /// Starts a server proxy.
 pub fn start_server(config: ServerConfig, key: PrivateKey) -> Component {
     Component::spawn(move |token| async move {
-        if let Err(e) = ptth_server::run(config, key, token).await {
-            tracing::error!(error = %e, "server proxy failed");
+        match ptth_server::run(config, key, token) {
+            Ok(server) => server.await,
+            Err(e) => tracing::error!(error = %e, "server proxy failed"),
         }
     })
 }
@@ -374,24 +383,20 @@ pub fn start_proxy(
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     for f in &config.forwards {
-        let l = std::net::TcpListener::bind(*f.listen.get_ref())?;
+        let l = std::net::TcpListener::bind(f.listen)?;
         l.set_nonblocking(true)?;
         addrs.push(l.local_addr()?);
-        listeners.push((l, f.clone()));
+        listeners.push(l);
     }
     let component = Component::spawn(move |token| async move {
-        let mut ls = Vec::new();
-        for (l, f) in listeners {
-            match TcpListener::from_std(l) {
-                Ok(l) => ls.push((l, f)),
-                Err(e) => {
-                    tracing::error!(error = %e, "proxy listener");
-                    return;
-                }
-            }
-        }
-        if let Err(e) = ptth_proxy::run(ls, config, key, token).await {
-            tracing::error!(error = %e, "client proxy failed");
+        let listeners: std::io::Result<Vec<TcpListener>> =
+            listeners.into_iter().map(TcpListener::from_std).collect();
+        let started = listeners
+            .map_err(|e| e.to_string())
+            .and_then(|ls| ptth_proxy::run(ls, config, key, token).map_err(|e| e.to_string()));
+        match started {
+            Ok(proxy) => proxy.await,
+            Err(e) => tracing::error!(error = %e, "client proxy failed"),
         }
     });
     Ok((component, addrs))
@@ -444,6 +449,35 @@ pub async fn round_trip(addr: SocketAddr, msg: &[u8]) -> anyhow::Result<Vec<u8>>
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     Ok(out)
+}
+
+/// Sends `len` pseudo-random bytes (from `seed`) through the tunnel at `local` to an echo
+/// service while reading the echo, half-closes, and checks that exactly those bytes came back
+/// (length and SHA-256) before EOF.
+pub async fn transfer_each_way(local: SocketAddr, len: usize, seed: u64) {
+    use sha2::{Digest, Sha256};
+    let data = random_bytes(len, seed);
+    let want = Sha256::digest(&data);
+    let s = TcpStream::connect(local).await.expect("connect");
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.expect("write");
+        w.shutdown().await.expect("shutdown");
+    });
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n;
+        hasher.update(&buf[..n]);
+    }
+    writer.await.expect("writer");
+    assert_eq!(total, len);
+    assert_eq!(hasher.finalize(), want, "SHA-256 differs");
 }
 
 /// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.

@@ -12,12 +12,6 @@ use tokio::sync::oneshot;
 const LIMIT: Duration = Duration::from_secs(60);
 const PROPAGATION: Duration = Duration::from_secs(2);
 
-async fn within<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test timed out");
-}
-
 /// A one-connection service; `f` gets the accepted socket.
 async fn service<F, Fut>(f: F) -> SocketAddr
 where
@@ -107,7 +101,7 @@ async fn expect_state_freed(w: &World) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_reset_mid_transfer_reaches_the_client() {
-    within(async {
+    within(LIMIT, async {
         let (reset_tx, reset_rx) = oneshot::channel();
         let svc = service(|mut s| async move {
             let mut buf = vec![0u8; 256 * 1024];
@@ -133,7 +127,7 @@ async fn service_reset_mid_transfer_reaches_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_close_mid_upload_reaches_the_client() {
-    within(async {
+    within(LIMIT, async {
         let (closed_tx, closed_rx) = oneshot::channel();
         let svc = service(|mut s| async move {
             let mut buf = vec![0u8; 256 * 1024];
@@ -157,7 +151,7 @@ async fn service_close_mid_upload_reaches_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_close_mid_download_reaches_the_service() {
-    within(async {
+    within(LIMIT, async {
         let (failed_tx, failed_rx) = oneshot::channel();
         let svc = service(|mut s| async move {
             let chunk = random_bytes(64 * 1024, 9);
@@ -225,7 +219,7 @@ async fn expect_socket_reset(s: &TcpStream, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_during_a_stalled_upload_reaches_the_service() {
-    within(async {
+    within(LIMIT, async {
         // The service never reads: the client's upload fills every buffer on the way.
         let (sock_tx, sock_rx) = oneshot::channel();
         let svc = service(|s| async move {
@@ -246,7 +240,7 @@ async fn client_reset_during_a_stalled_upload_reaches_the_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_reset_during_a_stalled_download_reaches_the_client() {
-    within(async {
+    within(LIMIT, async {
         // The client never reads: the service's bytes fill every buffer on the way.
         let (reset_tx, reset_rx) = oneshot::channel();
         let svc = service(|mut s| async move {
@@ -267,7 +261,7 @@ async fn service_reset_during_a_stalled_download_reaches_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_proxy_killed_closes_the_client() {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let mut w = World::start(WorldOptions::echo(echo)).await.expect("world");
         let (mut r, mut wr) = TcpStream::connect(w.local())
@@ -286,7 +280,7 @@ async fn server_proxy_killed_closes_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_proxy_killed_closes_the_service() {
-    within(async {
+    within(LIMIT, async {
         let (eof_tx, eof_rx) = oneshot::channel();
         let svc = service(|mut s| async move {
             let mut buf = [0u8; 1024];
@@ -328,7 +322,7 @@ async fn client_proxy_killed_closes_the_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_restart_while_server_waits_then_new_connection_works() {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let w = World::start(WorldOptions::echo(echo)).await.expect("world");
         assert_eq!(
@@ -369,7 +363,7 @@ async fn relay_restart_while_server_waits_then_new_connection_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_server_is_offline_at_once() {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let mut w = World::start(WorldOptions::echo(echo)).await.expect("world");
         // One connection first: a listen was just answered, and the port's grace (kept while

@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use ptth_tests::fronts::{Pki, ensure_installed};
+use ptth_tests::within;
 
 const DEPLOY_MD: &str = include_str!("../../docs/deploy.md");
 const LIMIT: Duration = Duration::from_secs(60);
@@ -127,12 +128,6 @@ async fn check(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> (bool, S
     (out.status.success(), text)
 }
 
-async fn within<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(LIMIT * 2, f)
-        .await
-        .expect("test timed out");
-}
-
 #[test]
 fn every_front_configuration_block_is_marked() {
     let marked = marked_blocks();
@@ -176,7 +171,7 @@ fn every_front_configuration_block_is_marked() {
 
 #[tokio::test]
 async fn nginx_accepts_the_documented_configuration() {
-    within(async {
+    within(LIMIT * 2, async {
         let nginx = ensure_installed("nginx", "nginx").expect("nginx");
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
@@ -229,7 +224,7 @@ async fn nginx_accepts_the_documented_configuration() {
 
 #[tokio::test]
 async fn caddy_accepts_the_documented_configuration() {
-    within(async {
+    within(LIMIT * 2, async {
         let caddy = ensure_installed("caddy", "caddy").expect("caddy");
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
@@ -261,7 +256,7 @@ async fn caddy_accepts_the_documented_configuration() {
 
 #[tokio::test]
 async fn haproxy_accepts_the_documented_configuration() {
-    within(async {
+    within(LIMIT * 2, async {
         let haproxy = ensure_installed("haproxy", "haproxy").expect("haproxy");
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();

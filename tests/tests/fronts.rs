@@ -10,10 +10,10 @@ use std::time::Duration;
 use ptth_common::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
 use ptth_common::client::http_client_builder;
 use ptth_common::protocol::{self, RELAY_ANSWER_HEADER};
-use ptth_tests::fronts::{CountingForwarder, FrontKind, Pki, TlsBridge, start_front};
+use ptth_tests::fronts::{FrontKind, Pki, start_front};
+use ptth_tests::taps::{CountingForwarder, TlsBridge};
 use ptth_tests::*;
 use reqwest::Version;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -24,12 +24,6 @@ const FRONT_TIMEOUT: Duration = Duration::from_secs(3);
 const HEARTBEAT: &str = "1s";
 /// The relay's `listen_timeout`: long-polls end with 204 and are re-issued this often.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(1);
-
-async fn within<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test timed out");
-}
 
 /// Everything started for one front.
 struct Stack {
@@ -119,31 +113,6 @@ async fn stack(kind: Option<FrontKind>) -> Stack {
         counter,
         server_counter,
     }
-}
-
-async fn transfer_each_way(local: SocketAddr, len: usize) {
-    let data = random_bytes(len, 42);
-    let want = Sha256::digest(&data);
-    let s = TcpStream::connect(local).await.expect("connect");
-    let (mut r, mut w) = s.into_split();
-    let writer = tokio::spawn(async move {
-        w.write_all(&data).await.expect("write");
-        w.shutdown().await.expect("shutdown");
-    });
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0;
-    loop {
-        let n = r.read(&mut buf).await.expect("read");
-        if n == 0 {
-            break;
-        }
-        total += n;
-        hasher.update(&buf[..n]);
-    }
-    writer.await.expect("writer");
-    assert_eq!(total, len);
-    assert_eq!(hasher.finalize(), want, "SHA-256 differs");
 }
 
 /// A request signed for one path and sent to another, with a forged X-Forwarded-For.
@@ -256,7 +225,7 @@ async fn suite(kind: Option<FrontKind>) {
     let name = format!("{kind:?}");
 
     // 256 MiB each way through one tunnel.
-    let big = tokio::spawn(transfer_each_way(s.local, 256 << 20)).await;
+    let big = tokio::spawn(transfer_each_way(s.local, 256 << 20, 42)).await;
     if big.is_err() {
         panic!(
             "{name}: transfer failed\nclient proxy:\n{}\nserver proxy:\n{}\nrelay:\n{}\nfront:\n{}",
@@ -428,7 +397,7 @@ async fn tunnel_over_http11(s: &Stack) {
         )
         .expect("proxy config");
     let (proxy, addrs) = start_proxy(config, s.setup.alice_key.clone()).expect("proxy");
-    transfer_each_way(addrs[0], 8 << 20).await;
+    transfer_each_way(addrs[0], 8 << 20, 42).await;
 
     let lines = bridge.request_lines();
     let requests = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
@@ -457,22 +426,22 @@ async fn tunnel_over_http11(s: &Stack) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_nginx() {
-    within(suite(Some(FrontKind::Nginx))).await;
+    within(LIMIT, suite(Some(FrontKind::Nginx))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_caddy() {
-    within(suite(Some(FrontKind::Caddy))).await;
+    within(LIMIT, suite(Some(FrontKind::Caddy))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_haproxy() {
-    within(suite(Some(FrontKind::Haproxy))).await;
+    within(LIMIT, suite(Some(FrontKind::Haproxy))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_terminates_tls_itself() {
-    within(suite(None)).await;
+    within(LIMIT, suite(None)).await;
 }
 
 /// h2 clients (hyper's, so the proxies') close a connection that received more than 100
@@ -481,7 +450,7 @@ async fn relay_terminates_tls_itself() {
 /// tunnels, one after the other, on its one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_tls_carries_150_tunnels_on_one_connection() {
-    within(async {
+    within(LIMIT, async {
         let s = stack(None).await;
         // The client proxy's start-up warm-up may race the first tunnel to connect, hence
         // the connections counted after it: none may be added.
@@ -506,7 +475,7 @@ async fn relay_tls_carries_150_tunnels_on_one_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_is_ignored_from_untrusted_peers() {
-    within(async {
+    within(LIMIT, async {
         // Plain relay trusting only 127.0.0.1; the caller comes from 127.0.0.3.
         let mut setup = Setup::new().expect("setup");
         setup.relay_extra = "trusted_proxies = [\"127.0.0.1\"]".into();
@@ -542,7 +511,7 @@ async fn forwarded_for_is_ignored_from_untrusted_peers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffering_nginx_is_diagnosed_within_ten_seconds() {
-    within(async {
+    within(LIMIT, async {
         let s = stack(Some(FrontKind::NginxBuffering)).await;
         let started = tokio::time::Instant::now();
         let limit = Duration::from_secs(10);
@@ -569,7 +538,7 @@ async fn buffering_nginx_is_diagnosed_within_ten_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_certificate_is_reported_clearly() {
-    within(async {
+    within(LIMIT, async {
         let s = stack(None).await;
         let url = format!("https://localhost:{}", s.public.port());
         // Both names it must give: what failed, and the setting that fixes it.

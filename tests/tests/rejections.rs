@@ -1,9 +1,7 @@
 //! Every refusal: connect failures seen through the client proxy (socket closed at once, clear
 //! log line), and each authentication and authorisation rejection seen at the relay's API.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ptth_common::auth::{SIGNATURE, SIGNATURE_INPUT, Signer, unix_now};
@@ -17,31 +15,6 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-async fn within<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test timed out");
-}
-
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("logs").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("logs")).into_owned()
-    }
-}
 
 fn relay_client(addr: SocketAddr, key: &PrivateKey) -> RelayClient {
     RelayClient::new(
@@ -63,13 +36,7 @@ async fn connect_fails(
     want: &[&str],
 ) {
     let logs = Logs::default();
-    let sink = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = tracing::subscriber::set_default(logs.subscriber());
     let key = if client == "alice" {
         w.setup.alice_key.clone()
     } else {
@@ -82,13 +49,8 @@ async fn connect_fails(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let local = listener.local_addr().expect("addr");
     let token = tokio_util::sync::CancellationToken::new();
-    let fwd = config.forwards[0].clone();
-    let proxy = tokio::spawn(ptth_proxy::run(
-        vec![(listener, fwd)],
-        config,
-        key,
-        token.clone(),
-    ));
+    let proxy = ptth_proxy::run(vec![listener], config, key, token.clone()).expect("proxy");
+    let proxy = tokio::spawn(proxy.into_future());
     let mut s = TcpStream::connect(local).await.expect("connect");
     let mut buf = Vec::new();
     let r = tokio::time::timeout(within_, s.read_to_end(&mut buf)).await;
@@ -104,7 +66,7 @@ async fn connect_fails(
 
 #[tokio::test]
 async fn connect_failures_close_the_socket_with_a_clear_log_line() {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let mut opts = WorldOptions::echo(echo);
         opts.ports
@@ -193,7 +155,7 @@ async fn status_and_text(r: reqwest::Response) -> (StatusCode, String) {
 
 #[tokio::test]
 async fn signatures_must_name_a_configured_authority() {
-    within(async {
+    within(LIMIT, async {
         // No server proxy: it would sign for 127.0.0.1:PORT, which this relay refuses.
         let mut opts = WorldOptions::echo(closed_port().expect("port"));
         opts.ports.clear();
@@ -243,7 +205,7 @@ async fn signatures_must_name_a_configured_authority() {
 
 #[tokio::test]
 async fn unknown_key_and_bad_signature_get_the_same_401() {
-    within(async {
+    within(LIMIT, async {
         let w = world_with_short_listens().await;
         let stranger = relay_client(w.relay.addr, &PrivateKey::generate().expect("key"));
         let unknown = stranger
@@ -296,7 +258,7 @@ async fn unknown_key_and_bad_signature_get_the_same_401() {
 
 #[tokio::test]
 async fn replayed_and_stale_requests_are_refused() {
-    within(async {
+    within(LIMIT, async {
         let w = world_with_short_listens().await;
         let path = protocol::connect_path("web", "x");
         let signer = Signer::new(w.setup.alice_key.clone());
@@ -340,7 +302,7 @@ async fn replayed_and_stale_requests_are_refused() {
 
 #[tokio::test]
 async fn keys_may_only_act_as_themselves() {
-    within(async {
+    within(LIMIT, async {
         let w = world_with_short_listens().await;
         let db = relay_client(w.relay.addr, &w.setup.server_key);
         let alice = relay_client(w.relay.addr, &w.setup.alice_key);
@@ -390,7 +352,7 @@ async fn keys_may_only_act_as_themselves() {
 
 #[tokio::test]
 async fn connection_ids_belong_to_their_owners_and_are_single_use() {
-    within(async {
+    within(LIMIT, async {
         // Default listen_timeout: the hand-made listen below must still wait when the
         // connect arrives, however loaded the machine.
         let echo = echo_service().await.expect("echo");
@@ -526,7 +488,7 @@ async fn open_by_hand(
 
 #[tokio::test]
 async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
-    within(async {
+    within(LIMIT, async {
         use ptth_common::frame;
         let echo = echo_service().await.expect("echo");
         let w = World::start(WorldOptions::echo(echo)).await.expect("world");
@@ -591,7 +553,7 @@ async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
 
 /// With `extra` in relay.toml, one open tunnel blocks the next connect with `refusal`.
 async fn connection_limit_is_enforced(extra: &str, refusal: &str) {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let mut opts = WorldOptions::echo(echo);
         // The server proxy keeps 2 listens on `echo`; allow 2 per port and 1 connection.
@@ -645,7 +607,7 @@ async fn per_client_connection_limit_is_enforced() {
 
 #[tokio::test]
 async fn relay_serves_at_most_max_http_connections() {
-    within(async {
+    within(LIMIT, async {
         let mut setup = Setup::new().expect("setup");
         setup.relay_extra = "max_http_connections = 1".into();
         let relay = start_relay(
@@ -678,7 +640,7 @@ async fn relay_serves_at_most_max_http_connections() {
 
 #[tokio::test]
 async fn one_address_cannot_take_every_connection() {
-    within(async {
+    within(LIMIT, async {
         let mut setup = Setup::new().expect("setup");
         setup.relay_extra = "max_http_connections_per_ip = 1".into();
         let relay = start_relay(
@@ -715,7 +677,7 @@ async fn one_address_cannot_take_every_connection() {
 
 #[tokio::test]
 async fn silent_connections_are_closed() {
-    within(async {
+    within(LIMIT, async {
         let setup = Setup::new().expect("setup");
         let relay = start_relay(
             bind_any().expect("bind"),

@@ -9,39 +9,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-async fn within<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test timed out");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_sha256_equal() {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let w = World::start(WorldOptions::echo(echo)).await.expect("world");
-        let data = random_bytes(64 << 20, 7);
-        let want = Sha256::digest(&data);
-        let s = TcpStream::connect(w.local()).await.expect("connect");
-        let (mut r, mut wr) = s.into_split();
-        let writer = tokio::spawn(async move {
-            wr.write_all(&data).await.expect("write");
-            wr.shutdown().await.expect("shutdown");
-        });
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0usize;
-        loop {
-            let n = r.read(&mut buf).await.expect("read");
-            if n == 0 {
-                break;
-            }
-            total += n;
-            hasher.update(&buf[..n]);
-        }
-        writer.await.expect("writer");
-        assert_eq!(total, 64 << 20);
-        assert_eq!(hasher.finalize(), want);
+        transfer_each_way(w.local(), 64 << 20, 7).await;
         tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
             .await
             .expect("relay frees the connection's state");
@@ -51,7 +24,7 @@ async fn sixty_four_mib_each_way_sha256_equal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_connections() {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let w = World::start(WorldOptions::echo(echo)).await.expect("world");
         let local = w.local();
@@ -97,7 +70,7 @@ async fn reply_after_eof(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_half_close_still_receives_whole_reply() {
-    within(async {
+    within(LIMIT, async {
         let reply = random_bytes(3 << 20, 11);
         let (svc, task) = reply_after_eof(reply.clone()).await;
         let w = World::start(WorldOptions::echo(svc)).await.expect("world");
@@ -113,7 +86,7 @@ async fn client_half_close_still_receives_whole_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_half_close_still_receives_whole_upload() {
-    within(async {
+    within(LIMIT, async {
         // The service greets, shuts down its write side at once, then reads everything.
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let svc = l.local_addr().expect("addr");
@@ -150,7 +123,7 @@ async fn service_half_close_still_receives_whole_upload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_keep_an_idle_tunnel_open_past_idle_timeout() {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let mut opts = WorldOptions::echo(echo);
         opts.relay_extra = "idle_timeout = \"1s\"\nheartbeat_interval = \"200ms\"".into();
@@ -172,7 +145,7 @@ async fn heartbeats_keep_an_idle_tunnel_open_past_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_closes_a_silent_connection_after_idle_timeout() {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let mut opts = WorldOptions::echo(echo);
         // Heartbeats far apart: the tunnel is silent for longer than idle_timeout.
@@ -207,7 +180,7 @@ async fn relay_closes_a_silent_connection_after_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_closes_are_never_reported_as_aborts() {
-    within(async {
+    within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let w = World::start(WorldOptions::echo(echo)).await.expect("world");
         for i in 0..300u64 {

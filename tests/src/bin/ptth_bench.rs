@@ -1,6 +1,6 @@
 //! `ptth_bench`: the tunnel against direct loopback, measured in one run, reported as ratios.
 //!
-//! * one stream: MiB/s of a bulk upload to a sink (and download from a source)
+//! * one stream: MiB/s of a bulk upstream to a sink (and downstream from a source)
 //! * round trip: 1-byte ping-pong on an open connection
 //! * new connection: connect, 1-byte ping-pong, close
 //!
@@ -8,7 +8,7 @@
 //! noise hits both alike. Run in release: `cargo run --release -p ptth_tests --bin ptth_bench`.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ptth_tests::{World, WorldOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,17 +31,17 @@ async fn main() -> anyhow::Result<()> {
 
     let (mut d, mut t) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        d.push(upload(svc, mib).await?);
-        t.push(upload(tunnel, mib).await?);
+        d.push(upstream(svc, mib).await?);
+        t.push(upstream(tunnel, mib).await?);
     }
-    report("one stream upload (MiB/s)", &d, &t, true);
+    report("one stream upstream (MiB/s)", &d, &t, true);
 
     let (mut d, mut t) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        d.push(download(svc, mib).await?);
-        t.push(download(tunnel, mib).await?);
+        d.push(downstream(svc, mib).await?);
+        t.push(downstream(tunnel, mib).await?);
     }
-    report("one stream download (MiB/s)", &d, &t, true);
+    report("one stream downstream (MiB/s)", &d, &t, true);
 
     let (mut d, mut t) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
@@ -130,7 +130,7 @@ async fn bench_service() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn upload(addr: SocketAddr, mib: usize) -> anyhow::Result<f64> {
+async fn upstream(addr: SocketAddr, mib: usize) -> anyhow::Result<f64> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let buf = vec![7u8; 256 * 1024];
@@ -145,7 +145,7 @@ async fn upload(addr: SocketAddr, mib: usize) -> anyhow::Result<f64> {
     Ok(mib as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn download(addr: SocketAddr, mib: usize) -> anyhow::Result<f64> {
+async fn downstream(addr: SocketAddr, mib: usize) -> anyhow::Result<f64> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let start = Instant::now();
@@ -160,7 +160,7 @@ async fn download(addr: SocketAddr, mib: usize) -> anyhow::Result<f64> {
         }
         got += n;
     }
-    anyhow::ensure!(got == mib << 20, "short download");
+    anyhow::ensure!(got == mib << 20, "short downstream");
     Ok(mib as f64 / start.elapsed().as_secs_f64())
 }
 
@@ -188,6 +188,5 @@ async fn new_conn(addr: SocketAddr, n: usize) -> anyhow::Result<f64> {
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;
     }
-    let _ = Duration::ZERO;
     Ok(start.elapsed().as_secs_f64() * 1e6 / n as f64)
 }

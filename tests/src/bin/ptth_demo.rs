@@ -92,21 +92,18 @@ async fn main() -> anyhow::Result<()> {
     let client_key = PrivateKey::load(&proxy_config.key_file)?;
 
     let token = CancellationToken::new();
-    let relay = ptth_relay::Relay::new(relay_config, token.child_token())?;
+    let relay = ptth_relay::run(relay_listener, relay_config, token.child_token())?;
     let mut listens = relay.listens();
-    let relay_task = tokio::spawn(relay.serve(relay_listener));
-    let server_task = tokio::spawn(ptth_server::run(
-        server_config.clone(),
-        server_key,
-        token.child_token(),
-    ));
-    let fwd = proxy_config.forwards[0].clone();
-    let proxy_task = tokio::spawn(ptth_proxy::run(
-        vec![(forward_listener, fwd)],
+    let server = ptth_server::run(server_config.clone(), server_key, token.child_token())?;
+    let proxy = ptth_proxy::run(
+        vec![forward_listener],
         proxy_config,
         client_key,
         token.child_token(),
-    ));
+    )?;
+    let relay_task = tokio::spawn(relay.into_future());
+    let server_task = tokio::spawn(server.into_future());
+    let proxy_task = tokio::spawn(proxy.into_future());
     println!("  relay        http://{relay_addr}");
     println!("  ptth_server  offers db/echo -> built-in echo service at {echo}");
     println!("  ptth_proxy   listens on {forward_addr} -> db/echo");

@@ -1,0 +1,179 @@
+//! Who is calling, and what they may touch: every request's signature is verified first, then
+//! the principal it names is checked against the path (a server acts only as itself, a client
+//! only within its allow list and on its own connections).
+//!
+//! Nothing is allocated for a caller whose signature has not verified.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::Request;
+use http::header;
+use ptth_common::auth::{AuthError, SIGNATURE, SIGNATURE_INPUT, unix_now};
+use ptth_common::protocol::ConnId;
+use tracing::{info, warn};
+
+use crate::conn::Conn;
+use crate::state::{Principal, Shared};
+
+/// The TCP peer of the HTTP connection a request came on (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub SocketAddr);
+
+/// Why a request may not do what it asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Denied {
+    /// The signature did not verify.
+    Auth(AuthError),
+    /// A server key used with another server's name in the path.
+    OtherServer,
+    /// A client key on a server's endpoint.
+    NotAServer,
+    /// A server key on `connect`.
+    NotAClient,
+    /// The client's allow list does not grant the port.
+    NotAllowed,
+    /// The connection does not exist, is not the caller's, or has ended. The same answer for
+    /// all three, so that IDs stay secret.
+    NoSuchConnection,
+}
+
+/// The address of the real client: the TCP peer, or, when the peer is a trusted reverse
+/// proxy, the rightmost `X-Forwarded-For` entry that is not itself a trusted proxy.
+pub(crate) fn client_addr(shared: &Shared, req: &Request) -> Option<IpAddr> {
+    let peer = req.extensions().get::<Peer>()?.0.ip();
+    let trusted = |ip: IpAddr| shared.config.trusted_proxies.iter().any(|c| c.contains(ip));
+    if !trusted(peer) {
+        return Some(peer);
+    }
+    let mut addr = peer;
+    let values: Vec<&str> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            break;
+        };
+        addr = ip;
+        if !trusted(ip) {
+            break;
+        }
+    }
+    Some(addr)
+}
+
+/// The request's own authority: the HTTP/2 `:authority`, or the `Host` header.
+fn authority_of(req: &Request) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// Verifies the request's signature: who signed it. Refusals are logged with the client's
+/// address.
+pub(crate) fn authenticate(shared: &Shared, req: &Request) -> Result<Principal, Denied> {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let host;
+    let authorities: Vec<&str> = if shared.authorities.is_empty() {
+        host = authority_of(req).unwrap_or_default().to_ascii_lowercase();
+        vec![host.as_str()]
+    } else {
+        shared.authorities.iter().map(String::as_str).collect()
+    };
+    let result = shared.verifier.verify(
+        req.method().as_str(),
+        &authorities,
+        req.uri().path(),
+        header(SIGNATURE_INPUT),
+        header(SIGNATURE),
+        unix_now(),
+    );
+    result.copied().map_err(|e| {
+        let client = client_addr(shared, req)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        info!(path = req.uri().path(), %client, error = %e, "request refused");
+        Denied::Auth(e)
+    })
+}
+
+/// Authenticates a server acting as the server named `server` in the path; its index.
+pub(crate) fn server(shared: &Shared, req: &Request, server: &str) -> Result<usize, Denied> {
+    match authenticate(shared, req)? {
+        Principal::Server(i) if shared.server_names[i].as_str() == server => Ok(i),
+        Principal::Server(i) => {
+            warn!(key_of = %shared.server_names[i], path_server = server, "server key used for another server name");
+            Err(Denied::OtherServer)
+        }
+        Principal::Client(_) => Err(Denied::NotAServer),
+    }
+}
+
+/// Authenticates a client allowed to connect to `server`/`port`; its index.
+pub(crate) fn connecting_client(
+    shared: &Shared,
+    req: &Request,
+    server: &str,
+    port: &str,
+) -> Result<usize, Denied> {
+    let Principal::Client(i) = authenticate(shared, req)? else {
+        return Err(Denied::NotAClient);
+    };
+    if !shared.client_allow[i]
+        .iter()
+        .any(|g| g.allows(server, port))
+    {
+        let client = &shared.client_names[i];
+        info!(%client, %server, %port, "connect denied by allow list");
+        return Err(Denied::NotAllowed);
+    }
+    Ok(i)
+}
+
+/// The live connection `id` if it is `who`'s.
+fn owned(shared: &Shared, id: &str, who: Principal) -> Result<Arc<Conn>, Denied> {
+    let id: ConnId = id.parse().map_err(|_| Denied::NoSuchConnection)?;
+    let conn = shared.conns.get(id).ok_or(Denied::NoSuchConnection)?;
+    let owner = match who {
+        Principal::Server(s) => conn.server == s,
+        Principal::Client(c) => conn.client == c,
+    };
+    if !owner || conn.cancel.is_cancelled() {
+        return Err(Denied::NoSuchConnection);
+    }
+    Ok(conn)
+}
+
+/// Authenticates the server named `server` and finds its connection `id` (`accept`,
+/// `downstream`).
+pub(crate) fn servers_connection(
+    shared: &Shared,
+    req: &Request,
+    server_name: &str,
+    id: &str,
+) -> Result<Arc<Conn>, Denied> {
+    let i = server(shared, req, server_name)?;
+    owned(shared, id, Principal::Server(i))
+}
+
+/// Authenticates a client and finds its connection `id` to the server named `server`
+/// (`upstream`). Anything else, a server key included, is no such connection.
+pub(crate) fn clients_connection(
+    shared: &Shared,
+    req: &Request,
+    server: &str,
+    id: &str,
+) -> Result<Arc<Conn>, Denied> {
+    let Principal::Client(i) = authenticate(shared, req)? else {
+        return Err(Denied::NoSuchConnection);
+    };
+    let conn = owned(shared, id, Principal::Client(i))?;
+    if shared.server_names[conn.server].as_str() != server {
+        return Err(Denied::NoSuchConnection);
+    }
+    Ok(conn)
+}

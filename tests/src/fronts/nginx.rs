@@ -1,0 +1,127 @@
+//! nginx in front of the relay, configured as docs/deploy.md says (or, for the diagnosis test,
+//! left buffering request bodies), and how its logs are judged.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use super::{Front, PROBE_PATH, Pki};
+
+/// The nginx configuration: TLS on `port`, `/v1/` proxied to `relay`, timeouts `t` seconds,
+/// request buffering on only when `buffering` (the mistake under test).
+pub(super) fn config(
+    buffering: bool,
+    dir: &Path,
+    pki: &Pki,
+    port: u16,
+    relay: SocketAddr,
+    t: u64,
+    token: &str,
+) -> String {
+    let d = dir.display();
+    let buffering = if buffering {
+        // The mistake under test: nginx's default, request bodies buffered whole.
+        "proxy_request_buffering on;"
+    } else {
+        "proxy_request_buffering off;"
+    };
+    format!(
+        r#"daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/nginx-body;
+    proxy_temp_path {d}/nginx-proxy;
+    fastcgi_temp_path {d}/nginx-fastcgi;
+    uwsgi_temp_path {d}/nginx-uwsgi;
+    scgi_temp_path {d}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        server_name localhost;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        http2_max_concurrent_streams 1024;
+        keepalive_requests 1000000;
+        keepalive_timeout {t}s;
+        client_body_timeout {t}s;
+        send_timeout {t}s;
+        location = {PROBE_PATH} {{
+            return 200 "{token}";
+        }}
+        location /v1/ {{
+            proxy_pass http://{relay};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            {buffering}
+            proxy_buffering off;
+            client_max_body_size 0;
+            proxy_read_timeout {t}s;
+            proxy_send_timeout {t}s;
+        }}
+    }}
+}}
+"#,
+        cert = pki.cert.display(),
+        key = pki.key.display(),
+    )
+}
+
+/// Lines of nginx's logs that report a problem: `[warn]` and worse, and lines (whatever their
+/// level: nginx logs client timeouts at `[info]`) saying `timed out`, `prematurely closed` or
+/// naming the upstream.
+pub(super) fn errors(front: &Front) -> Vec<String> {
+    let text = format!("{}{}", front.log(), front.error_log());
+    text.lines()
+        .filter(|l| problem(l))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether an access log line is a `listen` answered with `status`.
+pub(super) fn answered_listen(line: &str, status: u16) -> bool {
+    line.contains("/listen HTTP/") && line.contains(&format!("\" {status} "))
+}
+
+fn problem(line: &str) -> bool {
+    let l = line.to_ascii_lowercase();
+    [
+        "[warn]",
+        "[error]",
+        "[crit]",
+        "[alert]",
+        "[emerg]",
+        "timed out",
+        "prematurely closed",
+        "upstream",
+    ]
+    .iter()
+    .any(|p| l.contains(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_log_lines_are_judged() {
+        let p = "2026/11/24 09:06:14 [info] 31770#31770: *44 ";
+        assert!(!problem(&format!(
+            "{p}client 127.0.0.6 closed keepalive connection"
+        )));
+        assert!(problem(&format!(
+            "{p}client timed out (110: Connection timed out) while reading client request body"
+        )));
+        assert!(problem(&format!(
+            "{p}epoll_wait() reported that client prematurely closed connection, so upstream connection is closed too"
+        )));
+        assert!(problem(
+            "2026/11/24 09:06:14 [error] 1#1: *3 upstream timed out (110: Connection timed out) while reading upstream"
+        ));
+    }
+}
