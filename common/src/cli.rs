@@ -1,7 +1,7 @@
 //! What the three binaries share around their library's `run`: logging, shutdown signals, error
 //! reports and exit codes, and the key commands of `ptth_server` and `ptth_proxy`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tokio_util::sync::CancellationToken;
 
@@ -88,6 +88,66 @@ pub fn report(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCo
     }
     eprintln!("{text}");
     std::process::ExitCode::FAILURE
+}
+
+/// The command line that `ptth_server` and `ptth_proxy` share (flattened into each one's own
+/// arguments, which add the help text): a configuration file, or a key command.
+#[derive(Debug, clap::Args)]
+pub struct EndpointArgs {
+    /// Path to the configuration file.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Log level or filter (e.g. `debug`); default: RUST_LOG, else info.
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// A key command instead of running.
+    #[command(subcommand)]
+    pub command: Option<KeyCommand>,
+}
+
+impl EndpointArgs {
+    /// Runs the key command if one was given, printing its line, and returns `None`. Otherwise
+    /// sets up logging and returns the configuration file to run with.
+    pub fn start(&self) -> Result<Option<&Path>, ArgsError> {
+        if let Some(command) = &self.command {
+            println!("{}", command.run()?);
+            return Ok(None);
+        }
+        let config = self.config.as_deref().ok_or(ArgsError::MissingConfig)?;
+        init_logging(self.log_level.as_deref()).map_err(ArgsError::Logging)?;
+        Ok(Some(config))
+    }
+}
+
+/// Why [`EndpointArgs::start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    /// The key command failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// Neither a key command nor `--config`.
+    #[error("missing --config FILE (see --help)")]
+    MissingConfig,
+    /// The log filter is invalid.
+    #[error("{0}")]
+    Logging(String),
+}
+
+/// A `key_file` that could not be loaded, named with the configuration file that set it.
+#[derive(Debug, thiserror::Error)]
+#[error("key_file in {}", config.display())]
+pub struct KeyFileError {
+    config: PathBuf,
+    #[source]
+    source: KeyError,
+}
+
+/// Loads `key_file`, which the configuration file `config` names.
+pub fn load_key(config: &Path, key_file: &Path) -> Result<PrivateKey, KeyFileError> {
+    PrivateKey::load(key_file).map_err(|source| KeyFileError {
+        config: config.to_owned(),
+        source,
+    })
 }
 
 /// The key subcommands of `ptth_server` and `ptth_proxy`.

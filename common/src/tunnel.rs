@@ -99,25 +99,6 @@ pub async fn carry(
     heartbeat: Duration,
     shutdown: &CancellationToken,
 ) {
-    match carry_inner(relay, upload_path, download, stream, heartbeat, shutdown).await {
-        Ok(()) => tracing::debug!("tunnel closed"),
-        Err(TunnelError::Cancelled) => tracing::debug!("tunnel closed by shutdown"),
-        // Something between us and the relay is in the way: the user must act.
-        Err(e @ (TunnelError::NotAttached(_) | TunnelError::BrokeBeforeAttached(_))) => {
-            tracing::warn!(error = %e, "tunnel aborted")
-        }
-        Err(e) => tracing::info!(error = %e, "tunnel aborted"),
-    }
-}
-
-async fn carry_inner(
-    relay: &RelayClient,
-    upload_path: &str,
-    download: reqwest::Response,
-    stream: TcpStream,
-    heartbeat: Duration,
-    shutdown: &CancellationToken,
-) -> Result<(), TunnelError> {
     if let Err(e) = set_reset_on_close(&stream, false) {
         tracing::debug!(error = %e, "cannot restore SO_LINGER");
     }
@@ -149,7 +130,16 @@ async fn carry_inner(
         ATTACH_TIMEOUT,
         (heartbeat * 3).max(MIN_DEAD_AFTER),
     );
-    run(&stream, &local_failed, upload, download, &cancel, shutdown).await
+    let ended = run(&stream, &local_failed, upload, download, &cancel, shutdown).await;
+    match ended {
+        Ok(()) => tracing::debug!("tunnel closed"),
+        Err(TunnelError::Cancelled) => tracing::debug!("tunnel closed by shutdown"),
+        // Something between us and the relay is in the way: the user must act.
+        Err(e @ (TunnelError::NotAttached(_) | TunnelError::BrokeBeforeAttached(_))) => {
+            tracing::warn!(error = %e, "tunnel aborted")
+        }
+        Err(e) => tracing::info!(error = %e, "tunnel aborted"),
+    }
 }
 
 /// Error type of [`UploadBody`].

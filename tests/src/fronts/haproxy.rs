@@ -59,17 +59,17 @@ pub(super) fn answered_listen(line: &str, status: u16) -> bool {
 /// `client:port [date] frontend backend/server Treq/Tw/Tc/Tr/Ta status bytes cookie cookie
 /// termination conns queues "request"`.
 #[derive(Debug, PartialEq, Eq)]
-pub struct HttpLogLine {
+struct HttpLogLine {
     /// The HTTP status sent to the client.
-    pub status: u16,
+    status: u16,
     /// The four-letter termination state (`----` when the request ended normally).
-    pub termination: String,
+    termination: String,
     /// The request line, quoted.
-    pub request: String,
+    request: String,
 }
 
 /// Parses a line of HAProxy's `option httplog` format; `None` for anything else.
-pub fn parse_httplog(line: &str) -> Option<HttpLogLine> {
+fn parse_httplog(line: &str) -> Option<HttpLogLine> {
     let tokens: Vec<&str> = line.split_whitespace().collect();
     let timers = |t: &str| {
         let parts: Vec<&str> = t.split('/').collect();

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-pub use haproxy::{HttpLogLine, parse_httplog};
 pub use pki::Pki;
 
 /// Which reverse proxy.
