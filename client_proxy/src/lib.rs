@@ -37,10 +37,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptth_common::client::{CallError, RelayClient, SetupError, call, http_client};
+use ptth_common::client::{CallError, RelayClient, SetupError, call, connection_id, http_client};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
-use ptth_common::protocol::{CONNECTION_ID_HEADER, ConnId, connect_path, upstream_path};
+use ptth_common::protocol::{connect_path, upstream_path};
 use ptth_common::tunnel;
 use reqwest::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
@@ -224,12 +224,7 @@ async fn serve_connection(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
             return;
         }
     };
-    let id = download
-        .headers()
-        .get(CONNECTION_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<ConnId>().ok());
-    let Some(id) = id else {
+    let Some(id) = connection_id(&download) else {
         error!("relay answered connect without a valid connection id");
         return;
     };

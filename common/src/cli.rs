@@ -25,6 +25,9 @@ pub fn init_logging(level: Option<&str>) -> Result<(), String> {
 
 /// A token cancelled on the first SIGINT or SIGTERM. A second signal exits at once.
 ///
+/// The task that watches the signals is the one task of a program that no task tracker holds:
+/// it must outlive the program's own shutdown, to exit at once on the second signal.
+///
 /// The handlers are installed before this returns, so a signal sent as soon as the program
 /// reports that it is ready is handled, never fatal.
 pub fn shutdown_on_signals() -> CancellationToken {
@@ -71,7 +74,7 @@ where
 
 /// Prints `error` and its causes on stderr, as Rust prints an error returned from `main` but
 /// never with a backtrace (users often have `RUST_BACKTRACE` set), and returns exit code 1.
-pub fn report(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
+fn report(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
     let mut text = format!("Error: {error}");
     let causes: Vec<String> = std::iter::successors(error.source(), |e| e.source())
         .map(|e| e.to_string())

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
-use crate::protocol::RELAY_ANSWER_HEADER;
+use crate::protocol::{CONNECTION_ID_HEADER, ConnId, RELAY_ANSWER_HEADER};
 
 /// Why `ptth_server` or `ptth_proxy` cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +210,9 @@ pub enum CallError {
 }
 
 /// Sends `request` (made by [`RelayClient::post`]) and waits at most `limit` for the answer's
-/// headers, then [checks](check) the answer. Fails with [`CallError::Cancelled`] as soon as
+/// headers, then checks the answer: it must have one of the `expected` statuses and come from
+/// the relay itself (it carries `ptth-relay`, which a reverse proxy's own 502 or 413 does not);
+/// a refusal's reason is read from the body. Fails with [`CallError::Cancelled`] as soon as
 /// `shutdown` fires.
 pub async fn call(
     request: RequestBuilder,
@@ -229,9 +231,8 @@ pub async fn call(
 }
 
 /// The answer to a call, if it is one of the `expected` statuses and came from the relay
-/// itself (it carries `ptth-relay`, which a reverse proxy's own 502 or 413 does not). A
-/// refusal's reason is read from the body (bounded).
-pub async fn check(
+/// itself (see [`call`]). A refusal's reason is read from the body (bounded).
+pub(crate) async fn check(
     answer: reqwest::Result<Response>,
     expected: &[StatusCode],
 ) -> Result<Response, CallError> {
@@ -248,6 +249,17 @@ pub async fn check(
         status,
         reason: reason(answer).await,
     })
+}
+
+/// The connection ID that a `listen` or `connect` answer carries, if it is valid.
+pub fn connection_id(answer: &Response) -> Option<ConnId> {
+    answer
+        .headers()
+        .get(CONNECTION_ID_HEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Reads the plain-text reason a relay put in an error answer (bounded in size and time).

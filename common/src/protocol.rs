@@ -91,10 +91,10 @@ pub fn valid_name(name: &str) -> bool {
 pub struct ConnId(uuid::Uuid);
 
 impl ConnId {
-    /// A fresh random ID.
-    pub fn random() -> Result<Self, getrandom::Error> {
+    /// A fresh random ID; fails only if the operating system's random source does.
+    pub fn random() -> Result<Self, std::io::Error> {
         let mut b = [0u8; 16];
-        getrandom::fill(&mut b)?;
+        getrandom::fill(&mut b).map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Self(uuid::Uuid::from_bytes(b)))
     }
 }

@@ -7,7 +7,8 @@
 //! Half-close is kept: when the local peer shuts down its write side, an `END` frame is sent and
 //! the upload ends; when an `END` frame arrives, the local socket's write side is shut down. An
 //! abort anywhere (a body error, a missing `END`, a local socket error, silence past the dead
-//! peer limit) makes [`run`] fail, which cancels the upload body and resets the local socket.
+//! peer limit) ends the tunnel as a failure: the upload body is cancelled and the local socket
+//! reset.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -83,7 +84,7 @@ enum TunnelError {
     Cancelled,
 }
 
-/// Carries an open tunnel until both directions end: the local socket's bytes go up as the
+/// Carries an open tunnel until both directions end: the local socket's bytes are sent as the
 /// streaming body of a POST to `upload_path` (`upstream` or `downstream`), and the frames of
 /// `download` (the `connect` or `accept` answer) go into the socket. Dead-peer limit: three
 /// heartbeat intervals (at least 45 s) without anything from the relay: the heartbeats we
@@ -195,7 +196,7 @@ impl LocalFailed {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum UpState {
+enum UploadState {
     Open,
     EndSent,
     Done,
@@ -210,7 +211,7 @@ struct UploadBody {
     buf: BytesMut,
     heartbeat: Pin<Box<Sleep>>,
     interval: Duration,
-    state: UpState,
+    state: UploadState,
     cancel: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
@@ -241,7 +242,7 @@ impl UploadBody {
             buf: BytesMut::new(),
             heartbeat: Box::pin(tokio::time::sleep(interval)),
             interval,
-            state: UpState::Open,
+            state: UploadState::Open,
             cancel: Box::pin(cancel.cancelled_owned()),
         }
     }
@@ -262,13 +263,13 @@ impl Body for UploadBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.cancel.as_mut().poll(cx).is_ready() {
-            this.state = UpState::Done;
+            this.state = UploadState::Done;
             return Poll::Ready(Some(Err("tunnel cancelled".into())));
         }
         match this.state {
-            UpState::Open => {}
-            UpState::EndSent | UpState::Done => {
-                this.state = UpState::Done;
+            UploadState::Open => {}
+            UploadState::EndSent | UploadState::Done => {
+                this.state = UploadState::Done;
                 return Poll::Ready(None);
             }
         }
@@ -288,10 +289,10 @@ impl Body for UploadBody {
                     let failed = this.local_failed.get()
                         || matches!(this.stream.take_error(), Ok(Some(_)) | Err(_));
                     if failed {
-                        this.state = UpState::Done;
+                        this.state = UploadState::Done;
                         return Poll::Ready(Some(Err("local socket failed".into())));
                     }
-                    this.state = UpState::EndSent;
+                    this.state = UploadState::EndSent;
                     return Poll::Ready(Some(Ok(Frame::data(frame::end()))));
                 }
                 Ok(n) if n <= SMALL_READ => {
@@ -312,7 +313,7 @@ impl Body for UploadBody {
                     this.buf.clear();
                 }
                 Err(e) => {
-                    this.state = UpState::Done;
+                    this.state = UploadState::Done;
                     return Poll::Ready(Some(Err(e.into())));
                 }
             }
@@ -327,7 +328,7 @@ impl Body for UploadBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.state == UpState::Done
+        self.state == UploadState::Done
     }
 }
 

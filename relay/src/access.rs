@@ -177,3 +177,93 @@ pub(crate) fn clients_connection(
     }
     Ok(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ptth_common::config::RelayConfig;
+    use ptth_common::keys::PrivateKey;
+    use tokio_util::sync::CancellationToken;
+
+    fn shared() -> Shared {
+        let key = || PrivateKey::generate().expect("key").public();
+        let text = format!(
+            "trusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n\
+             [[servers]]\nname = \"db\"\npublic_key = \"{}\"\n\
+             [[servers]]\nname = \"web\"\npublic_key = \"{}\"\n\
+             [[clients]]\nname = \"alice\"\npublic_key = \"{}\"\nallow = [\"db/*\"]\n",
+            key(),
+            key(),
+            key()
+        );
+        let config = RelayConfig::from_str("relay.toml".as_ref(), &text).expect("config");
+        Shared::new(config, CancellationToken::new())
+    }
+
+    fn request(peer: &str, forwarded_for: &[&str]) -> Request {
+        let mut req = Request::new(axum::body::Body::empty());
+        req.extensions_mut()
+            .insert(Peer(peer.parse().expect("socket address")));
+        for v in forwarded_for {
+            req.headers_mut()
+                .append("x-forwarded-for", v.parse().expect("header value"));
+        }
+        req
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_from_trusted_proxies_only() {
+        let s = shared();
+        let addr = |peer, xff: &[&str]| client_addr(&s, &request(peer, xff)).map(|a| a.to_string());
+        // An untrusted peer is the client, whatever it claims.
+        assert_eq!(
+            addr("198.51.100.1:5000", &["203.0.113.9"]).as_deref(),
+            Some("198.51.100.1")
+        );
+        // Through trusted proxies: the rightmost entry that is not one of them.
+        assert_eq!(
+            addr("127.0.0.1:5000", &["198.51.100.7, 203.0.113.9", "10.0.0.2"]).as_deref(),
+            Some("203.0.113.9")
+        );
+        // A malformed entry ends the walk at the last address that parsed.
+        assert_eq!(
+            addr("127.0.0.1:5000", &["203.0.113.9, junk, 10.1.2.3"]).as_deref(),
+            Some("10.1.2.3")
+        );
+        assert_eq!(addr("127.0.0.1:5000", &[]).as_deref(), Some("127.0.0.1"));
+    }
+
+    #[test]
+    fn a_connection_is_found_only_by_its_own_server_and_client() {
+        let s = shared();
+        let (conn, _side) = Conn::new(
+            ConnId::random().expect("id"),
+            0,
+            0,
+            CancellationToken::new(),
+        );
+        s.conns.insert(conn.clone()).expect("insert");
+        let id = conn.id.to_string();
+        assert!(owned(&s, &id, Principal::Server(0)).is_ok());
+        assert!(owned(&s, &id, Principal::Client(0)).is_ok());
+        assert_eq!(
+            owned(&s, &id, Principal::Server(1)).map(drop),
+            Err(Denied::NoSuchConnection)
+        );
+        assert_eq!(
+            owned(&s, "not-an-id", Principal::Server(0)).map(drop),
+            Err(Denied::NoSuchConnection)
+        );
+        let other = ConnId::random().expect("id").to_string();
+        assert_eq!(
+            owned(&s, &other, Principal::Server(0)).map(drop),
+            Err(Denied::NoSuchConnection)
+        );
+        conn.cancel.cancel();
+        assert_eq!(
+            owned(&s, &id, Principal::Client(0)).map(drop),
+            Err(Denied::NoSuchConnection),
+            "an ended connection is gone"
+        );
+    }
+}

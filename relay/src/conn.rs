@@ -43,7 +43,7 @@ pub(crate) struct Upload {
 pub(crate) enum Direction {
     /// The client's bytes: `upstream` upload, `accept` download.
     Upstream,
-    /// The server's bytes: `downstream` upload, `connect` download.
+    /// The service's bytes: `downstream` upload, `connect` download.
     Downstream,
 }
 

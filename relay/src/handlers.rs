@@ -301,7 +301,7 @@ pub(crate) async fn accept(
     Ok(streaming_response(body, None))
 }
 
-/// `POST /v1/servers/{server}/connections/{id}/downstream`: the server's bytes.
+/// `POST /v1/servers/{server}/connections/{id}/downstream`: the service's bytes.
 pub(crate) async fn downstream(
     State(shared): State<Arc<Shared>>,
     Path((server, id)): Path<(String, String)>,

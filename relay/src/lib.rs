@@ -272,7 +272,7 @@ async fn serve(relay: Relay) {
 
 /// Serves one TCP connection: its TLS handshake if configured, then HTTP until it ends or
 /// shutdown is requested. A connection that stays silent gets as long to send its first byte
-/// as a TLS client gets for its handshake.
+/// as a TLS client gets for its handshake; shutdown ends either wait at once.
 async fn serve_connection(
     builder: auto::Builder<TrackedExecutor>,
     stream: TcpStream,
@@ -290,7 +290,11 @@ async fn serve_connection(
     match tls {
         None => {
             let mut first = [0u8; 1];
-            match tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first)).await {
+            let started = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first)) => r,
+            };
+            match started {
                 Ok(Ok(n)) if n > 0 => {
                     serve_http(builder, TokioIo::new(stream), service, shutdown).await
                 }
@@ -298,11 +302,17 @@ async fn serve_connection(
                 Err(_) => debug!("no request within the first-byte timeout"),
             }
         }
-        Some(tls) => match tokio::time::timeout(FIRST_BYTES_TIMEOUT, tls.accept(stream)).await {
-            Ok(Ok(s)) => serve_http(builder, TokioIo::new(s), service, shutdown).await,
-            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-            Err(_) => debug!("TLS handshake timed out"),
-        },
+        Some(tls) => {
+            let handshake = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = tokio::time::timeout(FIRST_BYTES_TIMEOUT, tls.accept(stream)) => r,
+            };
+            match handshake {
+                Ok(Ok(s)) => serve_http(builder, TokioIo::new(s), service, shutdown).await,
+                Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                Err(_) => debug!("TLS handshake timed out"),
+            }
+        }
     }
 }
 

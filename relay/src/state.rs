@@ -1,6 +1,6 @@
 //! The relay's shared state: who is who (keys, names, allow lists), which ports each server
-//! offers with the `listen`s waiting on them and the connections queued for them, and the
-//! table of connections. Offering a connection to a server and handing it to a `listen` happen
+//! offers with the `listen`s waiting on them and the connections queued for them, and a handle
+//! on the table of connections (`conn.rs`). Offering a connection to a server and handing it to a `listen` happen
 //! here.
 
 use std::collections::{HashMap, VecDeque};
@@ -387,7 +387,7 @@ mod tests {
         let first = waiting(s.listen(0, "pg"));
         let a = new_conn(&s, 0);
         s.offer(&a, "pg").expect("a");
-        assert_eq!(first.wait().await.expect("up"), Some(a.id));
+        assert_eq!(first.wait().await.expect("not shutting down"), Some(a.id));
         // No listen waits, but the port is in its grace: the next offer is queued...
         let b = new_conn(&s, 0);
         s.offer(&b, "pg").expect("queued");
@@ -404,7 +404,7 @@ mod tests {
         let first = waiting(s.listen(0, "pg"));
         let a = new_conn(&s, 0);
         s.offer(&a, "pg").expect("a");
-        assert_eq!(first.wait().await.expect("up"), Some(a.id));
+        assert_eq!(first.wait().await.expect("not shutting down"), Some(a.id));
         // The server re-issues its listen and then goes away without an answer.
         drop(waiting(s.listen(0, "pg")));
         let b = new_conn(&s, 0);
@@ -415,7 +415,7 @@ mod tests {
     async fn a_listen_times_out_empty_and_keeps_the_port_offered() {
         let s = shared("listen_timeout = \"1s\"");
         let listen = waiting(s.listen(0, "pg"));
-        assert_eq!(listen.wait().await.expect("up"), None);
+        assert_eq!(listen.wait().await.expect("not shutting down"), None);
         let c = new_conn(&s, 0);
         s.offer(&c, "pg").expect("queued during the grace");
         tokio::time::advance(PORT_GRACE).await;
@@ -464,7 +464,7 @@ mod tests {
         let first = waiting(s.listen(0, "pg"));
         let a = new_conn(&s, 0);
         s.offer(&a, "pg").expect("a");
-        assert_eq!(first.wait().await.expect("up"), Some(a.id));
+        assert_eq!(first.wait().await.expect("not shutting down"), Some(a.id));
         for _ in 0..MAX_QUEUED_CONNECTS {
             s.offer(&new_conn(&s, 0), "pg").expect("queued");
         }

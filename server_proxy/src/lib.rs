@@ -33,12 +33,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptth_common::client::{Backoff, CallError, RelayClient, SetupError, call, http_client};
+use ptth_common::client::{
+    Backoff, CallError, RelayClient, SetupError, call, connection_id, http_client,
+};
 use ptth_common::config::ServerConfig;
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{
-    ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, CONNECTION_ID_HEADER, ConnId, accept_path,
-    downstream_path, listen_path,
+    ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, ConnId, accept_path, downstream_path, listen_path,
 };
 use ptth_common::tunnel;
 use reqwest::StatusCode;
@@ -187,11 +188,7 @@ async fn listen_once(ctx: &Ctx, path: &str, warm_up: bool) -> Result<Option<Conn
     if answer.status() == StatusCode::NO_CONTENT {
         return Ok(None);
     }
-    answer
-        .headers()
-        .get(CONNECTION_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<ConnId>().ok())
+    connection_id(&answer)
         .map(Some)
         .ok_or_else(|| CallError::Refused {
             status: answer.status(),

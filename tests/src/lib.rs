@@ -234,6 +234,11 @@ impl Setup {
         )
     }
 
+    /// Starts a relay on a fresh loopback port, with this setup's relay.toml.
+    pub fn start_relay(&self) -> anyhow::Result<RelayHandle> {
+        start_relay(bind_any()?, self.relay_config("127.0.0.1:0".parse()?)?)
+    }
+
     /// Writes and loads relay.toml.
     pub fn relay_config(&self, listen: SocketAddr) -> anyhow::Result<RelayConfig> {
         let p = self.write("relay.toml", &self.relay_toml(listen))?;
@@ -545,7 +550,7 @@ impl World {
     pub async fn start(opts: WorldOptions) -> anyhow::Result<Self> {
         let mut setup = Setup::new()?;
         setup.relay_extra = opts.relay_extra.clone();
-        let relay = start_relay(bind_any()?, setup.relay_config("127.0.0.1:0".parse()?)?)?;
+        let relay = setup.start_relay()?;
         let server = if opts.ports.is_empty() {
             None
         } else {

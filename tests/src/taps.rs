@@ -132,7 +132,7 @@ async fn bridge_one(
         return;
     };
     let (mut r, mut w) = inbound.into_split();
-    let up = async {
+    let requests = async {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match r.read(&mut buf).await {
@@ -154,14 +154,14 @@ async fn bridge_one(
             }
         }
     };
-    let down = async {
+    let answers = async {
         let _ = tokio::io::copy(&mut from_tls, &mut w).await;
         let _ = w.shutdown().await;
     };
     // An HTTP/1.1 client never half-closes: when either side ends, the connection is over
     // (and s_client, which ignores the end of its input, is killed on drop).
     tokio::select! {
-        () = up => {}
-        () = down => {}
+        () = requests => {}
+        () = answers => {}
     }
 }

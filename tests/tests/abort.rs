@@ -126,7 +126,7 @@ async fn service_reset_mid_transfer_reaches_the_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_close_mid_upload_reaches_the_client() {
+async fn service_close_mid_upstream_reaches_the_client() {
     within(LIMIT, async {
         let (closed_tx, closed_rx) = oneshot::channel();
         let svc = service(|mut s| async move {
@@ -150,7 +150,7 @@ async fn service_close_mid_upload_reaches_the_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_close_mid_download_reaches_the_service() {
+async fn client_close_mid_downstream_reaches_the_service() {
     within(LIMIT, async {
         let (failed_tx, failed_rx) = oneshot::channel();
         let svc = service(|mut s| async move {
@@ -166,7 +166,7 @@ async fn client_close_mid_download_reaches_the_service() {
         let w = World::start(WorldOptions::echo(svc)).await.expect("world");
         let mut c = TcpStream::connect(w.local()).await.expect("connect");
         let mut buf = vec![0u8; 1 << 20];
-        c.read_exact(&mut buf).await.expect("some download");
+        c.read_exact(&mut buf).await.expect("some downstream bytes");
         drop(c);
         let failed = tokio::time::timeout(PROPAGATION, failed_rx)
             .await
@@ -218,9 +218,9 @@ async fn expect_socket_reset(s: &TcpStream, what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_reset_during_a_stalled_upload_reaches_the_service() {
+async fn client_reset_during_a_stalled_upstream_reaches_the_service() {
     within(LIMIT, async {
-        // The service never reads: the client's upload fills every buffer on the way.
+        // The service never reads: the client's bytes fill every buffer on the way.
         let (sock_tx, sock_rx) = oneshot::channel();
         let svc = service(|s| async move {
             let _ = sock_tx.send(s);
@@ -232,14 +232,14 @@ async fn client_reset_during_a_stalled_upload_reaches_the_service() {
         write_until_stalled(&mut c).await;
         c.set_zero_linger().expect("linger");
         drop(c);
-        expect_socket_reset(&s, "the client reset its stalled upload").await;
+        expect_socket_reset(&s, "the client reset its stalled upstream").await;
         expect_state_freed(&w).await;
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_reset_during_a_stalled_download_reaches_the_client() {
+async fn service_reset_during_a_stalled_downstream_reaches_the_client() {
     within(LIMIT, async {
         // The client never reads: the service's bytes fill every buffer on the way.
         let (reset_tx, reset_rx) = oneshot::channel();
@@ -253,7 +253,7 @@ async fn service_reset_during_a_stalled_download_reaches_the_client() {
         let w = World::start(WorldOptions::echo(svc)).await.expect("world");
         let c = TcpStream::connect(w.local()).await.expect("connect");
         reset_rx.await.expect("service reset");
-        expect_socket_reset(&c, "the service reset its stalled download").await;
+        expect_socket_reset(&c, "the service reset its stalled downstream").await;
         expect_state_freed(&w).await;
     })
     .await;

@@ -59,13 +59,7 @@ async fn stack(kind: Option<FrontKind>) -> Stack {
         ));
     }
     setup.relay_extra = relay_extra;
-    let relay = start_relay(
-        bind_any().expect("bind"),
-        setup
-            .relay_config("127.0.0.1:0".parse().expect("addr"))
-            .expect("config"),
-    )
-    .expect("relay");
+    let relay = setup.start_relay().expect("relay");
     let front = match kind {
         Some(k) => Some(
             start_front(k, setup.path(), &pki, relay.addr, FRONT_TIMEOUT)
@@ -240,7 +234,7 @@ async fn suite(kind: Option<FrontKind>) {
     // front's (nginx: proxy_read_timeout, proxy_send_timeout, client_body_timeout,
     // send_timeout; HAProxy: timeout client and timeout server) and the relay's idle_timeout,
     // all FRONT_TIMEOUT. Caddy 2.6 has no such timer that tunnels can live with (see
-    // `caddyfile` in tests/src/fronts.rs): behind Caddy, this shows only that Caddy does not
+    // `config` in tests/src/fronts/caddy.rs): behind Caddy, this shows only that Caddy does not
     // cut idle streams, and the relay's idle_timeout is what the heartbeats must beat.
     // Meanwhile the server's long-polls (listen_timeout 1 s) cycle through the front.
     let listens_before = s.front.as_ref().map(|f| f.listen_answers(204));
@@ -479,13 +473,7 @@ async fn forwarded_for_is_ignored_from_untrusted_peers() {
         // Plain relay trusting only 127.0.0.1; the caller comes from 127.0.0.3.
         let mut setup = Setup::new().expect("setup");
         setup.relay_extra = "trusted_proxies = [\"127.0.0.1\"]".into();
-        let relay = start_relay(
-            bind_any().expect("bind"),
-            setup
-                .relay_config("127.0.0.1:0".parse().expect("a"))
-                .expect("c"),
-        )
-        .expect("relay");
+        let relay = setup.start_relay().expect("relay");
         let client = http_client_builder(None)
             .expect("builder")
             .local_address(Some("127.0.0.3".parse().expect("ip")))

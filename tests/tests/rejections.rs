@@ -515,27 +515,27 @@ async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
         for (what, downstream_body, want) in cases {
             let (id, connected, accepted) = open_by_hand(&w, &db, &alice).await;
             let d = db.clone();
-            let down = tokio::spawn(async move {
+            let downstream = tokio::spawn(async move {
                 d.post(&protocol::downstream_path("db", id))
                     .body(downstream_body)
                     .send()
                     .await
             });
             let a = alice.clone();
-            let up = tokio::spawn(async move {
+            let upstream = tokio::spawn(async move {
                 a.post(&protocol::upstream_path("db", id))
                     .body(frame::end().to_vec())
                     .send()
                     .await
             });
-            let down = down.await.expect("join").expect("downstream");
-            assert_eq!(down.status(), want, "downstream: {what}");
+            let downstream = downstream.await.expect("join").expect("downstream");
+            assert_eq!(downstream.status(), want, "downstream: {what}");
             // The client's download fails rather than ending, unless the upload was clean.
             let body = connected.bytes().await;
             assert_eq!(body.is_ok(), want == StatusCode::OK, "connect body: {what}");
-            let up = up.await.expect("join").expect("upstream");
+            let upstream = upstream.await.expect("join").expect("upstream");
             if want == StatusCode::OK {
-                assert_eq!(up.status(), StatusCode::OK, "upstream: {what}");
+                assert_eq!(upstream.status(), StatusCode::OK, "upstream: {what}");
                 let mut attached_and_end = frame::attached().to_vec();
                 attached_and_end.extend_from_slice(&frame::end());
                 let got = accepted.bytes().await.expect("accept body");
@@ -610,13 +610,7 @@ async fn relay_serves_at_most_max_http_connections() {
     within(LIMIT, async {
         let mut setup = Setup::new().expect("setup");
         setup.relay_extra = "max_http_connections = 1".into();
-        let relay = start_relay(
-            bind_any().expect("bind"),
-            setup
-                .relay_config("127.0.0.1:0".parse().expect("a"))
-                .expect("c"),
-        )
-        .expect("relay");
+        let relay = setup.start_relay().expect("relay");
         // The first connection takes the only slot, even idle.
         let hog = TcpStream::connect(relay.addr).await.expect("connect");
         let url = format!("http://{}/v1/", relay.addr);
@@ -643,13 +637,7 @@ async fn one_address_cannot_take_every_connection() {
     within(LIMIT, async {
         let mut setup = Setup::new().expect("setup");
         setup.relay_extra = "max_http_connections_per_ip = 1".into();
-        let relay = start_relay(
-            bind_any().expect("bind"),
-            setup
-                .relay_config("127.0.0.1:0".parse().expect("a"))
-                .expect("c"),
-        )
-        .expect("relay");
+        let relay = setup.start_relay().expect("relay");
         let from = |ip: &str| {
             http_client_builder(None)
                 .expect("builder")
@@ -679,13 +667,7 @@ async fn one_address_cannot_take_every_connection() {
 async fn silent_connections_are_closed() {
     within(LIMIT, async {
         let setup = Setup::new().expect("setup");
-        let relay = start_relay(
-            bind_any().expect("bind"),
-            setup
-                .relay_config("127.0.0.1:0".parse().expect("a"))
-                .expect("c"),
-        )
-        .expect("relay");
+        let relay = setup.start_relay().expect("relay");
         let mut silent = TcpStream::connect(relay.addr).await.expect("connect");
         let mut buf = [0u8; 1];
         let closed = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf)).await;

@@ -30,13 +30,7 @@ fn system_roots_are_trusted_by_default() {
                 pki.cert.display(),
                 pki.key.display()
             );
-            let relay = start_relay(
-                bind_any().expect("bind"),
-                setup
-                    .relay_config("127.0.0.1:0".parse().expect("addr"))
-                    .expect("config"),
-            )
-            .expect("relay");
+            let relay = setup.start_relay().expect("relay");
             let url = format!("https://localhost:{}", relay.addr.port());
             // No ca_file anywhere.
             let server = start_server(

@@ -85,7 +85,7 @@ async fn client_half_close_still_receives_whole_reply() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_half_close_still_receives_whole_upload() {
+async fn service_half_close_still_receives_whole_upstream() {
     within(LIMIT, async {
         // The service greets, shuts down its write side at once, then reads everything.
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -107,13 +107,13 @@ async fn service_half_close_still_receives_whole_upload() {
             .await
             .expect("EOF after greeting");
         assert_eq!(greeting, b"hello, send me everything");
-        let upload = random_bytes(5 << 20, 3);
-        s.write_all(&upload)
+        let upstream = random_bytes(5 << 20, 3);
+        s.write_all(&upstream)
             .await
-            .expect("upload after the service's FIN");
+            .expect("upstream after the service's FIN");
         s.shutdown().await.expect("shutdown");
         let got = task.await.expect("service");
-        assert!(got == upload, "upload differs ({} bytes)", got.len());
+        assert!(got == upstream, "upstream differs ({} bytes)", got.len());
         tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
             .await
             .expect("relay frees the connection's state");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{
+use super::shared::{
     ConfigError, Name, RelayUrl, at_line, default_heartbeat, default_max_connections, parse,
     positive_duration, positive_usize, read, resolve, whole_file,
 };

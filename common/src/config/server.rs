@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{
+use super::shared::{
     ConfigError, Name, RelayUrl, default_heartbeat, default_max_connections, parse,
     positive_duration, positive_usize, read, resolve, whole_file,
 };

@@ -1,9 +1,9 @@
 //! Caddy in front of the relay, and how its logs are judged.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
-use super::{Front, PROBE_PATH, Pki};
+use super::pki::Pki;
+use super::site::Site;
 
 /// Caddy 2.6 has no timer that measures the silence of a proxied stream in flight and that
 /// the protocol can live with, so `t` only sets `idle`, which applies to connections with no
@@ -15,17 +15,17 @@ use super::{Front, PROBE_PATH, Pki};
 /// - the transport's `write_timeout` bounds one blocked write to the relay: a silent stream
 ///   has no write in progress and never trips it.
 ///
-/// The site has no host name: the proxies reach Caddy through a [`CountingForwarder`], so the
+/// The site has no host name: the proxies reach Caddy through a [`CountingForwarder`](crate::taps::CountingForwarder), so the
 /// `Host` they send names another port, and Caddy's access log only covers requests whose host
 /// matches the site's unless the site has none.
-pub(super) fn config(
-    dir: &Path,
-    pki: &Pki,
-    port: u16,
-    relay: SocketAddr,
-    t: u64,
-    token: &str,
-) -> String {
+pub(super) fn config(dir: &Path, pki: &Pki, site: &Site<'_>) -> String {
+    let Site {
+        port,
+        relay,
+        t,
+        probe,
+        token,
+    } = *site;
     format!(
         r#"{{
     admin off
@@ -44,7 +44,7 @@ https://:{port} {{
         output file {access}
         format json
     }}
-    respond {PROBE_PATH} "{token}" 200
+    respond {probe} "{token}" 200
     reverse_proxy {relay} {{
         flush_interval -1
     }}
@@ -58,9 +58,7 @@ https://:{port} {{
 
 /// Lines of Caddy's logs that report a problem: `warn` and `error` entries (but the warnings
 /// of every start), and requests answered 5xx.
-pub(super) fn errors(front: &Front) -> Vec<String> {
-    let log = front.log();
-    let access = front.access_log();
+pub(super) fn errors(log: &str, access: &str) -> Vec<String> {
     log.lines()
         .filter(|l| problem(l))
         .chain(

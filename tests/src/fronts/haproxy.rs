@@ -1,14 +1,20 @@
 //! HAProxy in front of the relay, and how its request log is judged.
 
-use std::net::SocketAddr;
-
-use super::{Front, PROBE_PATH, Pki};
+use super::pki::Pki;
+use super::site::Site;
 
 /// HAProxy termination states accepted in its request log: `----` is a request that ended
 /// normally on both sides (a long-poll answered 204, a tunnel whose two bodies ended).
 const CLEAN: &[&str] = &["----"];
 
-pub(super) fn config(pki: &Pki, port: u16, relay: SocketAddr, t: u64, token: &str) -> String {
+pub(super) fn config(pki: &Pki, site: &Site<'_>) -> String {
+    let Site {
+        port,
+        relay,
+        t,
+        probe,
+        token,
+    } = *site;
     format!(
         r#"global
     maxconn 4000
@@ -28,7 +34,7 @@ frontend ptth
     bind 127.0.0.1:{port} ssl crt {combined} alpn h2,http/1.1
     option forwardfor
     option http-no-delay
-    http-request return status 200 content-type text/plain string "{token}" if {{ path {PROBE_PATH} }}
+    http-request return status 200 content-type text/plain string "{token}" if {{ path {probe} }}
     default_backend relay
 
 backend relay
@@ -41,11 +47,9 @@ backend relay
 /// Lines of HAProxy's log that report a problem: `[WARNING]` and `[ALERT]` lines, requests
 /// answered 5xx or ended with a termination state other than `----`, and connection-level
 /// errors (any other line).
-pub(super) fn errors(front: &Front) -> Vec<String> {
-    front
-        .log()
-        .lines()
-        .filter(|l| problem(l))
+pub(super) fn errors(log: &str, probe: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| problem(l, probe))
         .map(str::to_owned)
         .collect()
 }
@@ -89,14 +93,14 @@ fn parse_httplog(line: &str) -> Option<HttpLogLine> {
     })
 }
 
-fn problem(line: &str) -> bool {
+fn problem(line: &str, probe: &str) -> bool {
     let l = line.to_ascii_lowercase();
     if l.trim().is_empty() || l.starts_with("[notice]") {
         return false;
     }
     match parse_httplog(line) {
         // The readiness probe is answered by HAProxy itself (state `LR--`).
-        Some(h) if h.request.contains(PROBE_PATH) => false,
+        Some(h) if h.request.contains(probe) => false,
         Some(h) => h.status >= 500 || !CLEAN.contains(&h.termination.as_str()),
         // `[WARNING]`, `[ALERT]`, or a connection that failed before any request (a TLS
         // handshake, an HTTP/2 protocol error): HAProxy logs those in another format.
@@ -108,6 +112,8 @@ fn problem(line: &str) -> bool {
 mod tests {
     use super::*;
 
+    const PROBE: &str = "/ptth-front-probe";
+
     #[test]
     fn haproxy_log_lines_are_judged() {
         // Lines as HAProxy 2.6 wrote them with the test configuration.
@@ -117,19 +123,21 @@ mod tests {
         assert_eq!(parsed.status, 204);
         assert_eq!(parsed.termination, "----");
         assert!(parsed.request.contains("/listen "));
-        assert!(!problem(poll));
-        assert!(!problem(probe));
+        assert!(!problem(poll, PROBE));
+        assert!(!problem(probe, PROBE));
         // A timeout cutting a tunnel, a relay that went away, a startup warning, a failed
         // TLS handshake (not in httplog format).
         let cut = poll.replace(" ---- ", " sD-- ").replace(" 204 ", " 200 ");
         let gone = poll.replace(" ---- ", " SC-- ").replace(" 204 ", " 503 ");
-        assert!(problem(&cut));
-        assert!(problem(&gone));
+        assert!(problem(&cut, PROBE));
+        assert!(problem(&gone, PROBE));
         assert!(problem(
-            "[WARNING]  (1) : config : missing timeouts for frontend 'ptth'."
+            "[WARNING]  (1) : config : missing timeouts for frontend 'ptth'.",
+            PROBE
         ));
         assert!(problem(
-            "127.0.0.1:40000 [24/Nov/2026:09:05:47.208] ptth/1: SSL handshake failure"
+            "127.0.0.1:40000 [24/Nov/2026:09:05:47.208] ptth/1: SSL handshake failure",
+            PROBE
         ));
     }
 }

@@ -7,6 +7,7 @@ mod caddy;
 mod haproxy;
 mod nginx;
 mod pki;
+mod site;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+use site::Site;
 
 pub use pki::Pki;
 
@@ -73,9 +76,11 @@ impl Front {
     /// Lines of the front's logs that report a problem (each front's file says which).
     pub fn errors(&self) -> Vec<String> {
         match self.kind {
-            FrontKind::Nginx | FrontKind::NginxBuffering => nginx::errors(self),
-            FrontKind::Caddy => caddy::errors(self),
-            FrontKind::Haproxy => haproxy::errors(self),
+            FrontKind::Nginx | FrontKind::NginxBuffering => {
+                nginx::errors(&self.log(), &self.error_log())
+            }
+            FrontKind::Caddy => caddy::errors(&self.log(), &self.access_log()),
+            FrontKind::Haproxy => haproxy::errors(&self.log(), PROBE_PATH),
         }
     }
 
@@ -147,7 +152,7 @@ pub fn ensure_installed(program: &str, package: &str) -> anyhow::Result<PathBuf>
 
 /// A loopback port that was free a moment ago (for programs that must bind it themselves;
 /// another process may take it before they do: see [`start_front`]).
-pub fn free_port() -> anyhow::Result<u16> {
+fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -206,18 +211,21 @@ async fn start_once(
 ) -> anyhow::Result<Front> {
     let port = free_port()?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let t = secs(timeout);
     let token = probe_token();
+    let site = Site {
+        port,
+        relay,
+        t: secs(timeout),
+        probe: PROBE_PATH,
+        token: &token,
+    };
     let out = std::fs::File::create(dir.join("stdio.log"))?;
     let mut cmd = match kind {
         FrontKind::Nginx | FrontKind::NginxBuffering => {
             let nginx = ensure_installed("nginx", "nginx")?;
             let conf = dir.join("nginx.conf");
             let buffering = kind == FrontKind::NginxBuffering;
-            std::fs::write(
-                &conf,
-                nginx::config(buffering, dir, pki, port, relay, t, &token),
-            )?;
+            std::fs::write(&conf, nginx::config(buffering, dir, pki, &site))?;
             let mut c = Command::new(nginx);
             c.arg("-c")
                 .arg(&conf)
@@ -230,7 +238,7 @@ async fn start_once(
         FrontKind::Caddy => {
             let caddy = ensure_installed("caddy", "caddy")?;
             let conf = dir.join("Caddyfile");
-            std::fs::write(&conf, caddy::config(dir, pki, port, relay, t, &token))?;
+            std::fs::write(&conf, caddy::config(dir, pki, &site))?;
             let mut c = Command::new(caddy);
             c.arg("run")
                 .arg("--config")
@@ -245,7 +253,7 @@ async fn start_once(
         FrontKind::Haproxy => {
             let haproxy = ensure_installed("haproxy", "haproxy")?;
             let conf = dir.join("haproxy.cfg");
-            std::fs::write(&conf, haproxy::config(pki, port, relay, t, &token))?;
+            std::fs::write(&conf, haproxy::config(pki, &site))?;
             let mut c = Command::new(haproxy);
             c.arg("-f").arg(&conf).arg("-db");
             c

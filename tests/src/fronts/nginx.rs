@@ -1,22 +1,21 @@
 //! nginx in front of the relay, configured as docs/deploy.md says (or, for the diagnosis test,
 //! left buffering request bodies), and how its logs are judged.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
-use super::{Front, PROBE_PATH, Pki};
+use super::pki::Pki;
+use super::site::Site;
 
 /// The nginx configuration: TLS on `port`, `/v1/` proxied to `relay`, timeouts `t` seconds,
 /// request buffering on only when `buffering` (the mistake under test).
-pub(super) fn config(
-    buffering: bool,
-    dir: &Path,
-    pki: &Pki,
-    port: u16,
-    relay: SocketAddr,
-    t: u64,
-    token: &str,
-) -> String {
+pub(super) fn config(buffering: bool, dir: &Path, pki: &Pki, site: &Site<'_>) -> String {
+    let Site {
+        port,
+        relay,
+        t,
+        probe,
+        token,
+    } = *site;
     let d = dir.display();
     let buffering = if buffering {
         // The mistake under test: nginx's default, request bodies buffered whole.
@@ -49,7 +48,7 @@ http {{
         keepalive_timeout {t}s;
         client_body_timeout {t}s;
         send_timeout {t}s;
-        location = {PROBE_PATH} {{
+        location = {probe} {{
             return 200 "{token}";
         }}
         location /v1/ {{
@@ -74,9 +73,9 @@ http {{
 
 /// Lines of nginx's logs that report a problem: `[warn]` and worse, and lines (whatever their
 /// level: nginx logs client timeouts at `[info]`) saying `timed out`, `prematurely closed` or
-/// naming the upstream.
-pub(super) fn errors(front: &Front) -> Vec<String> {
-    let text = format!("{}{}", front.log(), front.error_log());
+/// naming the upstream (nginx's word for the relay).
+pub(super) fn errors(log: &str, error_log: &str) -> Vec<String> {
+    let text = format!("{log}{error_log}");
     text.lines()
         .filter(|l| problem(l))
         .map(str::to_owned)

@@ -1,0 +1,271 @@
+//! What the three configuration files share: the error type, reading and parsing with line
+//! numbers, path resolution, names, durations and counts, and the relay URL of the endpoints.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::protocol::valid_name;
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong, with the line where known.
+    pub message: String,
+}
+
+/// Largest configuration file read.
+const MAX_CONFIG_FILE: u64 = 4 * 1024 * 1024;
+
+/// Reads a configuration file (at most [`MAX_CONFIG_FILE`] bytes).
+pub(super) fn read(path: &Path) -> Result<String, ConfigError> {
+    let err = |message: String| ConfigError {
+        path: path.to_owned(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if meta.len() > MAX_CONFIG_FILE {
+        return Err(err("file too large".into()));
+    }
+    std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
+}
+
+/// Parses TOML text; errors carry the line and column, indented under the file name.
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
+    })
+}
+
+/// An error about the value found at `span` of `text`, naming its line.
+pub(super) fn at_line(
+    path: &Path,
+    text: &str,
+    span: &Range<usize>,
+    message: String,
+) -> ConfigError {
+    let line = text.as_bytes()[..span.start.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1;
+    ConfigError {
+        path: path.to_owned(),
+        message: format!("line {line}: {message}"),
+    }
+}
+
+/// An error about the file as a whole.
+pub(super) fn whole_file(path: &Path, message: &str) -> ConfigError {
+    ConfigError {
+        path: path.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+/// `p`, resolved against the folder of the configuration file `config` when relative.
+pub(super) fn resolve(config: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_owned();
+    }
+    match config.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder.join(p),
+        _ => Path::new(".").join(p),
+    }
+}
+
+/// A server, client or port name (validated).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(String);
+
+impl Name {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if valid_name(&s) {
+            Ok(Self(s))
+        } else {
+            Err(format!(
+                "invalid name {s:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with a dot)"
+            ))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Name::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration above zero and at most 24 h.
+pub(super) fn positive_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Duration, D::Error> {
+    let v: Duration = humantime_serde::deserialize(d)?;
+    if v.is_zero() {
+        return Err(serde::de::Error::custom("duration must be above zero"));
+    }
+    if v > Duration::from_secs(24 * 3600) {
+        return Err(serde::de::Error::custom("duration must be at most 24h"));
+    }
+    Ok(v)
+}
+
+/// A count limit: above zero and at most 2^24 (16777216).
+pub(super) fn positive_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if v == 0 {
+        return Err(serde::de::Error::custom("must be above zero"));
+    }
+    if v > 1 << 24 {
+        return Err(serde::de::Error::custom("must be at most 16777216"));
+    }
+    Ok(v)
+}
+
+/// `heartbeat_interval` of all three programs.
+pub(super) fn default_heartbeat() -> Duration {
+    Duration::from_secs(15)
+}
+
+/// `max_connections` of all three programs.
+pub(super) fn default_max_connections() -> usize {
+    100_000
+}
+
+/// An HTTP(S) base URL of a relay, without path, query or credentials (`relay_url` of
+/// `server.toml` and `proxy.toml`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RelayUrl(url::Url);
+
+impl RelayUrl {
+    /// Parses and checks a relay URL.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let url = url::Url::parse(s).map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "relay URL {s:?} must start with http:// or https://"
+            ));
+        }
+        if url.host_str().is_none() {
+            return Err(format!("relay URL {s:?} has no host"));
+        }
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return Err(format!(
+                "relay URL {s:?} must not have a path, query or fragment (the relay serves /v1/ at its root)"
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!("relay URL {s:?} must not contain credentials"));
+        }
+        Ok(Self(url))
+    }
+
+    /// The `@authority` signed in requests: host, plus `:port` when not the scheme's default
+    /// (what an HTTP client sends as `Host`).
+    pub fn authority(&self) -> String {
+        let host = self.0.host_str().unwrap_or_default();
+        match self.0.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_owned(),
+        }
+    }
+
+    /// Joins a protocol path (starting with `/`).
+    pub fn join(&self, path: &str) -> String {
+        let base = self.0.as_str().trim_end_matches('/');
+        format!("{base}{path}")
+    }
+}
+
+impl fmt::Display for RelayUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl fmt::Debug for RelayUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl<'de> Deserialize<'de> for RelayUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        RelayUrl::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_urls() {
+        let u = RelayUrl::parse("https://Relay.Example.com/").expect("parse");
+        assert_eq!(u.authority(), "relay.example.com");
+        assert_eq!(
+            u.join("/v1/x"),
+            "https://relay.example.com/v1/x",
+            "a lone trailing / is fine"
+        );
+        assert_eq!(
+            RelayUrl::parse("http://127.0.0.1:4000")
+                .expect("parse")
+                .authority(),
+            "127.0.0.1:4000"
+        );
+        for bad in [
+            "ftp://relay.example.com",
+            "https://relay.example.com/prefix",
+            "https://relay.example.com/?q",
+            "https://user:pw@relay.example.com",
+            "relay.example.com",
+        ] {
+            assert!(RelayUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let p = Path::new("k.key");
+        assert_eq!(
+            resolve(Path::new("/etc/ptth/s.toml"), p),
+            PathBuf::from("/etc/ptth/k.key")
+        );
+        assert_eq!(resolve(Path::new("s.toml"), p), PathBuf::from("./k.key"));
+        assert_eq!(
+            resolve(Path::new("/etc/s.toml"), Path::new("/k")),
+            PathBuf::from("/k")
+        );
+    }
+}
