@@ -362,6 +362,22 @@ impl RelayHandle {
         let mut c = self.connections.clone();
         let _ = c.wait_for(|c| *c == 0).await;
     }
+
+    /// Waits at most `limit` until the relay holds no connection state; fails the test with
+    /// `what` otherwise.
+    pub async fn expect_no_connections(&self, limit: Duration, what: &str) {
+        tokio::time::timeout(limit, self.wait_no_connections())
+            .await
+            .expect(what);
+    }
+
+    /// Waits at most `limit` until at least `n` listens wait at the relay; fails the test
+    /// with `what` otherwise.
+    pub async fn expect_listens(&self, n: usize, limit: Duration, what: &str) {
+        tokio::time::timeout(limit, self.wait_listens(n))
+            .await
+            .expect(what);
+    }
 }
 
 /// Binds 127.0.0.1:0 (std listener, so it can move to another runtime).

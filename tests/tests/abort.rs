@@ -94,9 +94,9 @@ async fn expect_closed(r: &mut tokio::net::tcp::OwnedReadHalf) {
 }
 
 async fn expect_state_freed(w: &World) {
-    tokio::time::timeout(PROPAGATION, w.relay.wait_no_connections())
-        .await
-        .expect("relay still holds the connection's state");
+    w.relay
+        .expect_no_connections(PROPAGATION, "relay still holds the connection's state")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,9 +313,9 @@ async fn client_proxy_killed_closes_the_service() {
             Some(std::io::ErrorKind::ConnectionReset),
             "the service must see an abort, not a clean end"
         );
-        tokio::time::timeout(PROPAGATION, w.relay.wait_no_connections())
-            .await
-            .expect("relay still holds the connection's state");
+        w.relay
+            .expect_no_connections(PROPAGATION, "relay still holds the connection's state")
+            .await;
     })
     .await;
 }
@@ -349,9 +349,13 @@ async fn relay_restart_while_server_waits_then_new_connection_works() {
             setup.relay_config(addr).expect("config"),
         )
         .expect("restart relay");
-        tokio::time::timeout(Duration::from_secs(10), relay.wait_listens(2))
-            .await
-            .expect("server proxy came back by itself");
+        relay
+            .expect_listens(
+                2,
+                Duration::from_secs(10),
+                "server proxy came back by itself",
+            )
+            .await;
         assert_eq!(
             round_trip(forwards[0], b"after").await.expect("after"),
             b"after"

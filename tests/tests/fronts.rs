@@ -82,9 +82,13 @@ async fn stack(kind: Option<FrontKind>) -> Stack {
         )
         .expect("server config");
     let server = start_server(server_config, setup.server_key.clone());
-    tokio::time::timeout(Duration::from_secs(20), relay.wait_listens(2))
-        .await
-        .expect("server proxy listens through the front");
+    relay
+        .expect_listens(
+            2,
+            Duration::from_secs(20),
+            "server proxy listens through the front",
+        )
+        .await;
     let counter = CountingForwarder::start(public).await.expect("forwarder");
     let proxy_config = setup
         .proxy_config_url(
@@ -347,9 +351,9 @@ async fn suite(kind: Option<FrontKind>) {
     );
 
     // Every tunnel closed cleanly: still nothing logged as a problem anywhere.
-    tokio::time::timeout(Duration::from_secs(20), s.relay.wait_no_connections())
-        .await
-        .expect("the tunnels did not all close");
+    s.relay
+        .expect_no_connections(Duration::from_secs(20), "the tunnels did not all close")
+        .await;
     assert_quiet(&s, &name, "at the end");
     drop(s.front);
 }
@@ -378,9 +382,13 @@ async fn tunnel_over_http11(s: &Stack) {
     let config = ptth_common::config::ServerConfig::load(&web_toml).expect("server-web.toml");
     let want = 2 + config.listen_pool;
     let web = start_server(config, s.setup.web_key.clone());
-    tokio::time::timeout(Duration::from_secs(20), s.relay.wait_listens(want))
-        .await
-        .expect("server web did not listen over HTTP/1.1");
+    s.relay
+        .expect_listens(
+            want,
+            Duration::from_secs(20),
+            "server web did not listen over HTTP/1.1",
+        )
+        .await;
     let config = s
         .setup
         .proxy_config_url(

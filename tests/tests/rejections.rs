@@ -118,9 +118,9 @@ async fn connect_failures_close_the_socket_with_a_clear_log_line() {
         let listen = tokio::spawn(async move { db.post(&path).send().await });
         // The server proxy keeps at most listen_pool (2) listens on each of its two ports, so
         // a fifth waiting listen can only be this one.
-        tokio::time::timeout(Duration::from_secs(10), w.relay.wait_listens(2 * 2 + 1))
-            .await
-            .expect("listen registered");
+        w.relay
+            .expect_listens(2 * 2 + 1, Duration::from_secs(10), "listen registered")
+            .await;
         connect_fails(
             &w,
             "alice",
@@ -451,9 +451,9 @@ async fn offer_by_hand(
     let listen =
         tokio::spawn(async move { l.post(&protocol::listen_path("db", "raw")).send().await });
     // The server proxy keeps 2 listens on `echo`: a third waiting listen is this one.
-    tokio::time::timeout(Duration::from_secs(10), w.relay.wait_listens(3))
-        .await
-        .expect("listen registered");
+    w.relay
+        .expect_listens(3, Duration::from_secs(10), "listen registered")
+        .await;
     let a = alice.clone();
     let connect =
         tokio::spawn(async move { a.post(&protocol::connect_path("db", "raw")).send().await });
@@ -543,9 +543,9 @@ async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
             } else {
                 drop(accepted);
             }
-            tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
-                .await
-                .expect("relay frees the connection");
+            w.relay
+                .expect_no_connections(Duration::from_secs(5), "relay frees the connection")
+                .await;
         }
     })
     .await;
@@ -583,9 +583,9 @@ async fn connection_limit_is_enforced(extra: &str, refusal: &str) {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(text, refusal);
         drop(first);
-        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
-            .await
-            .expect("freed");
+        w.relay
+            .expect_no_connections(Duration::from_secs(5), "freed")
+            .await;
         assert_eq!(round_trip(w.local(), b"again").await.expect("rt"), b"again");
     })
     .await;

@@ -39,9 +39,13 @@ fn system_roots_are_trusted_by_default() {
                     .expect("server config"),
                 setup.server_key.clone(),
             );
-            tokio::time::timeout(Duration::from_secs(20), relay.wait_listens(2))
-                .await
-                .expect("server proxy trusts the relay's certificate");
+            relay
+                .expect_listens(
+                    2,
+                    Duration::from_secs(20),
+                    "server proxy trusts the relay's certificate",
+                )
+                .await;
             let (proxy, addrs) = start_proxy(
                 setup
                     .proxy_config_url(&url, "alice", &[("db", "echo")], "")

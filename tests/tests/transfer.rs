@@ -15,9 +15,9 @@ async fn sixty_four_mib_each_way_sha256_equal() {
         let echo = echo_service().await.expect("echo");
         let w = World::start(WorldOptions::echo(echo)).await.expect("world");
         transfer_each_way(w.local(), 64 << 20, 7).await;
-        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
-            .await
-            .expect("relay frees the connection's state");
+        w.relay
+            .expect_no_connections(Duration::from_secs(5), "relay frees the connection's state")
+            .await;
     })
     .await;
 }
@@ -44,9 +44,9 @@ async fn hundred_concurrent_connections() {
         for t in tasks {
             t.await.expect("task");
         }
-        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
-            .await
-            .expect("relay frees every connection");
+        w.relay
+            .expect_no_connections(Duration::from_secs(5), "relay frees every connection")
+            .await;
     })
     .await;
 }
@@ -114,9 +114,9 @@ async fn service_half_close_still_receives_whole_upstream() {
         s.shutdown().await.expect("shutdown");
         let got = task.await.expect("service");
         assert!(got == upstream, "upstream differs ({} bytes)", got.len());
-        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
-            .await
-            .expect("relay frees the connection's state");
+        w.relay
+            .expect_no_connections(Duration::from_secs(5), "relay frees the connection's state")
+            .await;
     })
     .await;
 }
@@ -171,9 +171,9 @@ async fn relay_closes_a_silent_connection_after_idle_timeout() {
             started.elapsed() >= Duration::from_millis(900),
             "closed before idle_timeout"
         );
-        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
-            .await
-            .expect("relay frees the connection's state");
+        w.relay
+            .expect_no_connections(Duration::from_secs(5), "relay frees the connection's state")
+            .await;
     })
     .await;
 }
@@ -188,9 +188,9 @@ async fn clean_closes_are_never_reported_as_aborts() {
             let got = round_trip(w.local(), &data).await.expect("round trip");
             assert!(got == data, "round trip {i}");
         }
-        tokio::time::timeout(Duration::from_secs(5), w.relay.wait_no_connections())
-            .await
-            .expect("relay frees every connection");
+        w.relay
+            .expect_no_connections(Duration::from_secs(5), "relay frees every connection")
+            .await;
         let server = w.server.as_ref().expect("server");
         for (who, logs) in [
             ("client proxy", w.proxy.logs()),
