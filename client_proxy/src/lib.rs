@@ -68,7 +68,7 @@ pub fn run(
             listeners: listeners.len(),
         });
     }
-    let http = http_client(config.ca_file.as_deref())?;
+    let http = http_client(&config.relay_url, config.ca_file.as_deref())?;
     let relay = RelayClient::new(http, config.relay_url.clone(), key);
     let forwards = listeners
         .into_iter()

@@ -23,6 +23,21 @@ pub fn init_logging(level: Option<&str>) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as far as the OS allows
+/// (every tunnel holds sockets), and logs the change.
+pub fn raise_open_files_limit() {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft);
+    match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+        (Ok(before), Ok(now)) if now > before => {
+            tracing::info!(from = before, to = now, "raised the open files limit")
+        }
+        (_, Err(e)) | (Err(e), _) => {
+            tracing::warn!(error = %e, "cannot raise the open files limit")
+        }
+        _ => {}
+    }
+}
+
 /// A token cancelled on the first SIGINT or SIGTERM. A second signal exits at once.
 ///
 /// The task that watches the signals is the one task of a program that no task tracker holds:
@@ -110,7 +125,8 @@ pub struct EndpointArgs {
 
 impl EndpointArgs {
     /// Runs the key command if one was given, printing its line, and returns `None`. Otherwise
-    /// sets up logging and returns the configuration file to run with.
+    /// sets up logging, raises the open files limit and returns the configuration file to run
+    /// with.
     pub fn start(&self) -> Result<Option<&Path>, ArgsError> {
         if let Some(command) = &self.command {
             println!("{}", command.run()?);
@@ -118,6 +134,7 @@ impl EndpointArgs {
         }
         let config = self.config.as_deref().ok_or(ArgsError::MissingConfig)?;
         init_logging(self.log_level.as_deref()).map_err(ArgsError::Logging)?;
+        raise_open_files_limit();
         Ok(Some(config))
     }
 }

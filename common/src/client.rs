@@ -80,15 +80,23 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SetupError
     Ok(config)
 }
 
-/// Builds the HTTP client used for every call to the relay. No total timeout is set: tunnel
-/// requests live as long as their TCP connection.
-pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, SetupError> {
-    http_client_builder(ca_file)?
+/// Builds the HTTP client used for every call to `relay`, trusting `ca_file` beside the system
+/// roots, and speaking HTTP/2 from the start when the URL says `h2c://`. No total timeout is
+/// set: tunnel requests live as long as their TCP connection.
+pub fn http_client(
+    relay: &RelayUrl,
+    ca_file: Option<&Path>,
+) -> Result<reqwest::Client, SetupError> {
+    let mut builder = http_client_builder(ca_file)?;
+    if relay.h2c() {
+        builder = builder.http2_prior_knowledge();
+    }
+    builder
         .build()
         .map_err(|e| SetupError::Client(e.to_string()))
 }
 
-/// The builder behind [`http_client`], for callers that need one more setting.
+/// The builder behind [`http_client`] (without `h2c`), for callers that need one more setting.
 pub fn http_client_builder(ca_file: Option<&Path>) -> Result<reqwest::ClientBuilder, SetupError> {
     Ok(reqwest::Client::builder()
         .tls_backend_preconfigured(tls_config(ca_file)?)

@@ -30,6 +30,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     ptth_common::cli::init_logging(args.log_level.as_deref()).map_err(anyhow::Error::msg)?;
+    ptth_common::cli::raise_open_files_limit();
     let config = RelayConfig::load(&args.config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -63,7 +63,7 @@ pub fn run(
     key: PrivateKey,
     shutdown: CancellationToken,
 ) -> Result<Server, SetupError> {
-    let http = http_client(config.ca_file.as_deref())?;
+    let http = http_client(&config.relay_url, config.ca_file.as_deref())?;
     let relay = RelayClient::new(http, config.relay_url.clone(), key);
     Ok(Server {
         ctx: Arc::new(Ctx {

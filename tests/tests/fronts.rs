@@ -62,7 +62,7 @@ async fn stack(kind: Option<FrontKind>) -> Stack {
     let relay = setup.start_relay().expect("relay");
     let front = match kind {
         Some(k) => Some(
-            start_front(k, setup.path(), &pki, relay.addr, FRONT_TIMEOUT)
+            start_front(k, setup.path(), &pki, relay.addr, FRONT_TIMEOUT, 100)
                 .await
                 .expect("front"),
         ),

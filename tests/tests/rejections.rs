@@ -17,11 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn relay_client(addr: SocketAddr, key: &PrivateKey) -> RelayClient {
-    RelayClient::new(
-        http_client(None).expect("client"),
-        RelayUrl::parse(&format!("http://{addr}")).expect("url"),
-        key.clone(),
-    )
+    let url = RelayUrl::parse(&format!("http://{addr}")).expect("url");
+    RelayClient::new(http_client(&url, None).expect("client"), url, key.clone())
 }
 
 /// Runs a client proxy on this test's thread (so its logs are captured) forwarding
@@ -138,7 +135,10 @@ async fn connect_failures_close_the_socket_with_a_clear_log_line() {
 }
 
 fn plain_http() -> reqwest::Client {
-    http_client(None).expect("client")
+    http_client_builder(None)
+        .expect("builder")
+        .build()
+        .expect("client")
 }
 
 async fn world_with_short_listens() -> World {

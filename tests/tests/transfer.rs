@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use ptth_tests::taps::CountingForwarder;
 use ptth_tests::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -200,6 +201,77 @@ async fn clean_closes_are_never_reported_as_aborts() {
             assert!(
                 !text.contains("aborted"),
                 "{who} reported a clean close as an abort:\n{text}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_carries_every_tunnel_of_a_proxy_on_one_connection() {
+    within(LIMIT, async {
+        let echo = echo_service().await.expect("echo");
+        let setup = Setup::new().expect("setup");
+        let relay = setup.start_relay().expect("relay");
+        let server_counter = CountingForwarder::start(relay.addr)
+            .await
+            .expect("forwarder");
+        let server_config = setup
+            .server_config_url(
+                &format!("h2c://{}", server_counter.addr),
+                &[("echo", echo.to_string())],
+                "",
+            )
+            .expect("server config");
+        let server = start_server(server_config, setup.server_key.clone());
+        relay
+            .expect_listens(2, Duration::from_secs(20), "server proxy listens over h2c")
+            .await;
+        let counter = CountingForwarder::start(relay.addr)
+            .await
+            .expect("forwarder");
+        let proxy_config = setup
+            .proxy_config_url(
+                &format!("h2c://{}", counter.addr),
+                "alice",
+                &[("db", "echo")],
+                "",
+            )
+            .expect("proxy config");
+        let (proxy, addrs) = start_proxy(proxy_config, setup.alice_key.clone()).expect("proxy");
+        // The first tunnel settles the connection (the proxy's start-up warm-up may race it).
+        transfer_each_way(addrs[0], 1024, 1).await;
+        let opened = counter.total();
+        counter.reset_peak();
+        let tunnels: Vec<_> = (0..100u64)
+            .map(|i| tokio::spawn(transfer_each_way(addrs[0], 64 * 1024 + i as usize, i)))
+            .collect();
+        for t in tunnels {
+            t.await.expect("tunnel");
+        }
+        assert_eq!(
+            counter.peak(),
+            1,
+            "100 tunnels over h2c used more than one connection"
+        );
+        assert_eq!(counter.total(), opened, "the client proxy reconnected");
+        assert_eq!(
+            server_counter.total(),
+            1,
+            "the server proxy used more than one connection"
+        );
+        relay
+            .expect_no_connections(Duration::from_secs(5), "relay frees every connection")
+            .await;
+        for (who, logs) in [
+            ("client proxy", proxy.logs()),
+            ("server proxy", server.logs()),
+        ] {
+            let problems = logs.problems();
+            assert!(
+                problems.is_empty(),
+                "{who} logged problems:\n{}",
+                problems.join("\n")
             );
         }
     })

@@ -162,18 +162,29 @@ pub(super) fn default_max_connections() -> usize {
     100_000
 }
 
-/// An HTTP(S) base URL of a relay, without path, query or credentials (`relay_url` of
-/// `server.toml` and `proxy.toml`).
+/// The base URL of a relay (`relay_url` of `server.toml` and `proxy.toml`): `https://`,
+/// `http://`, or `h2c://` for HTTP/2 without TLS (prior knowledge), with a host and optional
+/// port and nothing else.
 #[derive(Clone, PartialEq, Eq)]
-pub struct RelayUrl(url::Url);
+pub struct RelayUrl {
+    /// The URL as HTTP sees it (`h2c://` becomes `http://`).
+    url: url::Url,
+    /// Whether HTTP/2 is spoken in cleartext from the first byte.
+    h2c: bool,
+}
 
 impl RelayUrl {
     /// Parses and checks a relay URL.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let url = url::Url::parse(s).map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+        let (h2c, http) = match s.strip_prefix("h2c://") {
+            Some(rest) => (true, format!("http://{rest}")),
+            None => (false, s.to_owned()),
+        };
+        let url = url::Url::parse(&http).map_err(|e| format!("invalid URL {s:?}: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!(
-                "relay URL {s:?} must start with http:// or https://"
+                "relay URL {s:?} must start with http:// or https:// (or h2c:// for HTTP/2 \
+                 without TLS)"
             ));
         }
         if url.host_str().is_none() {
@@ -187,29 +198,38 @@ impl RelayUrl {
         if !url.username().is_empty() || url.password().is_some() {
             return Err(format!("relay URL {s:?} must not contain credentials"));
         }
-        Ok(Self(url))
+        Ok(Self { url, h2c })
+    }
+
+    /// Whether requests go as HTTP/2 without TLS (`h2c://`): every request then shares one
+    /// TCP connection, as over TLS with ALPN `h2`.
+    pub fn h2c(&self) -> bool {
+        self.h2c
     }
 
     /// The `@authority` signed in requests: host, plus `:port` when not the scheme's default
     /// (what an HTTP client sends as `Host`).
     pub fn authority(&self) -> String {
-        let host = self.0.host_str().unwrap_or_default();
-        match self.0.port() {
+        let host = self.url.host_str().unwrap_or_default();
+        match self.url.port() {
             Some(p) => format!("{host}:{p}"),
             None => host.to_owned(),
         }
     }
 
-    /// Joins a protocol path (starting with `/`).
+    /// Joins a protocol path (starting with `/`): the URL to send the request to.
     pub fn join(&self, path: &str) -> String {
-        let base = self.0.as_str().trim_end_matches('/');
+        let base = self.url.as_str().trim_end_matches('/');
         format!("{base}{path}")
     }
 }
 
 impl fmt::Display for RelayUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0.as_str())
+        match self.url.as_str().strip_prefix("http://") {
+            Some(rest) if self.h2c => write!(f, "h2c://{rest}"),
+            _ => f.write_str(self.url.as_str()),
+        }
     }
 }
 
@@ -244,7 +264,14 @@ mod tests {
                 .authority(),
             "127.0.0.1:4000"
         );
+        let h2c = RelayUrl::parse("h2c://127.0.0.1:4000").expect("h2c");
+        assert!(h2c.h2c());
+        assert_eq!(h2c.authority(), "127.0.0.1:4000");
+        assert_eq!(h2c.join("/v1/x"), "http://127.0.0.1:4000/v1/x");
+        assert_eq!(h2c.to_string(), "h2c://127.0.0.1:4000/");
+        assert!(!u.h2c());
         for bad in [
+            "h2c://relay.example.com/prefix",
             "ftp://relay.example.com",
             "https://relay.example.com/prefix",
             "https://relay.example.com/?q",

@@ -25,6 +25,7 @@ pub(super) fn config(dir: &Path, pki: &Pki, site: &Site<'_>) -> String {
         t,
         probe,
         token,
+        ..
     } = *site;
     format!(
         r#"{{

@@ -14,11 +14,13 @@ pub(super) fn config(pki: &Pki, site: &Site<'_>) -> String {
         t,
         probe,
         token,
+        ..
     } = *site;
+    let (connections, streams) = (site.connections(), site.streams());
     format!(
         r#"global
-    maxconn 4000
-    tune.h2.max-concurrent-streams 1024
+    maxconn {connections}
+    tune.h2.max-concurrent-streams {streams}
 
 defaults
     log stderr format raw local0 info

@@ -177,7 +177,8 @@ fn probe_token() -> String {
 }
 
 /// Starts a front of `kind` listening on a fresh loopback port, proxying to `relay`, with its
-/// idle timeouts set to `timeout`; waits until it answers.
+/// idle timeouts set to `timeout` and its connection and stream limits sized for `tunnels`
+/// tunnels at once; waits until it answers.
 ///
 /// The port is chosen free, then released for the front to bind, so a test running in
 /// parallel may take it first. Each attempt therefore checks that the answer comes from this
@@ -189,12 +190,13 @@ pub async fn start_front(
     pki: &Pki,
     relay: SocketAddr,
     timeout: Duration,
+    tunnels: usize,
 ) -> anyhow::Result<Front> {
     let mut failures = Vec::new();
     for attempt in 1..=4 {
         let sub = dir.join(format!("{kind:?}-{attempt}"));
         std::fs::create_dir_all(&sub)?;
-        match start_once(kind, &sub, pki, relay, timeout).await {
+        match start_once(kind, &sub, pki, relay, timeout, tunnels).await {
             Ok(front) => return Ok(front),
             Err(e) => failures.push(format!("attempt {attempt}: {e:#}")),
         }
@@ -208,6 +210,7 @@ async fn start_once(
     pki: &Pki,
     relay: SocketAddr,
     timeout: Duration,
+    tunnels: usize,
 ) -> anyhow::Result<Front> {
     let port = free_port()?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -218,6 +221,7 @@ async fn start_once(
         t: secs(timeout),
         probe: PROBE_PATH,
         token: &token,
+        tunnels,
     };
     let out = std::fs::File::create(dir.join("stdio.log"))?;
     let mut cmd = match kind {

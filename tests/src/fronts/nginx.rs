@@ -15,8 +15,17 @@ pub(super) fn config(buffering: bool, dir: &Path, pki: &Pki, site: &Site<'_>) ->
         t,
         probe,
         token,
+        ..
     } = *site;
     let d = dir.display();
+    let (connections, streams) = (site.connections(), site.streams());
+    // Past the default, file descriptors must follow (nginx raises its own limit, up to the
+    // hard limit).
+    let rlimit = if connections > 4096 {
+        format!("worker_rlimit_nofile {connections};\n")
+    } else {
+        String::new()
+    };
     let buffering = if buffering {
         // The mistake under test: nginx's default, request bodies buffered whole.
         "proxy_request_buffering on;"
@@ -30,7 +39,7 @@ worker_processes 1;
 user root;
 pid {d}/nginx.pid;
 error_log {d}/error.log info;
-events {{ worker_connections 4096; }}
+{rlimit}events {{ worker_connections {connections}; }}
 http {{
     access_log {d}/access.log;
     client_body_temp_path {d}/nginx-body;
@@ -43,7 +52,7 @@ http {{
         server_name localhost;
         ssl_certificate {cert};
         ssl_certificate_key {key};
-        http2_max_concurrent_streams 1024;
+        http2_max_concurrent_streams {streams};
         keepalive_requests 1000000;
         keepalive_timeout {t}s;
         client_body_timeout {t}s;

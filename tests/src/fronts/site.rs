@@ -15,4 +15,27 @@ pub(super) struct Site<'a> {
     pub probe: &'a str,
     /// What it answers on `probe`.
     pub token: &'a str,
+    /// How many tunnels it must carry at once.
+    pub tunnels: usize,
+}
+
+impl Site<'_> {
+    /// Connections the front must hold at once: each tunnel may take up to 4 to the relay
+    /// (HTTP/1.1) and some from the proxies, and listens take more; at most as many as the
+    /// front may open files.
+    pub fn connections(&self) -> usize {
+        (self.tunnels * 10).max(4096).min(open_files_limit())
+    }
+
+    /// HTTP/2 streams one proxy's connection must carry at once (2 per tunnel, plus listens).
+    pub fn streams(&self) -> usize {
+        (self.tunnels * 3).max(1024)
+    }
+}
+
+/// The hard limit on open files, which the fronts inherit.
+pub(super) fn open_files_limit() -> usize {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(4096, |(_, hard)| {
+        usize::try_from(hard).unwrap_or(usize::MAX)
+    })
 }

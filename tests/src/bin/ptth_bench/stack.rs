@@ -1,0 +1,277 @@
+//! The programs under test, as separate processes of the release build, so that each one's
+//! memory and CPU can be read from `/proc`: a relay, a `ptth_server` offering the bench's
+//! services and a `ptth_proxy` forwarding local ports to them, talking HTTP/1.1, h2c, or
+//! HTTPS through nginx.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ptth_tests::Setup;
+use ptth_tests::fronts::{Front, FrontKind, Pki, start_front};
+
+use crate::load::Services;
+
+/// How the proxies reach the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// `http://`: HTTP/1.1, two TCP connections per tunnel on each side.
+    H1,
+    /// `h2c://`: HTTP/2 without TLS, every tunnel of a proxy on one TCP connection.
+    H2c,
+    /// `https://` through nginx: HTTP/2 with TLS to nginx, HTTP/1.1 from nginx to the relay.
+    Nginx,
+}
+
+impl Transport {
+    /// The column heading.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::H1 => "HTTP/1.1",
+            Self::H2c => "h2c",
+            Self::Nginx => "nginx TLS",
+        }
+    }
+}
+
+/// One running program.
+#[derive(Debug)]
+pub struct Program {
+    pub name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Program {
+    fn start(bin: &Path, config: &Path, log: PathBuf, name: &'static str) -> anyhow::Result<Self> {
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .args(["--log-level", "warn"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Self { name, child, log })
+    }
+
+    fn proc_file(&self, file: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/{file}", self.child.id()))
+    }
+
+    /// Peak resident memory since the last [`Program::reset_peak`], in KiB.
+    pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(self.proc_file("status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM")
+    }
+
+    /// Starts a new peak memory measurement from the current resident memory.
+    pub fn reset_peak(&self) -> anyhow::Result<()> {
+        std::fs::write(self.proc_file("clear_refs"), "5").context("clear_refs")
+    }
+
+    /// CPU time (user and system) used so far, in seconds.
+    pub fn cpu_seconds(&self, ticks_per_second: f64) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(self.proc_file("stat"))?;
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        let rest = stat.rsplit_once(')').context("stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after `)`.
+        let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
+            + fields.get(12).context("stime")?.parse::<f64>()?;
+        Ok(ticks / ticks_per_second)
+    }
+
+    /// The program's log, for errors.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited with {status}:\n{}", self.name, self.log());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The local ports of a stack: where the load connects to reach each service.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub echo: SocketAddr,
+    pub sink: SocketAddr,
+    pub source: SocketAddr,
+    /// The echo for the crowd of held tunnels.
+    pub crowd: SocketAddr,
+}
+
+/// A relay, a server proxy and a client proxy (and nginx in front of the relay, for
+/// [`Transport::Nginx`]), running.
+#[derive(Debug)]
+pub struct Stack {
+    pub transport: Transport,
+    pub ports: Ports,
+    /// The relay, the server proxy and the client proxy.
+    pub programs: Vec<Program>,
+    front: Option<Front>,
+    _setup: Setup,
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+impl Stack {
+    /// Starts the programs found in `bin` for `transport` in front of `services`, sized for
+    /// `tunnels` at once; returns once a round trip passes through.
+    pub async fn start(
+        bin: &Path,
+        transport: Transport,
+        services: &Services,
+        tunnels: usize,
+    ) -> anyhow::Result<Self> {
+        let mut setup = Setup::new()?;
+        // The load comes from one address and opens many tunnels at once.
+        setup.relay_extra = "max_http_connections_per_ip = 1000000\n\
+                             max_connections = 1000000\n\
+                             max_connections_per_client = 1000000\n"
+            .into();
+        let dir = setup.path().to_owned();
+        let relay_addr = free_port()?;
+        let relay_toml = dir.join("relay.toml");
+        std::fs::write(&relay_toml, setup.relay_toml(relay_addr))?;
+        let mut relay = Program::start(
+            &bin.join("ptth_relay"),
+            &relay_toml,
+            dir.join("relay.log"),
+            "ptth_relay",
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(relay_addr).await.is_err() {
+            relay.check_running()?;
+            if Instant::now() > deadline {
+                bail!("the relay did not listen:\n{}", relay.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (url, extra, front) = match transport {
+            Transport::H1 => (format!("http://{relay_addr}"), String::new(), None),
+            Transport::H2c => (format!("h2c://{relay_addr}"), String::new(), None),
+            Transport::Nginx => {
+                let pki = Pki::generate(&dir)?;
+                let front = start_front(
+                    FrontKind::Nginx,
+                    &dir,
+                    &pki,
+                    relay_addr,
+                    Duration::from_secs(75),
+                    tunnels,
+                )
+                .await?;
+                let url = format!("https://localhost:{}", front.addr.port());
+                let extra = format!("ca_file = \"{}\"\n", pki.ca.display());
+                (url, extra, Some(front))
+            }
+        };
+        let server_config = setup.server_config_url(
+            &url,
+            &[
+                ("echo", services.echo.to_string()),
+                ("sink", services.sink.to_string()),
+                ("source", services.source.to_string()),
+                ("crowd", services.crowd_echo.to_string()),
+            ],
+            &extra,
+        )?;
+        drop(server_config);
+        let server = Program::start(
+            &bin.join("ptth_server"),
+            &dir.join("server.toml"),
+            dir.join("server.log"),
+            "ptth_server",
+        )?;
+        let ports = Ports {
+            echo: free_port()?,
+            sink: free_port()?,
+            source: free_port()?,
+            crowd: free_port()?,
+        };
+        let mut proxy_toml = format!("relay_url = \"{url}\"\nkey_file = \"alice.key\"\n{extra}\n");
+        for (local, port) in [
+            (ports.echo, "echo"),
+            (ports.sink, "sink"),
+            (ports.source, "source"),
+            (ports.crowd, "crowd"),
+        ] {
+            proxy_toml.push_str(&format!(
+                "[[forwards]]\nlisten = \"{local}\"\nserver = \"db\"\nport = \"{port}\"\n"
+            ));
+        }
+        std::fs::write(dir.join("proxy.toml"), proxy_toml)?;
+        let proxy = Program::start(
+            &bin.join("ptth_proxy"),
+            &dir.join("proxy.toml"),
+            dir.join("proxy.log"),
+            "ptth_proxy",
+        )?;
+        let mut stack = Self {
+            transport,
+            ports,
+            programs: vec![relay, server, proxy],
+            front,
+            _setup: setup,
+        };
+        stack.wait_ready().await?;
+        Ok(stack)
+    }
+
+    /// Waits until a round trip passes through the stack.
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for p in &mut self.programs {
+                p.check_running()?;
+            }
+            if crate::load::round_trips(self.ports.echo, 1).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no round trip through {}:\n{}",
+                    self.transport.name(),
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything the programs (and the front) logged.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in &self.programs {
+            out.push_str(&format!("--- {}\n{}", p.name, p.log()));
+        }
+        if let Some(f) = &self.front {
+            out.push_str(&format!("--- nginx\n{}{}", f.log(), f.error_log()));
+        }
+        out
+    }
+}
