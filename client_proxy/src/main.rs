@@ -31,9 +31,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let key = cli::load_key(config_path, &config.key_file)?;
     let mut listeners = Vec::new();
     for fwd in &config.forwards {
-        let l = tokio::net::TcpListener::bind(fwd.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", fwd.listen))?;
+        let l =
+            cli::listen(fwd.listen).with_context(|| format!("cannot listen on {}", fwd.listen))?;
         listeners.push(l);
     }
     ptth_proxy::run(listeners, config, key, cli::shutdown_on_signals())?.await;

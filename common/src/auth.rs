@@ -284,7 +284,9 @@ impl NonceCache {
 /// Verifies signed requests against a fixed set of public keys, each mapped to a principal.
 #[derive(Debug)]
 pub struct Verifier<P> {
-    keys: HashMap<[u8; 32], (usize, P)>,
+    /// By the key's 32 bytes (the `keyid`): its index, the key decoded once for all, and its
+    /// principal.
+    keys: HashMap<[u8; 32], (usize, PublicKey, P)>,
     nonces: Mutex<NonceCache>,
 }
 
@@ -294,7 +296,7 @@ impl<P> Verifier<P> {
         let keys = keys
             .into_iter()
             .enumerate()
-            .map(|(i, (k, p))| (k.to_bytes(), (i, p)))
+            .map(|(i, (k, p))| (k.to_bytes(), (i, k, p)))
             .collect();
         Self {
             keys,
@@ -332,12 +334,12 @@ impl<P> Verifier<P> {
         {
             return Err(AuthError::Stale);
         }
-        let (who, principal) = self.keys.get(&p.keyid).ok_or(AuthError::BadSignature)?;
-        let key = ed25519_dalek::VerifyingKey::from_bytes(&p.keyid)
-            .map_err(|_| AuthError::BadSignature)?;
+        let (who, key, principal) = self.keys.get(&p.keyid).ok_or(AuthError::BadSignature)?;
         let verified = authorities.iter().any(|authority| {
             let base = signature_base(method, authority, path, p.params);
-            key.verify_strict(base.as_bytes(), &p.signature).is_ok()
+            key.verifying_key()
+                .verify_strict(base.as_bytes(), &p.signature)
+                .is_ok()
         });
         if !verified {
             return Err(AuthError::BadSignature);

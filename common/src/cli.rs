@@ -23,6 +23,20 @@ pub fn init_logging(level: Option<&str>) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// A TCP listener on `addr` with a long accept queue (4,096, or the kernel's `somaxconn` if
+/// that is less), so that a burst of new connections waits in the kernel instead of having its
+/// SYNs dropped and retried a second later.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Raises this process's soft limit on open files to its hard limit, as far as the OS allows
 /// (every tunnel holds sockets), and logs the change.
 pub fn raise_open_files_limit() {

@@ -104,6 +104,7 @@ pub fn http_client_builder(ca_file: Option<&Path>) -> Result<reqwest::ClientBuil
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(50))
         .http2_initial_stream_window_size(Some(1024 * 1024))
+        .http2_max_frame_size(Some(64 * 1024))
         .http2_initial_connection_window_size(Some(16 * 1024 * 1024))
         .http2_keep_alive_interval(Some(Duration::from_secs(20)))
         .http2_keep_alive_timeout(Duration::from_secs(20))

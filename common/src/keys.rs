@@ -80,6 +80,11 @@ impl PublicKey {
         STANDARD.encode(self.0.as_bytes())
     }
 
+    /// The dalek verifying key.
+    pub(crate) fn verifying_key(&self) -> &VerifyingKey {
+        &self.0
+    }
+
     /// The 32 key bytes (what a signature's `keyid` decodes to).
     pub fn to_bytes(&self) -> [u8; 32] {
         self.0.to_bytes()

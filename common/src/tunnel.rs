@@ -28,10 +28,14 @@ use crate::client::{self, RelayClient};
 use crate::frame::{self, Decoder, FrameError, Item};
 use crate::protocol::TUNNEL_CONTENT_TYPE;
 
-/// Bytes read from the local socket per data frame, at most.
-const READ_CHUNK: usize = 64 * 1024;
+/// The first read of a burst from the local socket: a small buffer, since most messages are
+/// small. Each read that fills its buffer doubles the next one, up to [`MAX_READ`]; an idle
+/// socket starts over.
+const FIRST_READ: usize = 16 * 1024;
+/// The largest read from the local socket: one data frame of the largest size.
+const MAX_READ: usize = frame::MAX_FRAME_PAYLOAD;
 /// Reads up to this size are copied into a frame of their own size, so that a queued small
-/// frame does not hold a whole [`READ_CHUNK`] buffer, and the buffer is reused.
+/// frame does not hold a whole read buffer, and the buffer is reused.
 const SMALL_READ: usize = 4 * 1024;
 /// Shortest dead-peer limit, whatever our own heartbeat interval.
 const MIN_DEAD_AFTER: Duration = Duration::from_secs(45);
@@ -131,6 +135,7 @@ pub async fn carry(
         ATTACH_TIMEOUT,
         (heartbeat * 3).max(MIN_DEAD_AFTER),
     );
+    let (upload, download) = (std::pin::pin!(upload), std::pin::pin!(download));
     let ended = run(&stream, &local_failed, upload, download, &cancel, shutdown).await;
     match ended {
         Ok(()) => tracing::debug!("tunnel closed"),
@@ -209,7 +214,13 @@ struct UploadBody {
     stream: Arc<TcpStream>,
     local_failed: Arc<LocalFailed>,
     buf: BytesMut,
+    /// How much the next read may take.
+    read_size: usize,
+    /// Fires at the earliest time a heartbeat may be due; moved on lazily (a timer is not
+    /// re-armed for every frame).
     heartbeat: Pin<Box<Sleep>>,
+    /// When the last frame was sent.
+    sent_at: Instant,
     interval: Duration,
     state: UploadState,
     cancel: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -240,16 +251,32 @@ impl UploadBody {
             stream,
             local_failed,
             buf: BytesMut::new(),
+            read_size: FIRST_READ,
             heartbeat: Box::pin(tokio::time::sleep(interval)),
+            sent_at: Instant::now(),
             interval,
             state: UploadState::Open,
             cancel: Box::pin(cancel.cancelled_owned()),
         }
     }
 
-    fn reset_heartbeat(&mut self) {
-        let next = Instant::now() + self.interval;
-        self.heartbeat.as_mut().reset(next);
+    /// A frame leaves now: the next heartbeat is due an interval later.
+    fn sent(&mut self) {
+        self.sent_at = Instant::now();
+    }
+
+    /// Whether a heartbeat is due; if not, the timer is moved to when it will be.
+    fn poll_heartbeat(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(self.heartbeat.as_mut().poll(cx));
+            let due = self.sent_at + self.interval;
+            if due <= Instant::now() {
+                self.sent();
+                self.heartbeat.as_mut().reset(self.sent_at + self.interval);
+                return Poll::Ready(());
+            }
+            self.heartbeat.as_mut().reset(due);
+        }
     }
 }
 
@@ -279,8 +306,8 @@ impl Body for UploadBody {
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                 Poll::Pending => break,
             }
-            frame::begin_data_frame(&mut this.buf, READ_CHUNK);
-            let mut limited = bytes::BufMut::limit(&mut this.buf, READ_CHUNK);
+            frame::begin_data_frame(&mut this.buf, this.read_size);
+            let mut limited = bytes::BufMut::limit(&mut this.buf, this.read_size);
             match this.stream.try_read_buf(&mut limited) {
                 Ok(0) => {
                     this.buf = BytesMut::new();
@@ -301,12 +328,15 @@ impl Body for UploadBody {
                     small.extend_from_slice(&this.buf);
                     this.buf.clear();
                     let f = frame::finish_data_frame(&mut small);
-                    this.reset_heartbeat();
+                    this.sent();
                     return Poll::Ready(Some(Ok(Frame::data(f))));
                 }
-                Ok(_) => {
+                Ok(n) => {
+                    if n == this.read_size {
+                        this.read_size = (this.read_size * 2).min(MAX_READ);
+                    }
                     let f = frame::finish_data_frame(&mut this.buf);
-                    this.reset_heartbeat();
+                    this.sent();
                     return Poll::Ready(Some(Ok(Frame::data(f))));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -322,8 +352,8 @@ impl Body for UploadBody {
         if this.buf.capacity() > 0 {
             this.buf = BytesMut::new();
         }
-        ready!(this.heartbeat.as_mut().poll(cx));
-        this.reset_heartbeat();
+        this.read_size = FIRST_READ;
+        ready!(this.poll_heartbeat(cx));
         Poll::Ready(Some(Ok(Frame::data(frame::heartbeat()))))
     }
 
@@ -368,21 +398,41 @@ where
     let mut decoder = Decoder::new();
     let attach_deadline = Instant::now() + attach_timeout;
     let mut attached = false;
+    // One timer for the whole download, moved on lazily when it fires early: arming one per
+    // chunk would cost more than the chunk.
+    let mut heard = Instant::now();
+    let silence = tokio::time::sleep_until(attach_deadline.min(heard + dead_after));
+    tokio::pin!(silence);
     loop {
-        let wait = if attached {
-            dead_after
-        } else {
-            dead_after.min(attach_deadline.saturating_duration_since(Instant::now()))
+        let next = tokio::select! {
+            biased;
+            f = body.frame() => Some(f),
+            () = &mut silence => None,
         };
-        let frame = match tokio::time::timeout(wait, body.frame()).await {
-            Err(_) if !attached => return Err(TunnelError::NotAttached(attach_timeout)),
-            Err(_) => return Err(TunnelError::Silent(dead_after)),
-            Ok(None) if !attached => {
+        let Some(next) = next else {
+            let now = Instant::now();
+            if !attached && now >= attach_deadline {
+                return Err(TunnelError::NotAttached(attach_timeout));
+            }
+            if now >= heard + dead_after {
+                return Err(TunnelError::Silent(dead_after));
+            }
+            let until = if attached {
+                heard + dead_after
+            } else {
+                attach_deadline.min(heard + dead_after)
+            };
+            silence.as_mut().reset(until);
+            continue;
+        };
+        heard = Instant::now();
+        let frame = match next {
+            None if !attached => {
                 return Err(TunnelError::BrokeBeforeAttached(
                     "the relay ended the stream".into(),
                 ));
             }
-            Ok(None) => {
+            None => {
                 decoder.finish()?;
                 return if decoder.ended() {
                     Ok(())
@@ -390,11 +440,11 @@ where
                     Err(TunnelError::Aborted)
                 };
             }
-            Ok(Some(Err(e))) if !attached => {
+            Some(Err(e)) if !attached => {
                 return Err(TunnelError::BrokeBeforeAttached(e.to_string()));
             }
-            Ok(Some(Err(e))) => return Err(TunnelError::Remote(e.to_string())),
-            Ok(Some(Ok(f))) => f,
+            Some(Err(e)) => return Err(TunnelError::Remote(e.to_string())),
+            Some(Ok(f)) => f,
         };
         let Ok(mut chunk) = frame.into_data() else {
             continue;
@@ -424,11 +474,15 @@ where
 /// it: an upload that waits for HTTP flow control is not polled, and an idle download only
 /// touches the socket when data arrives. A reset from the local peer must still close the
 /// tunnel at once.
+///
+/// The two directions are borrowed, pinned where the caller keeps them, rather than moved in:
+/// a future moved into another keeps its space in both, and this one lives as long as the
+/// tunnel (its size is memory per tunnel).
 async fn run<U, D>(
     stream: &TcpStream,
     local_failed: &LocalFailed,
-    upload: U,
-    download: D,
+    upload: Pin<&mut U>,
+    download: Pin<&mut D>,
     body_cancel: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> Result<(), TunnelError>

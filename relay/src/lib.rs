@@ -212,6 +212,7 @@ async fn serve(relay: Relay) {
         .http2()
         .timer(TokioTimer::new())
         .initial_stream_window_size(1024 * 1024)
+        .max_frame_size(64 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
         .max_concurrent_streams(65_536)
         .max_header_list_size(16 * 1024)

@@ -32,8 +32,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ptth_common::cli::init_logging(args.log_level.as_deref()).map_err(anyhow::Error::msg)?;
     ptth_common::cli::raise_open_files_limit();
     let config = RelayConfig::load(&args.config)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = ptth_common::cli::listen(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = ptth_common::cli::shutdown_on_signals();
     let relay = ptth_relay::run(listener, config, shutdown).map_err(|e| match e {

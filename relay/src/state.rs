@@ -28,7 +28,7 @@ pub(crate) enum Principal {
 /// Most distinct ports remembered per server.
 pub(crate) const MAX_PORTS_PER_SERVER: usize = 256;
 /// Most connections queued for one port while no `listen` is waiting.
-pub(crate) const MAX_QUEUED_CONNECTS: usize = 1024;
+pub(crate) const MAX_QUEUED_CONNECTS: usize = 16 * 1024;
 /// A port counts as offered for this long after a `listen` on it was answered, while the
 /// server re-issues it. A listen that dies unanswered (its server went away) gives no grace,
 /// so that connects to a dead server are refused at once.
@@ -460,7 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_queue_of_a_port_is_bounded_and_limits_apply() {
-        let s = shared("max_connections = 2000");
+        let s = shared("max_connections = 20000");
         let first = waiting(s.listen(0, "pg"));
         let a = new_conn(&s, 0);
         s.offer(&a, "pg").expect("a");

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -14,96 +14,75 @@ const BUF: usize = 256 * 1024;
 /// Upper bound on any single step (a connect, a round trip, a transfer).
 const STEP: Duration = Duration::from_secs(120);
 
-/// What the sink saw of one connection: its bytes, from its first byte to its EOF.
+/// What the sink saw of one connection: its bytes, from its first byte to its EOF (times in
+/// the service process's own clock, comparable with each other).
 #[derive(Debug, Clone, Copy)]
 pub struct Received {
     pub bytes: u64,
-    pub first: Instant,
-    pub eof: Instant,
+    pub first: Duration,
+    pub eof: Duration,
 }
 
-/// The services, listening on loopback: three in this process, and an echo in a child process
-/// for the crowd of held tunnels (a process may hold only so many sockets, and this one holds
-/// the tunnels' other ends).
+/// The services behind the tunnels, in a child process of their own (as a real service would
+/// be, and a process may hold only so many sockets: the load holds the tunnels' other ends).
 #[derive(Debug)]
 pub struct Services {
     /// Sends back what it receives; FIN after EOF.
     pub echo: SocketAddr,
-    /// The same, in a child process.
-    pub crowd_echo: SocketAddr,
-    /// The child process, killed when dropped.
-    _crowd: tokio::process::Child,
     /// Reads until EOF and reports what it received.
     pub sink: SocketAddr,
     /// Reads an 8-byte little-endian count, sends that many bytes and closes.
     pub source: SocketAddr,
     sink_reports: mpsc::Receiver<Received>,
+    /// The child process, killed when dropped.
+    _process: tokio::process::Child,
 }
 
 impl Services {
-    /// Starts the services.
+    /// Starts the services' process (this program with `--serve`).
     pub async fn start() -> anyhow::Result<Self> {
-        let mut crowd = tokio::process::Command::new(std::env::current_exe()?)
-            .arg("--serve-echo")
+        let mut process = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("--serve")
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
-        let mut port = String::new();
-        let out = crowd.stdout.take().context("echo process stdout")?;
-        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(out), &mut port)
-            .await?;
-        let crowd_echo = port.trim().parse().context("echo process address")?;
-        let echo = TcpListener::bind("127.0.0.1:0").await?;
-        let sink = TcpListener::bind("127.0.0.1:0").await?;
-        let source = TcpListener::bind("127.0.0.1:0").await?;
-        let (tx, sink_reports) = mpsc::channel(1024);
-        let services = Self {
-            echo: echo.local_addr()?,
-            crowd_echo,
-            _crowd: crowd,
-            sink: sink.local_addr()?,
-            source: source.local_addr()?,
-            sink_reports,
+        let out = process.stdout.take().context("services' stdout")?;
+        let mut lines = tokio::io::BufReader::new(out).lines();
+        let first = lines.next_line().await?.context("services' addresses")?;
+        let addrs: Vec<SocketAddr> = first
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .context("services' addresses")?;
+        let [echo, sink, source] = addrs[..] else {
+            bail!("services printed {first:?}");
         };
-        tokio::spawn(serve(echo, echo_one));
-        tokio::spawn(serve(sink, move |mut s| {
-            let tx = tx.clone();
-            async move {
-                let mut buf = vec![0u8; BUF];
-                let mut bytes = 0u64;
-                let mut first = None;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            first.get_or_insert_with(Instant::now);
-                            bytes += n as u64;
-                        }
-                        Err(_) => return,
+        let (tx, sink_reports) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let n: Vec<u64> = line
+                    .split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                if let [bytes, first, eof] = n[..] {
+                    let report = Received {
+                        bytes,
+                        first: Duration::from_nanos(first),
+                        eof: Duration::from_nanos(eof),
+                    };
+                    if tx.send(report).await.is_err() {
+                        return;
                     }
                 }
-                let eof = Instant::now();
-                let first = first.unwrap_or(eof);
-                let _ = tx.send(Received { bytes, first, eof }).await;
             }
-        }));
-        tokio::spawn(serve(source, |mut s| async move {
-            let mut n = [0u8; 8];
-            if s.read_exact(&mut n).await.is_err() {
-                return;
-            }
-            let mut left = u64::from_le_bytes(n);
-            let buf = vec![0x5au8; BUF];
-            while left > 0 {
-                let k = (left as usize).min(BUF);
-                if s.write_all(&buf[..k]).await.is_err() {
-                    return;
-                }
-                left -= k as u64;
-            }
-            let _ = s.shutdown().await;
-        }));
-        Ok(services)
+        });
+        Ok(Self {
+            echo,
+            sink,
+            source,
+            sink_reports,
+            _process: process,
+        })
     }
 
     /// The next report of the sink.
@@ -111,28 +90,82 @@ impl Services {
         tokio::time::timeout(STEP, self.sink_reports.recv())
             .await
             .context("the sink saw no end of the transfer")?
-            .context("sink stopped")
+            .context("the services' process ended")
     }
 }
 
-/// Echoes one connection.
-async fn echo_one(mut s: TcpStream) {
-    let (mut r, mut w) = s.split();
-    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
-        let _ = w.shutdown().await;
+/// Runs the services (what `--serve` runs in the child process): prints the echo's, the
+/// sink's and the source's addresses on one line, then a line `bytes first_ns eof_ns` for
+/// each connection the sink has read to its end.
+pub async fn serve() -> anyhow::Result<()> {
+    let echo = TcpListener::bind("127.0.0.1:0").await?;
+    let sink = TcpListener::bind("127.0.0.1:0").await?;
+    let source = TcpListener::bind("127.0.0.1:0").await?;
+    println!(
+        "{} {} {}",
+        echo.local_addr()?,
+        sink.local_addr()?,
+        source.local_addr()?
+    );
+    let epoch = Instant::now();
+    let (tx, mut reports) = mpsc::channel::<String>(1024);
+    tokio::spawn(serve_each(echo, |mut s| async move {
+        let (mut r, mut w) = s.split();
+        if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+            let _ = w.shutdown().await;
+        }
+    }));
+    tokio::spawn(serve_each(sink, move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = vec![0u8; BUF];
+            let mut bytes = 0u64;
+            let mut first = None;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        first.get_or_insert_with(Instant::now);
+                        bytes += n as u64;
+                    }
+                    Err(_) => return,
+                }
+            }
+            let eof = Instant::now();
+            let first = first.unwrap_or(eof);
+            let line = format!(
+                "{bytes} {} {}",
+                (first - epoch).as_nanos(),
+                (eof - epoch).as_nanos()
+            );
+            let _ = tx.send(line).await;
+        }
+    }));
+    tokio::spawn(serve_each(source, |mut s| async move {
+        let mut n = [0u8; 8];
+        if s.read_exact(&mut n).await.is_err() {
+            return;
+        }
+        let mut left = u64::from_le_bytes(n);
+        let buf = vec![0x5au8; BUF];
+        while left > 0 {
+            let k = (left as usize).min(BUF);
+            if s.write_all(&buf[..k]).await.is_err() {
+                return;
+            }
+            left -= k as u64;
+        }
+        let _ = s.shutdown().await;
+    }));
+    let mut out = tokio::io::stdout();
+    while let Some(line) = reports.recv().await {
+        out.write_all(format!("{line}\n").as_bytes()).await?;
+        out.flush().await?;
     }
-}
-
-/// Serves an echo (what `--serve-echo` runs in the child process): prints its address, then
-/// echoes until killed.
-pub async fn serve_echo() -> anyhow::Result<()> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    println!("{}", l.local_addr()?);
-    serve(l, echo_one).await;
     Ok(())
 }
 
-async fn serve<F, Fut>(listener: TcpListener, handle: F)
+async fn serve_each<F, Fut>(listener: TcpListener, handle: F)
 where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,

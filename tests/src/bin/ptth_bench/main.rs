@@ -54,9 +54,9 @@ struct Args {
         default_value = "h1,h2c,nginx"
     )]
     transports: Vec<Transport>,
-    /// Serve an echo and nothing else (the child process that [`load::Services`] starts).
+    /// Run the services and nothing else (the child process that [`load::Services`] starts).
     #[arg(long, hide = true)]
-    serve_echo: bool,
+    serve: bool,
     /// A quick run to see that everything works (1 round, small figures); its numbers mean
     /// little.
     #[arg(long)]
@@ -170,9 +170,9 @@ fn machine() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    if args.serve_echo {
+    if args.serve {
         rlimit::increase_nofile_limit(u64::MAX)?;
-        return load::serve_echo().await;
+        return load::serve().await;
     }
     if args.quick {
         args.rounds = 1;
@@ -193,7 +193,6 @@ async fn main() -> anyhow::Result<()> {
         echo: services.echo,
         sink: services.sink,
         source: services.source,
-        crowd: services.crowd_echo,
     };
     let most = args.tunnels_h2c.max(args.tunnels_h1);
     let mut columns = vec![Column::new("direct", direct, None, most)];
@@ -257,7 +256,7 @@ async fn main() -> anyhow::Result<()> {
         let mut peaks = Vec::new();
         let stack = &c.stack;
         let held = load::hold_tunnels(
-            c.ports.crowd,
+            c.ports.echo,
             c.tunnels,
             Duration::from_secs(args.hold),
             || {

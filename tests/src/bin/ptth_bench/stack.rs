@@ -117,8 +117,6 @@ pub struct Ports {
     pub echo: SocketAddr,
     pub sink: SocketAddr,
     pub source: SocketAddr,
-    /// The echo for the crowd of held tunnels.
-    pub crowd: SocketAddr,
 }
 
 /// A relay, a server proxy and a client proxy (and nginx in front of the relay, for
@@ -196,7 +194,6 @@ impl Stack {
                 ("echo", services.echo.to_string()),
                 ("sink", services.sink.to_string()),
                 ("source", services.source.to_string()),
-                ("crowd", services.crowd_echo.to_string()),
             ],
             &extra,
         )?;
@@ -211,14 +208,12 @@ impl Stack {
             echo: free_port()?,
             sink: free_port()?,
             source: free_port()?,
-            crowd: free_port()?,
         };
         let mut proxy_toml = format!("relay_url = \"{url}\"\nkey_file = \"alice.key\"\n{extra}\n");
         for (local, port) in [
             (ports.echo, "echo"),
             (ports.sink, "sink"),
             (ports.source, "source"),
-            (ports.crowd, "crowd"),
         ] {
             proxy_toml.push_str(&format!(
                 "[[forwards]]\nlisten = \"{local}\"\nserver = \"db\"\nport = \"{port}\"\n"
