@@ -40,7 +40,8 @@ struct Args {
     /// Tunnels held at once over h2c.
     #[arg(long, default_value_t = 10_000)]
     tunnels_h2c: usize,
-    /// Tunnels held at once over HTTP/1.1 and through nginx.
+    /// Tunnels held at once over HTTP/1.1, through nginx, and through the peers of
+    /// `--compare` (which hold two sockets per tunnel in their middle process).
     #[arg(long, default_value_t = 2_000)]
     tunnels_h1: usize,
     /// Seconds the tunnels are held between their two round trips.
@@ -54,6 +55,9 @@ struct Args {
         default_value = "h1,h2c,nginx"
     )]
     transports: Vec<Transport>,
+    /// Also measure rathole, bore and wstunnel, each that is on PATH, the same way.
+    #[arg(long)]
+    compare: bool,
     /// Run the services and nothing else (the child process that [`load::Services`] starts).
     #[arg(long, hide = true)]
     serve: bool,
@@ -184,6 +188,18 @@ async fn main() -> anyhow::Result<()> {
         args.hold = 1;
     }
     let bin = binaries()?;
+    if args.compare {
+        for peer in [Transport::Rathole, Transport::Bore, Transport::Wstunnel] {
+            let program = peer.peer_program().unwrap_or_default();
+            if args.transports.contains(&peer) {
+                continue;
+            }
+            match stack::on_path(program) {
+                Some(_) => args.transports.push(peer),
+                None => eprintln!("{program} is not on PATH: no {} column", peer.name()),
+            }
+        }
+    }
     let ticks = ticks_per_second()?;
     // The load holds two sockets per tunnel (to the proxy, and the service's end); the
     // programs started below inherit the raised limit and raise their own too.
@@ -194,13 +210,14 @@ async fn main() -> anyhow::Result<()> {
         sink: services.sink,
         source: services.source,
     };
-    let most = args.tunnels_h2c.max(args.tunnels_h1);
-    let mut columns = vec![Column::new("direct", direct, None, most)];
+    let tunnels_for = |t: Transport| match t {
+        Transport::H2c => args.tunnels_h2c,
+        _ => args.tunnels_h1,
+    };
+    let most = args.transports.iter().map(|&t| tunnels_for(t)).max();
+    let mut columns = vec![Column::new("direct", direct, None, most.unwrap_or(0))];
     for &t in &args.transports {
-        let tunnels = match t {
-            Transport::H2c => args.tunnels_h2c,
-            Transport::H1 | Transport::Nginx => args.tunnels_h1,
-        };
+        let tunnels = tunnels_for(t);
         let stack = Stack::start(&bin, t, &services, tunnels)
             .await
             .with_context(|| format!("starting the {} stack", t.name()))?;
@@ -365,20 +382,27 @@ fn print_table(columns: &[Column], args: &Args) {
         row.push_str(&format!(" {s:.1} |"));
     }
     println!("{row}");
-    for (i, program) in ["ptth_relay", "ptth_server", "ptth_proxy"]
-        .iter()
-        .enumerate()
-    {
+    for program in ["ptth_relay", "ptth_server", "ptth_proxy"] {
         let mut row = format!("| peak RSS per held tunnel, {program} (KiB) |");
         for c in columns {
-            match c.rss_per_tunnel.get(i) {
+            match c.rss_per_tunnel.iter().find(|(name, _)| *name == program) {
                 Some((_, kib)) => row.push_str(&format!(" {kib:.1} |")),
                 None => row.push_str(" - |"),
             }
         }
         println!("{row}");
     }
-    let mut row = String::from("| CPU seconds per GiB moved, three programs |");
+    let mut row = String::from("| peak RSS per held tunnel, all processes (KiB) |");
+    for c in columns {
+        if c.stack.is_some() {
+            let sum: f64 = c.rss_per_tunnel.iter().map(|(_, kib)| kib).sum();
+            row.push_str(&format!(" {sum:.1} |"));
+        } else {
+            row.push_str(" - |");
+        }
+    }
+    println!("{row}");
+    let mut row = String::from("| CPU seconds per GiB moved, all processes (not nginx) |");
     for c in columns {
         if c.stack.is_some() {
             row.push_str(&format!(" {:.2} |", c.cpu_seconds / c.gib_moved));
