@@ -2,9 +2,9 @@
 //!
 //! The entry point is [`run`]: give it one bound listener per `[[forwards]]` entry, the
 //! configuration, the client's key and a cancellation token, and await the [`Proxy`] it
-//! returns. Each accepted local connection becomes a `connect` (its answer brings the
-//! connection ID and then the downstream, the service's bytes); the tunnel is then carried by
-//! `ptth_common::tunnel::carry`, which sends the user's bytes as the `upstream` upload.
+//! returns. Each accepted local connection gets a fresh connection ID and becomes a `connect`
+//! (its answer brings the downstream, the service's bytes) and, at the same time, an
+//! `upstream` upload of the user's bytes: `ptth_common::tunnel::carry` runs both.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -40,7 +40,7 @@ use std::time::Duration;
 use ptth_common::client::{CallError, RelayClient, SetupError, call, connection_id, http_client};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
-use ptth_common::protocol::{connect_path, upstream_path};
+use ptth_common::protocol::{CONNECTION_ID_HEADER, ConnId, connect_path, upstream_path};
 use ptth_common::tunnel;
 use reqwest::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
@@ -199,41 +199,57 @@ fn explain(status: StatusCode) -> &'static str {
     }
 }
 
-/// Opens a tunnel for one local connection (`connect`) and carries it.
+/// Opens a tunnel for one local connection and carries it: the `upstream` goes out at once,
+/// beside the `connect` whose answer brings the downstream.
 async fn serve_connection(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
     // Until the tunnel is open (`carry` undoes this), any way out of here is a failure: the
     // local socket is then reset, as a refused connection would be, rather than closed as if
     // the service had nothing to say.
     tunnel::reset(&stream);
     let (server, port) = (fwd.server.as_str(), fwd.port.as_str());
-    let connected = call(
-        ctx.relay.post(&connect_path(server, port)),
-        &[StatusCode::OK],
-        CONNECT_REQUEST_TIMEOUT,
-        &ctx.shutdown,
-    );
-    let download = match connected.await {
-        Ok(download) => download,
-        Err(CallError::Cancelled) => return,
-        Err(CallError::Refused { status, reason }) => {
-            error!(%status, %reason, "connect to {server}/{port} failed: {}", explain(status));
-            return;
-        }
+    let id = match ConnId::random() {
+        Ok(id) => id,
         Err(e) => {
-            error!("connect to {server}/{port} failed: {e}");
+            error!(error = %e, "no connection id: the random source failed");
             return;
         }
-    };
-    let Some(id) = connection_id(&download) else {
-        error!("relay answered connect without a valid connection id");
-        return;
     };
     tracing::Span::current().record("conn", tracing::field::display(id));
-    debug!("tunnel open");
+    let request = ctx
+        .relay
+        .post(&connect_path(server, port))
+        .header(CONNECTION_ID_HEADER, id.to_string());
+    let connected = async {
+        let answer = call(
+            request,
+            &[StatusCode::OK],
+            CONNECT_REQUEST_TIMEOUT,
+            &ctx.shutdown,
+        );
+        match answer.await {
+            Ok(download) if connection_id(&download) == Some(id) => {
+                debug!("tunnel open");
+                Some(download)
+            }
+            Ok(_) => {
+                error!("relay answered connect without our connection id");
+                None
+            }
+            Err(CallError::Cancelled) => None,
+            Err(CallError::Refused { status, reason }) => {
+                error!(%status, %reason, "connect to {server}/{port} failed: {}", explain(status));
+                None
+            }
+            Err(e) => {
+                error!("connect to {server}/{port} failed: {e}");
+                None
+            }
+        }
+    };
     tunnel::carry(
         &ctx.relay,
         &upstream_path(server, id),
-        download,
+        connected,
         stream,
         ctx.config.heartbeat_interval,
         &ctx.shutdown,

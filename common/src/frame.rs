@@ -13,9 +13,10 @@
 //! * `HEARTBEAT` (2) has no payload; it keeps idle streams alive through reverse proxies.
 //! * `END` (3) has no payload and means a clean TCP half-close of this direction. It must be
 //!   the last frame; the HTTP body then ends.
-//! * `ATTACHED` (4) has no payload; the relay sends it first (heartbeats aside) on a download
-//!   body once it holds the same endpoint's upload request. An endpoint that does not see it
-//!   soon knows that something between it and the relay holds its upload back.
+//! * `ATTACHED` (4) has no payload; the relay sends it once on a download body, between two
+//!   frames, as soon as it holds the same endpoint's upload request (the other side's data may
+//!   come before it). An endpoint that does not see it soon knows that something between it
+//!   and the relay holds its upload back.
 //!
 //! A body that ends (or fails) without `END` is an abort. The [`Decoder`] is streaming: it never
 //! buffers a payload, it hands out zero-copy slices of the chunks it is given.
@@ -191,7 +192,7 @@ impl Decoder {
     }
 
     /// Whether the decoder is between frames (a body may end here).
-    fn at_boundary(&self) -> bool {
+    pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.remaining == 0
     }
 

@@ -6,7 +6,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// Header carrying the connection ID on `listen` and `connect` answers.
+/// Header carrying the connection ID: chosen by the client on its `connect` request, and on
+/// the `listen` answer that hands the connection to the server.
 pub const CONNECTION_ID_HEADER: &str = "ptth-connection-id";
 /// Header on `accept` with which a server reports that it could not reach its target.
 pub const ACCEPT_ERROR_HEADER: &str = "ptth-accept-error";
@@ -18,12 +19,14 @@ pub const RELAY_ANSWER_HEADER: &str = "ptth-relay";
 /// Content type of every tunnel body.
 pub const TUNNEL_CONTENT_TYPE: &str = "application/octet-stream";
 
-/// Route of `listen` (server: "give me the next connection for this port"), as a path template
-/// whose `{placeholders}` the relay's router matches and [`listen_path`] fills in.
+/// Route of `listen` (server: "give me the next connection for this port"; the answer's body
+/// is its upstream), as a path template whose `{placeholders}` the relay's router matches and
+/// [`listen_path`] fills in.
 pub const LISTEN_ROUTE: &str = "/v1/servers/{server}/ports/{port}/listen";
 /// Route of `connect` (client: open a connection; the answer's body is the downstream).
 pub const CONNECT_ROUTE: &str = "/v1/servers/{server}/ports/{port}/connect";
-/// Route of `accept` (server: take a connection; the answer's body is the upstream).
+/// Route of `accept` (server: it has reached its target for a connection it was given, or,
+/// with [`ACCEPT_ERROR_HEADER`], it cannot).
 pub const ACCEPT_ROUTE: &str = "/v1/servers/{server}/connections/{id}/accept";
 /// Route of `downstream` (server: the request body carries the service's bytes).
 pub const DOWNSTREAM_ROUTE: &str = "/v1/servers/{server}/connections/{id}/downstream";

@@ -86,24 +86,32 @@ enum TunnelError {
     /// The tunnel was cancelled (shutdown, or the other direction failed).
     #[error("cancelled")]
     Cancelled,
+    /// The download could not be opened; the caller has said why.
+    #[error("not opened")]
+    NotOpened,
 }
 
-/// Carries an open tunnel until both directions end: the local socket's bytes are sent as the
-/// streaming body of a POST to `upload_path` (`upstream` or `downstream`), and the frames of
-/// `download` (the `connect` or `accept` answer) go into the socket. Dead-peer limit: three
-/// heartbeat intervals (at least 45 s) without anything from the relay: the heartbeats we
-/// receive come from the far endpoint, whose interval may be longer. Logs how the tunnel ended.
+/// Carries a tunnel until both directions end: the local socket's bytes are sent at once as
+/// the streaming body of a POST to `upload_path` (`upstream` or `downstream`), and the frames of
+/// the `download` (the answer to `connect` or `listen`, when `download` resolves; `None` if it
+/// could not be had, which the caller reports) go into the socket. The upload does not wait
+/// for the download: the client's first bytes travel while its `connect` is answered.
+/// Dead-peer limit: three heartbeat intervals (at least 45 s) without anything from the relay:
+/// the heartbeats we receive come from the far endpoint, whose interval may be longer. Logs how
+/// the tunnel ended.
 ///
 /// The endpoints make `stream` [`reset`] on close while they open the tunnel; from here on a
 /// clean end closes it with a FIN again, and an abort resets it.
-pub async fn carry(
+pub async fn carry<D>(
     relay: &RelayClient,
     upload_path: &str,
-    download: reqwest::Response,
+    download: D,
     stream: TcpStream,
     heartbeat: Duration,
     shutdown: &CancellationToken,
-) {
+) where
+    D: Future<Output = Option<reqwest::Response>>,
+{
     if let Err(e) = set_reset_on_close(&stream, false) {
         tracing::debug!(error = %e, "cannot restore SO_LINGER");
     }
@@ -116,6 +124,10 @@ pub async fn carry(
         heartbeat,
         cancel.clone(),
     );
+    // Whether the download has opened (`None` until it is known): an upload that fails before
+    // then most likely failed because the download was refused, and the refusal is the reason
+    // the caller reports.
+    let (opened_tx, mut opened) = tokio::sync::watch::channel(None);
     let upload = async {
         let answer = relay
             .post(upload_path)
@@ -123,23 +135,35 @@ pub async fn carry(
             .body(reqwest::Body::wrap(body))
             .send()
             .await;
-        client::check(answer, &[reqwest::StatusCode::OK])
-            .await
-            .map(drop)
-            .map_err(|e| TunnelError::Remote(e.to_string()))
+        let checked = client::check(answer, &[reqwest::StatusCode::OK]).await;
+        if let Err(e) = checked {
+            let opened = opened.wait_for(Option::is_some).await.ok().and_then(|o| *o);
+            return Err(match opened {
+                Some(false) => TunnelError::NotOpened,
+                _ => TunnelError::Remote(e.to_string()),
+            });
+        }
+        Ok(())
     };
-    let download = pump_download(
-        http::Response::from(download).into_body(),
-        &stream,
-        &local_failed,
-        ATTACH_TIMEOUT,
-        (heartbeat * 3).max(MIN_DEAD_AFTER),
-    );
+    let download = async {
+        let answer = download.await;
+        opened_tx.send_replace(Some(answer.is_some()));
+        let answer = answer.ok_or(TunnelError::NotOpened)?;
+        pump_download(
+            http::Response::from(answer).into_body(),
+            &stream,
+            &local_failed,
+            ATTACH_TIMEOUT,
+            (heartbeat * 3).max(MIN_DEAD_AFTER),
+        )
+        .await
+    };
     let (upload, download) = (std::pin::pin!(upload), std::pin::pin!(download));
     let ended = run(&stream, &local_failed, upload, download, &cancel, shutdown).await;
     match ended {
         Ok(()) => tracing::debug!("tunnel closed"),
         Err(TunnelError::Cancelled) => tracing::debug!("tunnel closed by shutdown"),
+        Err(TunnelError::NotOpened) => tracing::debug!("tunnel not opened"),
         // Something between us and the relay is in the way: the user must act.
         Err(e @ (TunnelError::NotAttached(_) | TunnelError::BrokeBeforeAttached(_))) => {
             tracing::warn!(error = %e, "tunnel aborted")
@@ -380,9 +404,10 @@ fn set_reset_on_close(stream: &TcpStream, reset: bool) -> std::io::Result<()> {
     socket2::SockRef::from(stream).set_linger(reset.then_some(Duration::ZERO))
 }
 
-/// Copies a download body of frames into `stream`. The body must start (heartbeats aside)
-/// with `ATTACHED` within `attach_timeout`; it ends `Ok` after an `END` frame and the end of
-/// the body, and fails on anything else. `dead_after` bounds the silence between two chunks.
+/// Copies a download body of frames into `stream`. `ATTACHED` must come once, within
+/// `attach_timeout` (data may come before it); the body ends `Ok` after an `END` frame and the
+/// end of the body, and fails on anything else. `dead_after` bounds the silence between two
+/// chunks.
 async fn pump_download<B>(
     mut body: B,
     stream: &TcpStream,
@@ -454,7 +479,6 @@ where
                 Item::Heartbeat => {}
                 Item::Attached if !attached => attached = true,
                 Item::Attached => return Err(FrameError::Unexpected("second ATTACHED").into()),
-                _ if !attached => return Err(FrameError::Unexpected("data before ATTACHED").into()),
                 Item::Data(d) => {
                     if let Err(e) = local_failed.write_all(stream, &d).await {
                         return Err(TunnelError::Local(e));
@@ -597,12 +621,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn download_requires_attached_first_and_in_time() {
+    async fn download_requires_attached_once_and_in_time() {
         tokio::time::timeout(Duration::from_secs(10), async {
-            let (a, _b) = pair().await;
-            let body = http_body_util::Full::new(frame::data(b"x"));
-            let r = pump_download(
+            let (a, mut b) = pair().await;
+            // Data may come before ATTACHED...
+            let mut early = BytesMut::new();
+            early.extend_from_slice(&frame::data(b"early"));
+            early.extend_from_slice(&frame::attached());
+            early.extend_from_slice(&frame::end());
+            let body = http_body_util::Full::new(early.freeze());
+            pump_download(
                 body,
+                &a,
+                &LocalFailed::default(),
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("data before ATTACHED");
+            let mut got = [0u8; 5];
+            tokio::io::AsyncReadExt::read_exact(&mut b, &mut got)
+                .await
+                .expect("read");
+            assert_eq!(&got, b"early");
+            // ...but the body may not end without it, nor carry it twice.
+            let mut never = BytesMut::new();
+            never.extend_from_slice(&frame::data(b"x"));
+            never.extend_from_slice(&frame::end());
+            let (a, _b) = pair().await;
+            let r = pump_download(
+                http_body_util::Full::new(never.freeze()),
+                &a,
+                &LocalFailed::default(),
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await;
+            assert!(
+                matches!(r, Err(TunnelError::BrokeBeforeAttached(_))),
+                "{r:?}"
+            );
+            let mut twice = BytesMut::new();
+            twice.extend_from_slice(&frame::attached());
+            twice.extend_from_slice(&frame::attached());
+            let r = pump_download(
+                http_body_util::Full::new(twice.freeze()),
                 &a,
                 &LocalFailed::default(),
                 Duration::from_secs(5),

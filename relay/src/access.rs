@@ -138,6 +138,11 @@ pub(crate) fn connecting_client(
 fn owned(shared: &Shared, id: &str, who: Principal) -> Result<Arc<Conn>, Denied> {
     let id: ConnId = id.parse().map_err(|_| Denied::NoSuchConnection)?;
     let conn = shared.conns.get(id).ok_or(Denied::NoSuchConnection)?;
+    owned_by(conn, who)
+}
+
+/// `conn` if it is live and `who`'s.
+fn owned_by(conn: Arc<Conn>, who: Principal) -> Result<Arc<Conn>, Denied> {
     let owner = match who {
         Principal::Server(s) => conn.server == s,
         Principal::Client(c) => conn.client == c,
@@ -160,18 +165,31 @@ pub(crate) fn servers_connection(
     owned(shared, id, Principal::Server(i))
 }
 
-/// Authenticates a client and finds its connection `id` to the server named `server`
-/// (`upstream`). Anything else, a server key included, is no such connection.
-pub(crate) fn clients_connection(
+/// Authenticates a client calling about its connection `id` (`upstream`): the client's index
+/// and the ID. A server key, or a malformed ID, is no such connection.
+pub(crate) fn client_of(
     shared: &Shared,
     req: &Request,
-    server: &str,
     id: &str,
-) -> Result<Arc<Conn>, Denied> {
+) -> Result<(usize, ConnId), Denied> {
     let Principal::Client(i) = authenticate(shared, req)? else {
         return Err(Denied::NoSuchConnection);
     };
-    let conn = owned(shared, id, Principal::Client(i))?;
+    let id = id.parse().map_err(|_| Denied::NoSuchConnection)?;
+    Ok((i, id))
+}
+
+/// `conn` if it is live, the client's (by index), and goes to the server named `server`.
+pub(crate) fn clients_connection(
+    shared: &Shared,
+    conn: Option<Arc<Conn>>,
+    client: usize,
+    server: &str,
+) -> Result<Arc<Conn>, Denied> {
+    let conn = owned_by(
+        conn.ok_or(Denied::NoSuchConnection)?,
+        Principal::Client(client),
+    )?;
     if shared.server_names[conn.server].as_str() != server {
         return Err(Denied::NoSuchConnection);
     }

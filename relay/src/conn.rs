@@ -1,11 +1,11 @@
 //! One connection (a tunnel) at the relay, from `connect` to its end: the one-time hand-over
-//! slots through which its four requests meet, and the table of connections with its limits
-//! and the reaper task that frees each entry.
+//! slots through which its requests meet, and the table of connections with its limits and
+//! the reaper task that frees each entry.
 //!
 //! The two directions meet here. `upstream` hands its request body through the upstream slot
-//! to the `accept` answer, and `downstream` hands its body through the downstream slot to the
-//! `connect` answer (see `pipe.rs`). Each upload's arrival is also signalled to its own
-//! endpoint's download, which then sends `ATTACHED`.
+//! to the answer of the `listen` that took the connection, and `downstream` hands its body
+//! through the downstream slot to the `connect` answer (see `pipe.rs`). Each upload's arrival
+//! is also signalled to its own endpoint's download, which then sends `ATTACHED`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,10 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info};
 
-/// How the server answered an offered connection.
+/// How the server answered a connection it was given.
 #[derive(Debug)]
 pub(crate) enum AcceptOutcome {
+    /// It reached its target.
     Accepted,
+    /// It could not (or it is at its limit).
     Refused,
 }
 
@@ -38,15 +40,6 @@ pub(crate) struct Upload {
     pub done: oneshot::Sender<UploadEnd>,
 }
 
-/// The two directions of a connection, named after the upload that carries each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
-    /// The client's bytes: `upstream` upload, `accept` download.
-    Upstream,
-    /// The service's bytes: `downstream` upload, `connect` download.
-    Downstream,
-}
-
 /// Where an upload hands over its body, and how it tells its own endpoint's download that it
 /// has arrived.
 #[derive(Debug)]
@@ -55,33 +48,31 @@ pub(crate) struct UploadSlot {
     pub attached: oneshot::Sender<()>,
 }
 
-/// What the `accept` download needs: the upstream upload's body when it comes, and the signal
-/// that the server's own (downstream) upload has arrived.
+/// What a download needs: the other side's upload when it comes, and the signal that its own
+/// endpoint's upload has arrived.
 #[derive(Debug)]
-pub(crate) struct AcceptDownload {
-    pub upstream: oneshot::Receiver<Upload>,
+pub(crate) struct DownloadSlot {
+    pub upload: oneshot::Receiver<Upload>,
     pub attached: oneshot::Receiver<()>,
 }
 
-/// What the `connect` handler keeps of a new connection: the server's answer to the offer,
-/// and what its download needs (the downstream upload's body, and the signal that the
-/// client's own upstream upload has arrived).
+/// What the `connect` handler keeps of a new connection: the server's answer, and its download
+/// (the downstream).
 #[derive(Debug)]
 pub(crate) struct ConnectSide {
     pub accepted: oneshot::Receiver<AcceptOutcome>,
-    pub downstream: oneshot::Receiver<Upload>,
-    pub attached: oneshot::Receiver<()>,
+    pub download: DownloadSlot,
 }
 
 /// One-time hand-over points of a connection, each taken once.
 #[derive(Debug)]
 struct Slots {
-    accept: Option<oneshot::Sender<AcceptOutcome>>,
-    accept_download: Option<AcceptDownload>,
+    /// The server's answer, given by its `accept`.
+    outcome: Option<oneshot::Sender<AcceptOutcome>>,
+    /// The download of the `listen` that takes the connection (the upstream).
+    listen_download: Option<DownloadSlot>,
     upstream: Option<UploadSlot>,
     downstream: Option<UploadSlot>,
-    /// Whether the server accepted (uploads are refused before).
-    accepted: bool,
 }
 
 /// An open or pending connection.
@@ -109,15 +100,15 @@ impl Conn {
         client: usize,
         cancel: CancellationToken,
     ) -> (Arc<Self>, ConnectSide) {
-        let (accept, accepted) = oneshot::channel();
+        let (outcome, accepted) = oneshot::channel();
         let (upstream_tx, upstream_rx) = oneshot::channel();
         let (downstream_tx, downstream_rx) = oneshot::channel();
         let (upstream_attached, upstream_attached_rx) = oneshot::channel();
         let (downstream_attached, downstream_attached_rx) = oneshot::channel();
         let slots = Slots {
-            accept: Some(accept),
-            accept_download: Some(AcceptDownload {
-                upstream: upstream_rx,
+            outcome: Some(outcome),
+            listen_download: Some(DownloadSlot {
+                upload: upstream_rx,
                 attached: downstream_attached_rx,
             }),
             upstream: Some(UploadSlot {
@@ -128,7 +119,6 @@ impl Conn {
                 body: downstream_tx,
                 attached: downstream_attached,
             }),
-            accepted: false,
         };
         let conn = Arc::new(Self {
             id,
@@ -143,34 +133,46 @@ impl Conn {
         });
         let side = ConnectSide {
             accepted,
-            downstream: downstream_rx,
-            attached: upstream_attached_rx,
+            download: DownloadSlot {
+                upload: downstream_rx,
+                attached: upstream_attached_rx,
+            },
         };
         (conn, side)
     }
 
-    /// The server's answer to the offer, once: `None` if `accept` was already called. A
-    /// refusal takes the slot without opening the uploads.
-    pub fn take_accept(
-        &self,
-        refused: bool,
-    ) -> Option<(oneshot::Sender<AcceptOutcome>, Option<AcceptDownload>)> {
-        let mut slots = self.slots.lock();
-        let outcome = slots.accept.take()?;
-        slots.accepted = !refused;
-        Some((outcome, slots.accept_download.take()))
+    /// The download of the `listen` that takes the connection, once.
+    pub fn take_listen_download(&self) -> Option<DownloadSlot> {
+        self.slots.lock().listen_download.take()
     }
 
-    /// The slot of `direction`'s upload, once, and only after the server accepted.
-    pub fn take_upload(&self, direction: Direction) -> Option<UploadSlot> {
+    /// The slot of the client's upload, once; it may come before the server has the
+    /// connection.
+    pub fn take_upstream(&self) -> Option<UploadSlot> {
+        self.slots.lock().upstream.take()
+    }
+
+    /// The slot of the server's upload, once, and only after a `listen` took the connection
+    /// (it may come before or after the server's `accept`).
+    pub fn take_downstream(&self) -> Option<UploadSlot> {
         let mut slots = self.slots.lock();
-        if !slots.accepted {
+        if slots.listen_download.is_some() {
             return None;
         }
-        match direction {
-            Direction::Upstream => slots.upstream.take(),
-            Direction::Downstream => slots.downstream.take(),
+        slots.downstream.take()
+    }
+
+    /// The server's answer to send (`accept`), once, and only after a `listen` took the
+    /// connection. A refusal closes the downstream's slot too.
+    pub fn take_answer(&self, refused: bool) -> Option<oneshot::Sender<AcceptOutcome>> {
+        let mut slots = self.slots.lock();
+        if slots.listen_download.is_some() {
+            return None;
         }
+        if refused {
+            slots.downstream = None;
+        }
+        slots.outcome.take()
     }
 
     /// Records that bytes crossed the connection.
@@ -192,13 +194,34 @@ impl Conn {
     }
 }
 
-/// A limit that refused a new connection.
+/// An `upstream` waiting for its `connect`; it leaves the table's list of waiters however its
+/// wait ends (found, timed out, or its request gone).
+struct EarlyWaiter<'a> {
+    early: &'a Mutex<HashMap<ConnId, oneshot::Sender<Arc<Conn>>>>,
+    id: ConnId,
+    found: Option<oneshot::Receiver<Arc<Conn>>>,
+}
+
+impl Drop for EarlyWaiter<'_> {
+    fn drop(&mut self) {
+        // Closed first, so that the entry is known to be this waiter's and not a new one's.
+        drop(self.found.take());
+        let mut early = self.early.lock();
+        if early.get(&self.id).is_some_and(|tx| tx.is_closed()) {
+            early.remove(&self.id);
+        }
+    }
+}
+
+/// Why the table refused a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ConnLimit {
+pub(crate) enum TableRefusal {
     /// `max_connections`.
-    Relay,
+    RelayFull,
     /// `max_connections_per_client`.
-    Client,
+    ClientFull,
+    /// The client chose an ID that the relay holds already.
+    IdInUse,
 }
 
 /// The relay's connections (pending and open), by ID, within their limits.
@@ -211,6 +234,9 @@ pub(crate) struct Connections {
     max_per_client: usize,
     /// Number of entries, observable from outside (tests, the embedding program).
     count: watch::Sender<usize>,
+    /// `upstream` requests that arrived before their `connect`, each waiting for it (at most
+    /// `max`).
+    early: Mutex<HashMap<ConnId, oneshot::Sender<Arc<Conn>>>>,
 }
 
 impl Connections {
@@ -222,6 +248,7 @@ impl Connections {
             max,
             max_per_client,
             count: watch::Sender::new(0),
+            early: Mutex::new(HashMap::new()),
         }
     }
 
@@ -230,19 +257,51 @@ impl Connections {
         self.map.lock().get(&id).cloned()
     }
 
-    /// Adds a connection unless a limit is reached: the relay's, or the client's share.
-    pub fn insert(&self, conn: Arc<Conn>) -> Result<(), ConnLimit> {
+    /// The connection `id`, waiting at most `limit` for its `connect` if it has not come yet
+    /// (an `upstream` sent at once beside its `connect` may overtake it). `None` if it does not
+    /// come, or if too many wait already, or another waits for the same ID.
+    pub async fn find_or_wait(&self, id: ConnId, limit: Duration) -> Option<Arc<Conn>> {
+        let mut waiter = {
+            let map = self.map.lock();
+            if let Some(c) = map.get(&id) {
+                return Some(c.clone());
+            }
+            let mut early = self.early.lock();
+            if early.len() >= self.max || early.contains_key(&id) {
+                return None;
+            }
+            let (tx, rx) = oneshot::channel();
+            early.insert(id, tx);
+            EarlyWaiter {
+                early: &self.early,
+                id,
+                found: Some(rx),
+            }
+        };
+        let found = waiter.found.as_mut()?;
+        tokio::time::timeout(limit, found).await.ok()?.ok()
+    }
+
+    /// Adds a connection unless a limit is reached (the relay's, or the client's share) or its
+    /// ID is in use; hands it to an `upstream` waiting for it.
+    pub fn insert(&self, conn: Arc<Conn>) -> Result<(), TableRefusal> {
         let mut map = self.map.lock();
+        if map.contains_key(&conn.id) {
+            return Err(TableRefusal::IdInUse);
+        }
         if map.len() >= self.max {
-            return Err(ConnLimit::Relay);
+            return Err(TableRefusal::RelayFull);
         }
         let per_client = &self.per_client[conn.client];
         if per_client.load(Ordering::Relaxed) >= self.max_per_client {
-            return Err(ConnLimit::Client);
+            return Err(TableRefusal::ClientFull);
         }
         per_client.fetch_add(1, Ordering::Relaxed);
-        map.insert(conn.id, conn);
+        map.insert(conn.id, conn.clone());
         self.count.send_replace(map.len());
+        if let Some(waiter) = self.early.lock().remove(&conn.id) {
+            let _ = waiter.send(conn);
+        }
         Ok(())
     }
 
@@ -309,30 +368,54 @@ mod tests {
     }
 
     #[test]
-    fn each_slot_is_taken_once_and_uploads_only_after_accept() {
+    fn each_slot_is_taken_once_and_the_server_answers_only_after_a_listen() {
         let (c, _side) = conn(0);
+        assert!(c.take_upstream().is_some(), "the upstream may come first");
+        assert!(c.take_upstream().is_none(), "second upstream");
         assert!(
-            c.take_upload(Direction::Upstream).is_none(),
-            "before accept"
+            c.take_downstream().is_none(),
+            "no listen has the connection"
         );
-        let (_outcome, download) = c.take_accept(false).expect("first accept");
-        assert!(download.is_some());
-        assert!(c.take_accept(false).is_none(), "second accept");
-        assert!(c.take_upload(Direction::Upstream).is_some());
         assert!(
-            c.take_upload(Direction::Upstream).is_none(),
-            "second upstream"
+            c.take_answer(false).is_none(),
+            "no listen has the connection"
         );
-        assert!(c.take_upload(Direction::Downstream).is_some());
-        assert!(c.take_upload(Direction::Downstream).is_none());
+        assert!(c.take_listen_download().is_some());
+        assert!(c.take_listen_download().is_none(), "second listen");
+        assert!(c.take_downstream().is_some());
+        assert!(c.take_downstream().is_none(), "second downstream");
+        assert!(c.take_answer(false).is_some());
+        assert!(c.take_answer(true).is_none(), "second answer");
     }
 
     #[test]
-    fn a_refused_connection_opens_no_upload() {
+    fn a_refused_connection_takes_no_downstream() {
         let (c, _side) = conn(0);
-        assert!(c.take_accept(true).is_some());
-        assert!(c.take_upload(Direction::Downstream).is_none());
-        assert!(c.take_upload(Direction::Upstream).is_none());
+        assert!(c.take_listen_download().is_some());
+        assert!(c.take_answer(true).is_some());
+        assert!(c.take_answer(false).is_none());
+        assert!(c.take_downstream().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_upstream_may_wait_for_its_connect() {
+        let table = Connections::new(1, 10, 10);
+        let (c, _side) = conn(0);
+        let (waited, ()) = tokio::join!(table.find_or_wait(c.id, Duration::from_secs(10)), async {
+            tokio::task::yield_now().await;
+            table.insert(c.clone()).expect("insert");
+        });
+        assert_eq!(waited.map(|w| w.id), Some(c.id));
+        // One that never comes: nothing, and no waiter left behind.
+        let other = ConnId::random().expect("id");
+        assert!(
+            table
+                .find_or_wait(other, Duration::from_millis(10))
+                .await
+                .is_none()
+        );
+        assert!(table.early.lock().is_empty());
+        assert_eq!(table.insert(c), Err(TableRefusal::IdInUse));
     }
 
     #[test]
@@ -344,11 +427,11 @@ mod tests {
         let (c, _) = conn(0);
         table.insert(a.clone()).expect("a");
         table.insert(b).expect("b");
-        assert_eq!(table.insert(c), Err(ConnLimit::Client));
+        assert_eq!(table.insert(c), Err(TableRefusal::ClientFull));
         let (d, _) = conn(1);
         table.insert(d).expect("another client");
         let (e, _) = conn(1);
-        assert_eq!(table.insert(e), Err(ConnLimit::Relay));
+        assert_eq!(table.insert(e), Err(TableRefusal::RelayFull));
         assert_eq!(*count.borrow(), 3);
         assert!(table.get(a.id).is_some());
         table.remove(a.id);

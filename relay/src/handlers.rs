@@ -1,6 +1,7 @@
 //! The five endpoints, HTTP in and out: each handler checks the caller (`access.rs`), asks the
 //! shared state (`state.rs`, `conn.rs`) and turns the outcome into an answer. Errors are a
-//! status and a one-line reason; tunnel answers stream a [`PipeBody`].
+//! status and a one-line reason; downloads (the answers to `listen` and `connect`) stream a
+//! [`PipeBody`].
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::access::{self, Denied, client_addr};
-use crate::conn::{AcceptOutcome, Conn, ConnLimit, Direction, Upload};
+use crate::conn::{AcceptOutcome, Conn, TableRefusal, Upload, UploadSlot};
 use crate::pipe::PipeBody;
 use crate::state::{ListenRefusal, ListenStart, OfferRefusal, Shared};
 
@@ -87,10 +88,13 @@ impl From<OfferRefusal> for ApiError {
             OfferRefusal::PortNotOffered => {
                 ApiError(S::NOT_FOUND, "server does not offer this port")
             }
-            OfferRefusal::Limit(ConnLimit::Relay) => {
+            OfferRefusal::Table(TableRefusal::IdInUse) => {
+                ApiError(S::CONFLICT, "connection id in use")
+            }
+            OfferRefusal::Table(TableRefusal::RelayFull) => {
                 ApiError(S::SERVICE_UNAVAILABLE, "relay at connection limit")
             }
-            OfferRefusal::Limit(ConnLimit::Client) => ApiError(
+            OfferRefusal::Table(TableRefusal::ClientFull) => ApiError(
                 S::SERVICE_UNAVAILABLE,
                 "too many connections for this client",
             ),
@@ -122,22 +126,6 @@ fn streaming_response(body: PipeBody, id: Option<ConnId>) -> Response {
     r
 }
 
-/// A `listen` answer: the connection ID, or none (204).
-fn listen_response(id: Option<ConnId>) -> Response {
-    let status = if id.is_some() {
-        StatusCode::OK
-    } else {
-        StatusCode::NO_CONTENT
-    };
-    let mut r = plain(status);
-    if let Some(v) = id.and_then(|id| HeaderValue::from_str(&id.to_string()).ok()) {
-        r.headers_mut().insert(CONNECTION_ID_HEADER, v);
-    }
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
-}
-
 /// An empty answer marked as the relay's own.
 fn plain(status: StatusCode) -> Response {
     let mut r = status.into_response();
@@ -146,7 +134,9 @@ fn plain(status: StatusCode) -> Response {
     r
 }
 
-/// `POST /v1/servers/{server}/ports/{port}/listen`: long-poll for the next client.
+/// `POST /v1/servers/{server}/ports/{port}/listen`: long-poll for the next client. The answer
+/// is `204` when none came in time; otherwise it hands over the connection and streams its
+/// upstream.
 pub(crate) async fn listen(
     State(shared): State<Arc<Shared>>,
     Path((server, port)): Path<(String, String)>,
@@ -166,7 +156,21 @@ pub(crate) async fn listen(
         }
         ListenStart::Waiting(pending) => pending.wait().await.map_err(|_| SHUTTING_DOWN)?,
     };
-    Ok(listen_response(id))
+    // A connection that ended meanwhile leaves nothing to hand out.
+    let handed = id
+        .and_then(|id| shared.conns.get(id))
+        .filter(|c| !c.cancel.is_cancelled())
+        .and_then(|c| c.take_listen_download().map(|d| (c, d)));
+    let Some((conn, download)) = handed else {
+        let mut r = plain(StatusCode::NO_CONTENT);
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return Ok(r);
+    };
+    conn.touch();
+    let id = conn.id;
+    let body = PipeBody::new(conn, download, shared.config.heartbeat_interval);
+    Ok(streaming_response(body, Some(id)))
 }
 
 /// Cancels a connection if the `connect` handler is dropped before it answers.
@@ -180,7 +184,9 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// `POST /v1/servers/{server}/ports/{port}/connect`: open a connection to a server's port.
+/// `POST /v1/servers/{server}/ports/{port}/connect`: open a connection, with the ID the client
+/// chose, to a server's port; answered once the server has reached its target, with the
+/// downstream.
 pub(crate) async fn connect(
     State(shared): State<Arc<Shared>>,
     Path((server, port)): Path<(String, String)>,
@@ -190,11 +196,18 @@ pub(crate) async fn connect(
     let Some(server_index) = shared.server(&server) else {
         return Err(ApiError(StatusCode::NOT_FOUND, "unknown server"));
     };
+    let id = req
+        .headers()
+        .get(CONNECTION_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<ConnId>().ok())
+        .ok_or(ApiError(
+            StatusCode::BAD_REQUEST,
+            "missing or malformed connection id",
+        ))?;
     if shared.shutdown.is_cancelled() {
         return Err(SHUTTING_DOWN);
     }
-    let id = ConnId::random()
-        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "random source failed"))?;
     let client_ip = client_addr(&shared, &req)
         .map(|a| a.to_string())
         .unwrap_or_default();
@@ -218,7 +231,7 @@ async fn open(
         match refusal {
             OfferRefusal::ServerOffline => info!("server offline"),
             OfferRefusal::PortNotOffered => info!("server does not offer this port"),
-            OfferRefusal::Limit(_) | OfferRefusal::QueueFull => {
+            OfferRefusal::Table(_) | OfferRefusal::QueueFull => {
                 warn!("{}", ApiError::from(refusal).1)
             }
         }
@@ -239,12 +252,7 @@ async fn open(
         Some(AcceptOutcome::Accepted) => {
             guard.0 = None;
             info!("connection open");
-            let body = PipeBody::new(
-                conn,
-                side.attached,
-                side.downstream,
-                shared.config.heartbeat_interval,
-            );
+            let body = PipeBody::new(conn, side.download, shared.config.heartbeat_interval);
             Ok(streaming_response(body, Some(id)))
         }
         Some(AcceptOutcome::Refused) => {
@@ -268,8 +276,10 @@ async fn open(
     }
 }
 
-/// `POST /v1/servers/{server}/connections/{id}/accept`: the server takes the connection; the
-/// answer's body is the upstream (the client's bytes).
+/// `POST /v1/servers/{server}/connections/{id}/accept`: the server has reached its target for
+/// a connection it was given, so the client's `connect` is answered; or, with
+/// `ptth-accept-error: refused`, it cannot (its target refused, or it is at its
+/// `max_connections`), and the client gets `502`.
 pub(crate) async fn accept(
     State(shared): State<Arc<Shared>>,
     Path((server, id)): Path<(String, String)>,
@@ -280,25 +290,18 @@ pub(crate) async fn accept(
         .headers()
         .get(ACCEPT_ERROR_HEADER)
         .is_some_and(|v| v.as_bytes() == ACCEPT_ERROR_REFUSED.as_bytes());
-    let (outcome, download) = conn.take_accept(refused).ok_or(NO_SUCH_CONNECTION)?;
-    if refused {
-        // The connect handler answers 502 and its guard closes the connection.
-        let _ = outcome.send(AcceptOutcome::Refused);
-        return Ok(plain(StatusCode::NO_CONTENT));
-    }
-    let download = download.ok_or(NO_SUCH_CONNECTION)?;
-    if outcome.send(AcceptOutcome::Accepted).is_err() {
+    let answer = conn.take_answer(refused).ok_or(NO_SUCH_CONNECTION)?;
+    let outcome = if refused {
+        AcceptOutcome::Refused
+    } else {
+        AcceptOutcome::Accepted
+    };
+    // Refused, the connect handler answers 502 and its guard closes the connection.
+    if answer.send(outcome).is_err() && !refused {
         conn.cancel.cancel();
         return Err(ApiError(StatusCode::GONE, "the client has gone"));
     }
-    conn.touch();
-    let body = PipeBody::new(
-        conn,
-        download.attached,
-        download.upstream,
-        shared.config.heartbeat_interval,
-    );
-    Ok(streaming_response(body, None))
+    Ok(plain(StatusCode::NO_CONTENT))
 }
 
 /// `POST /v1/servers/{server}/connections/{id}/downstream`: the service's bytes.
@@ -308,23 +311,28 @@ pub(crate) async fn downstream(
     req: Request,
 ) -> Result<Response> {
     let conn = access::servers_connection(&shared, &req, &server, &id)?;
-    upload(conn, Direction::Downstream, req).await
+    let slot = conn.take_downstream().ok_or(NO_SUCH_CONNECTION)?;
+    upload(conn, slot, req).await
 }
 
-/// `POST /v1/servers/{server}/connections/{id}/upstream`: the client's bytes.
+/// `POST /v1/servers/{server}/connections/{id}/upstream`: the client's bytes, which may come
+/// before the `connect` they go with has reached the relay.
 pub(crate) async fn upstream(
     State(shared): State<Arc<Shared>>,
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
-    let conn = access::clients_connection(&shared, &req, &server, &id)?;
-    upload(conn, Direction::Upstream, req).await
+    let (client, id) = access::client_of(&shared, &req, &id)?;
+    let wait = shared.config.accept_timeout;
+    let found = shared.conns.find_or_wait(id, wait).await;
+    let conn = access::clients_connection(&shared, found, client, &server)?;
+    let slot = conn.take_upstream().ok_or(NO_SUCH_CONNECTION)?;
+    upload(conn, slot, req).await
 }
 
-/// Hands the request body of `direction`'s upload to the download that carries it on, and
-/// answers once that body has ended.
-async fn upload(conn: Arc<Conn>, direction: Direction, req: Request) -> Result<Response> {
-    let slot = conn.take_upload(direction).ok_or(NO_SUCH_CONNECTION)?;
+/// Hands the request body of an upload to the download that carries it on, and answers once
+/// that body has ended.
+async fn upload(conn: Arc<Conn>, slot: UploadSlot, req: Request) -> Result<Response> {
     let (done_tx, done_rx) = oneshot::channel();
     let handed = slot.body.send(Upload {
         body: req.into_body(),

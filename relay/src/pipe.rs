@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::conn::{Conn, Upload, UploadEnd};
+use crate::conn::{Conn, DownloadSlot, Upload, UploadEnd};
 
 /// What a body's `poll_frame` returns.
 type PollFrame = Poll<Option<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>>;
@@ -23,20 +23,30 @@ type PollFrame = Poll<Option<Result<Frame<Bytes>, Box<dyn std::error::Error + Se
 enum State {
     /// The upload has not arrived yet; heartbeats keep the download alive meanwhile.
     Waiting(oneshot::Receiver<Upload>),
-    /// Passing the upload through; the decoder only follows frame boundaries, to tell a body
-    /// that ends with `END` from one that was cut short.
-    Streaming(
-        axum::body::Body,
-        Option<oneshot::Sender<UploadEnd>>,
-        frame::Decoder,
-    ),
+    /// Passing the upload through.
+    Streaming(Streaming),
     Done,
 }
 
-/// The body of a download response (`connect` or `accept`).
+/// An upload being passed through.
+struct Streaming {
+    body: axum::body::Body,
+    /// Told how the upload ended; `None` once told.
+    done: Option<oneshot::Sender<UploadEnd>>,
+    /// Follows frame boundaries only, to tell a body that ends with `END` from one that was
+    /// cut short, and to find where `ATTACHED` may go.
+    frames: frame::Decoder,
+    /// The upload's `END`, held back until `ATTACHED` has gone out (`END` is the last frame).
+    held_end: bool,
+    /// Whether the upload's body has ended.
+    over: bool,
+}
+
+/// The body of a download response (`connect` or `listen`).
 ///
-/// It starts with heartbeats until the same endpoint's own upload has arrived, then sends
-/// `ATTACHED`, then passes the other endpoint's upload through unchanged.
+/// It sends heartbeats until the other endpoint's upload has arrived, then passes that upload
+/// through unchanged. Between two frames, as soon as the same endpoint's own upload has
+/// arrived, it sends `ATTACHED`, and it does not end before it has.
 pub(crate) struct PipeBody {
     conn: Arc<Conn>,
     /// Fires when this endpoint's upload reached the relay; `None` once `ATTACHED` is sent.
@@ -56,24 +66,29 @@ impl std::fmt::Debug for PipeBody {
 }
 
 impl PipeBody {
-    /// The download of `conn` that sends `ATTACHED` once `attach` fires and then carries the
-    /// upload that `upload` brings, with a heartbeat every `interval` until then.
-    pub(crate) fn new(
-        conn: Arc<Conn>,
-        attach: oneshot::Receiver<()>,
-        upload: oneshot::Receiver<Upload>,
-        interval: Duration,
-    ) -> Self {
+    /// The download of `conn` that carries the upload the slot brings, with a heartbeat every
+    /// `interval` until it comes, and `ATTACHED` once the slot says this endpoint's own upload
+    /// has arrived.
+    pub(crate) fn new(conn: Arc<Conn>, slot: DownloadSlot, interval: Duration) -> Self {
         let cancel = Box::pin(conn.cancel.clone().cancelled_owned());
         Self {
             conn,
-            attach: Some(attach),
-            state: State::Waiting(upload),
+            attach: Some(slot.attached),
+            state: State::Waiting(slot.upload),
             // The first heartbeat goes out at once: nginx over HTTP/2 holds a streaming
             // answer's headers back until its first body byte.
             heartbeat: Box::pin(tokio::time::sleep(Duration::ZERO)),
             interval,
             cancel,
+        }
+    }
+
+    /// Whether the body is between two frames of the upload it passes on (where `ATTACHED`
+    /// may go).
+    fn at_boundary(&self) -> bool {
+        match &self.state {
+            State::Streaming(s) => s.frames.at_boundary(),
+            State::Waiting(_) | State::Done => true,
         }
     }
 
@@ -88,8 +103,8 @@ impl PipeBody {
     }
 
     fn fail(&mut self, why: &str) {
-        if let State::Streaming(_, done, _) = &mut self.state
-            && let Some(done) = done.take()
+        if let State::Streaming(s) = &mut self.state
+            && let Some(done) = s.done.take()
         {
             let _ = done.send(Err(why.to_owned()));
         }
@@ -114,7 +129,9 @@ impl Body for PipeBody {
             this.fail("connection closed");
             return Poll::Ready(Some(Err("connection closed".into())));
         }
-        if let Some(attach) = &mut this.attach {
+        if this.at_boundary()
+            && let Some(attach) = &mut this.attach
+        {
             match Pin::new(attach).poll(cx) {
                 Poll::Ready(Ok(())) => {
                     this.attach = None;
@@ -124,15 +141,20 @@ impl Body for PipeBody {
                     this.fail("connection closed");
                     return Poll::Ready(Some(Err("connection closed".into())));
                 }
-                Poll::Pending => return this.poll_heartbeat(cx),
+                Poll::Pending => {}
             }
         }
         loop {
             match &mut this.state {
                 State::Waiting(rx) => match Pin::new(rx).poll(cx) {
                     Poll::Ready(Ok(upload)) => {
-                        this.state =
-                            State::Streaming(upload.body, Some(upload.done), frame::Decoder::new());
+                        this.state = State::Streaming(Streaming {
+                            body: upload.body,
+                            done: Some(upload.done),
+                            frames: frame::Decoder::new(),
+                            held_end: false,
+                            over: false,
+                        });
                     }
                     Poll::Ready(Err(_)) => {
                         this.fail("connection closed");
@@ -140,19 +162,38 @@ impl Body for PipeBody {
                     }
                     Poll::Pending => return this.poll_heartbeat(cx),
                 },
-                State::Streaming(body, done, frames) => match Pin::new(body).poll_frame(cx) {
+                State::Streaming(s) if s.held_end && this.attach.is_none() => {
+                    s.held_end = false;
+                    return Poll::Ready(Some(Ok(Frame::data(frame::end()))));
+                }
+                // All passed on but the held `END`: waiting for `ATTACHED`, alive meanwhile.
+                State::Streaming(s) if s.over && s.held_end => return this.poll_heartbeat(cx),
+                State::Streaming(s) if s.over => {
+                    this.state = State::Done;
+                    this.conn.direction_done();
+                    return Poll::Ready(None);
+                }
+                State::Streaming(s) => match Pin::new(&mut s.body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(f))) => match f.into_data() {
                         // An upload's end can come as an empty DATA frame. Passed on, it
                         // counts against the peer's limit on empty frames (h2 closes the
                         // whole connection after 100), so it is dropped here.
                         Ok(data) if data.is_empty() => continue,
-                        Ok(data) => {
-                            if let Err(e) = frames.check(&data) {
+                        Ok(mut data) => {
+                            if let Err(e) = s.frames.check(&data) {
                                 let why = format!("bad upload: {e}");
                                 this.fail(&why);
                                 return Poll::Ready(Some(Err(why.into())));
                             }
                             this.conn.touch();
+                            if s.frames.ended() && this.attach.is_some() {
+                                // `END` closes the chunk: it waits for `ATTACHED`.
+                                data.truncate(data.len() - frame::HEADER_LEN);
+                                s.held_end = true;
+                                if data.is_empty() {
+                                    continue;
+                                }
+                            }
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                         Err(_) => continue,
@@ -162,18 +203,16 @@ impl Body for PipeBody {
                         this.fail(&why);
                         return Poll::Ready(Some(Err(why.into())));
                     }
-                    Poll::Ready(None) if !frames.ended() => {
+                    Poll::Ready(None) if !s.frames.ended() => {
                         let why = "upload ended without END";
                         this.fail(why);
                         return Poll::Ready(Some(Err(why.into())));
                     }
                     Poll::Ready(None) => {
-                        if let Some(done) = done.take() {
+                        if let Some(done) = s.done.take() {
                             let _ = done.send(Ok(()));
                         }
-                        this.state = State::Done;
-                        this.conn.direction_done();
-                        return Poll::Ready(None);
+                        s.over = true;
                     }
                     Poll::Pending => return Poll::Pending,
                 },

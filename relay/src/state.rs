@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conn::{Conn, ConnLimit, Connections};
+use crate::conn::{Conn, Connections, TableRefusal};
 
 /// Who signed a request: a server or a client, by its index in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +81,8 @@ pub(crate) enum OfferRefusal {
     ServerOffline,
     /// The server is online but does not offer this port.
     PortNotOffered,
-    /// A connection limit.
-    Limit(ConnLimit),
+    /// The table of connections refused it (a limit, or its ID is in use).
+    Table(TableRefusal),
     /// [`MAX_QUEUED_CONNECTS`] connections already wait for a `listen` on this port.
     QueueFull,
 }
@@ -248,7 +248,7 @@ impl Shared {
         };
         self.conns
             .insert(conn.clone())
-            .map_err(OfferRefusal::Limit)?;
+            .map_err(OfferRefusal::Table)?;
         while let Some(l) = entry.listeners.pop_front() {
             if l.send(conn.id).is_ok() {
                 // The listen just answered is about to be re-issued: the port stays offered
@@ -477,7 +477,7 @@ mod tests {
         s.offer(&new_conn(&s, 0), "pg").expect("first");
         assert_eq!(
             s.offer(&new_conn(&s, 0), "pg"),
-            Err(OfferRefusal::Limit(ConnLimit::Relay))
+            Err(OfferRefusal::Table(TableRefusal::RelayFull))
         );
     }
 }

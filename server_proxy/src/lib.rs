@@ -2,10 +2,11 @@
 //!
 //! The entry point is [`run`]: give it the configuration, the server's key and a cancellation
 //! token, and await the [`Server`] it returns. For each configured port it keeps a pool of
-//! `listen` long-polls open at the relay. When one returns a connection ID, a task connects to
-//! the local service and calls `accept`, whose answer's body is the upstream (the client's
-//! bytes); it then carries the tunnel with `ptth_common::tunnel::carry`, which sends the
-//! service's bytes as the `downstream` upload.
+//! `listen` long-polls open at the relay. When one is answered with a connection, its answer's
+//! body is the upstream (the client's bytes); a task connects to the local service, calls
+//! `accept` (with a refusal if it cannot connect) and, at the same time, carries the tunnel
+//! with `ptth_common::tunnel::carry`, which sends the service's bytes as the `downstream`
+//! upload.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -42,7 +43,7 @@ use ptth_common::protocol::{
     ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, ConnId, accept_path, downstream_path, listen_path,
 };
 use ptth_common::tunnel;
-use reqwest::StatusCode;
+use reqwest::{Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +53,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 /// Upper bound on waiting for a `listen` answer, above any relay `listen_timeout` (at most
 /// 60 s), so that a relay that vanished without closing the connection is noticed.
 const LISTEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
-/// Upper bound on waiting for the answer headers of `accept`.
+/// Upper bound on waiting for the answer to `accept`.
 const ACCEPT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Prepares the server proxy: await the returned [`Server`] to offer the configured ports
@@ -138,15 +139,15 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
     let mut need_warm_up = true;
     loop {
         let problem = match listen_once(&ctx, &path, need_warm_up).await {
-            Ok(id) => {
+            Ok(handed) => {
                 if failing {
                     info!("connected to the relay again");
                 }
                 failing = false;
                 need_warm_up = false;
                 backoff.reset();
-                if let Some(id) = id {
-                    spawn_tunnel(&ctx, &port, &target, id);
+                if let Some((id, download)) = handed {
+                    spawn_tunnel(&ctx, &port, &target, id, download);
                 }
                 continue;
             }
@@ -169,8 +170,13 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
 }
 
 /// One `listen` (after opening the connection to the relay first when `warm_up`): a
-/// connection ID for a client, or `None` for an empty answer.
-async fn listen_once(ctx: &Ctx, path: &str, warm_up: bool) -> Result<Option<ConnId>, CallError> {
+/// connection for a client (its ID, and the answer that streams its upstream), or `None` for an
+/// empty answer.
+async fn listen_once(
+    ctx: &Ctx,
+    path: &str,
+    warm_up: bool,
+) -> Result<Option<(ConnId, Response)>, CallError> {
     if warm_up {
         // One connection first, then every listen shares it (HTTP/2).
         tokio::select! {
@@ -188,16 +194,17 @@ async fn listen_once(ctx: &Ctx, path: &str, warm_up: bool) -> Result<Option<Conn
     if answer.status() == StatusCode::NO_CONTENT {
         return Ok(None);
     }
-    connection_id(&answer)
-        .map(Some)
-        .ok_or_else(|| CallError::Refused {
+    match connection_id(&answer) {
+        Some(id) => Ok(Some((id, answer))),
+        None => Err(CallError::Refused {
             status: answer.status(),
             reason: "a listen answer without a valid connection id".to_owned(),
-        })
+        }),
+    }
 }
 
-/// Starts the task of one offered connection, within `max_connections`.
-fn spawn_tunnel(ctx: &Arc<Ctx>, port: &str, target: &str, id: ConnId) {
+/// Starts the task of one connection handed over by a `listen`, within `max_connections`.
+fn spawn_tunnel(ctx: &Arc<Ctx>, port: &str, target: &str, id: ConnId, download: Response) {
     let span = info_span!("conn", conn = %id, port = %port);
     let permit = ctx.slots.clone().try_acquire_owned();
     let task_ctx = ctx.clone();
@@ -209,10 +216,26 @@ fn spawn_tunnel(ctx: &Arc<Ctx>, port: &str, target: &str, id: ConnId) {
                 refuse(&task_ctx, id).await;
                 return;
             };
-            serve_connection(&task_ctx, id, &target).await;
+            serve_connection(&task_ctx, id, &target, download).await;
         }
         .instrument(span),
     );
+}
+
+/// Tells the relay that this connection is taken (`accept`): the client's `connect` is then
+/// answered. A failure is only logged: the tunnel then fails on its own.
+async fn accept(ctx: &Ctx, id: ConnId) {
+    let request = ctx.relay.post(&accept_path(ctx.config.name.as_str(), id));
+    let answer = call(
+        request,
+        &[StatusCode::NO_CONTENT],
+        ACCEPT_REQUEST_TIMEOUT,
+        &ctx.shutdown,
+    );
+    match answer.await {
+        Ok(_) | Err(CallError::Cancelled) => {}
+        Err(e) => warn!("accept failed: {e}"),
+    }
 }
 
 /// Tells the relay that this connection cannot be served (`accept` with a refusal).
@@ -232,8 +255,10 @@ async fn refuse(ctx: &Ctx, id: ConnId) {
     }
 }
 
-/// Connects to the local service, accepts the connection and carries the tunnel.
-async fn serve_connection(ctx: &Ctx, id: ConnId, target: &str) {
+/// Connects to the local service, then tells the relay (`accept`) while it carries the tunnel:
+/// `download` (the `listen` answer) brings the upstream, and the `downstream` upload starts at
+/// once beside the `accept`.
+async fn serve_connection(ctx: &Arc<Ctx>, id: ConnId, target: &str, download: Response) {
     let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target));
     let connected = tokio::select! {
         () = ctx.shutdown.cancelled() => return,
@@ -254,26 +279,15 @@ async fn serve_connection(ctx: &Ctx, id: ConnId, target: &str) {
     // Until the tunnel is open (`carry` undoes this), any way out of here is a failure: the
     // service then sees a reset, not a client that connected and said nothing.
     tunnel::reset(&stream);
-    let name = ctx.config.name.as_str();
-    let accepted = call(
-        ctx.relay.post(&accept_path(name, id)),
-        &[StatusCode::OK],
-        ACCEPT_REQUEST_TIMEOUT,
-        &ctx.shutdown,
-    );
-    let download = match accepted.await {
-        Ok(download) => download,
-        Err(CallError::Cancelled) => return,
-        Err(e) => {
-            warn!("accept failed: {e}");
-            return;
-        }
-    };
+    // A task of its own, so that the tunnel's task does not keep the room of a finished call.
+    let accepting = ctx.clone();
+    ctx.tasks
+        .spawn(async move { accept(&accepting, id).await }.in_current_span());
     debug!("tunnel open");
     tunnel::carry(
         &ctx.relay,
-        &downstream_path(name, id),
-        download,
+        &downstream_path(ctx.config.name.as_str(), id),
+        std::future::ready(Some(download)),
         stream,
         ctx.config.heartbeat_interval,
         &ctx.shutdown,

@@ -396,6 +396,12 @@ async fn killed_server_is_offline_at_once() {
             PROPAGATION,
             alice
                 .post(&ptth_common::protocol::connect_path("db", "echo"))
+                .header(
+                    ptth_common::protocol::CONNECTION_ID_HEADER,
+                    ptth_common::protocol::ConnId::random()
+                        .expect("id")
+                        .to_string(),
+                )
                 .send(),
         )
         .await

@@ -338,8 +338,13 @@ async fn suite(kind: Option<FrontKind>) {
         s.counter.peak()
     );
     drop(open);
+    // In all, over the whole suite: at the proxy's start, and after a front closed its idle
+    // connection (HAProxy's `timeout http-keep-alive` here is FRONT_TIMEOUT), the first tunnel's
+    // `connect` and `upstream` leave at once, and each may open a connection before either
+    // knows that TLS will give them HTTP/2 to share (hyper's ALPN race): the start-up warm-up
+    // plus those two, at most.
     assert!(
-        s.counter.total() <= 2,
+        s.counter.total() <= 3,
         "{name}: {} TCP connections in all",
         s.counter.total()
     );
@@ -407,13 +412,7 @@ async fn tunnel_over_http11(s: &Stack) {
         lines.iter().all(|l| l.ends_with(" HTTP/1.1")),
         "not all HTTP/1.1: {lines:?}"
     );
-    for what in [
-        "/listen ",
-        "/accept ",
-        "/downstream ",
-        "/connect ",
-        "/upstream ",
-    ] {
+    for what in ["/listen ", "/downstream ", "/connect ", "/upstream "] {
         assert!(requests(what) > 0, "no {what} over HTTP/1.1: {lines:?}");
     }
     for (who, logs) in [("server web", web.logs()), ("client proxy", proxy.logs())] {

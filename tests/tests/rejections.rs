@@ -134,6 +134,11 @@ async fn connect_failures_close_the_socket_with_a_clear_log_line() {
     .await;
 }
 
+/// A connection ID for a hand-made `connect`, as a client chooses one.
+fn fresh_id() -> String {
+    protocol::ConnId::random().expect("id").to_string()
+}
+
 fn plain_http() -> reqwest::Client {
     http_client_builder(None)
         .expect("builder")
@@ -270,6 +275,7 @@ async fn replayed_and_stale_requests_are_refused() {
             http.post(&url)
                 .header(SIGNATURE_INPUT, &h.input)
                 .header(SIGNATURE, &h.signature)
+                .header(CONNECTION_ID_HEADER, fresh_id())
                 .send()
         };
         let first = send(&h).await.expect("send");
@@ -362,35 +368,38 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
         let web = relay_client(addr, &w.setup.web_key);
         let alice = relay_client(addr, &w.setup.alice_key);
         let bob = relay_client(addr, &w.setup.bob_key);
-        let (id, connect) = offer_by_hand(&w, &db, &alice).await;
+        let (id, connect, listened) = offer_by_hand(&w, &db, &alice).await;
 
-        // Another server cannot take it, under either name.
-        let r = web
-            .post(&protocol::accept_path("web", id))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        let r = web
-            .post(&protocol::accept_path("db", id))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status(), StatusCode::FORBIDDEN);
-        // Nobody can send upstream before it is accepted, and a client cannot accept.
+        // Another server cannot take or refuse it, under either name; nor can a client.
+        for (who, name, want) in [
+            (&web, "web", StatusCode::NOT_FOUND),
+            (&web, "db", StatusCode::FORBIDDEN),
+            (&alice, "db", StatusCode::FORBIDDEN),
+        ] {
+            for path in [
+                protocol::downstream_path(name, id),
+                protocol::accept_path(name, id),
+            ] {
+                let r = who.post(&path).send().await.expect("send");
+                assert_eq!(r.status(), want, "{path}");
+            }
+        }
+        // The ID is the client's: another connect with it is refused.
         let r = alice
-            .post(&protocol::accept_path("db", id))
+            .post(&protocol::connect_path("db", "raw"))
+            .header(CONNECTION_ID_HEADER, id.to_string())
             .send()
             .await
             .expect("send");
-        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(r.status(), StatusCode::CONFLICT);
 
+        // The server takes it, and the connect is answered.
         let accepted = db
             .post(&protocol::accept_path("db", id))
             .send()
             .await
             .expect("accept");
-        assert_eq!(accepted.status(), StatusCode::OK);
+        assert_eq!(accepted.status(), StatusCode::NO_CONTENT);
         let connected = connect.await.expect("join").expect("connect");
         assert_eq!(connected.status(), StatusCode::OK);
         assert_eq!(
@@ -400,13 +409,15 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
             id.to_string()
         );
 
-        // Single use: a second accept is refused.
-        let r = db
-            .post(&protocol::accept_path("db", id))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        // Single use: a second answer, accepting or refusing, is refused.
+        for refusal in [None, Some("refused")] {
+            let mut request = db.post(&protocol::accept_path("db", id));
+            if let Some(r) = refusal {
+                request = request.header(protocol::ACCEPT_ERROR_HEADER, r);
+            }
+            let r = request.send().await.expect("send");
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{refusal:?}");
+        }
         // Foreign client: 404 for upstream; the owner's server cannot send upstream either.
         let r = bob
             .post(&protocol::upstream_path("db", id))
@@ -420,25 +431,49 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
             .await
             .expect("send");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        // Foreign server: 404 for downstream; a malformed ID is 404 too.
-        let r = web
-            .post(&protocol::downstream_path("web", id))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        // A malformed ID is 404 too.
         let r = alice
             .post("/v1/servers/db/connections/not-an-id/upstream")
             .send()
             .await
             .expect("send");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        drop((listened, connected));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connects_need_a_connection_id() {
+    within(LIMIT, async {
+        let w = world_with_short_listens().await;
+        let alice = relay_client(w.relay.addr, &w.setup.alice_key);
+        for id in [
+            None,
+            Some("not-an-id"),
+            Some("0123456789ABCDEF0123456789ABCDEF"),
+        ] {
+            let mut request = alice.post(&protocol::connect_path("db", "echo"));
+            if let Some(id) = id {
+                request = request.header(CONNECTION_ID_HEADER, id);
+            }
+            let (status, text) = status_and_text(request.send().await.expect("send")).await;
+            assert_eq!(
+                (status, text.as_str()),
+                (
+                    StatusCode::BAD_REQUEST,
+                    "missing or malformed connection id"
+                ),
+                "{id:?}"
+            );
+        }
     })
     .await;
 }
 
 /// A `listen` by `db` on port `raw` and a `connect` by `alice` to it, by hand: the connection
-/// ID the listen was given, and the connect still waiting for its answer.
+/// ID alice chose, her connect still waiting for its answer, and the listen's answer (whose
+/// body is the upstream; dropping it aborts the connection).
 async fn offer_by_hand(
     w: &World,
     db: &RelayClient,
@@ -446,6 +481,7 @@ async fn offer_by_hand(
 ) -> (
     protocol::ConnId,
     tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+    reqwest::Response,
 ) {
     let l = db.clone();
     let listen =
@@ -454,42 +490,39 @@ async fn offer_by_hand(
     w.relay
         .expect_listens(3, Duration::from_secs(10), "listen registered")
         .await;
-    let a = alice.clone();
-    let connect =
-        tokio::spawn(async move { a.post(&protocol::connect_path("db", "raw")).send().await });
+    let id = protocol::ConnId::random().expect("id");
+    let connect = alice
+        .post(&protocol::connect_path("db", "raw"))
+        .header(CONNECTION_ID_HEADER, id.to_string());
+    let connect = tokio::spawn(connect.send());
     let offered = listen.await.expect("join").expect("listen");
     assert_eq!(offered.status(), StatusCode::OK);
-    let id: protocol::ConnId = offered.headers()[CONNECTION_ID_HEADER]
+    let given: protocol::ConnId = offered.headers()[CONNECTION_ID_HEADER]
         .to_str()
         .expect("header")
         .parse()
         .expect("id");
-    (id, connect)
+    assert_eq!(given, id, "the listen was given the client's ID");
+    (id, connect, offered)
 }
 
-/// Opens a connection by hand on port `raw` of server `db`: the connection ID, the `connect`
-/// answer and the `accept` answer (dropping a download aborts the connection).
-async fn open_by_hand(
-    w: &World,
-    db: &RelayClient,
-    alice: &RelayClient,
-) -> (protocol::ConnId, reqwest::Response, reqwest::Response) {
-    let (id, connect) = offer_by_hand(w, db, alice).await;
-    let accepted = db
-        .post(&protocol::accept_path("db", id))
-        .send()
-        .await
-        .expect("accept");
-    assert_eq!(accepted.status(), StatusCode::OK);
-    let connected = connect.await.expect("join").expect("connect");
-    assert_eq!(connected.status(), StatusCode::OK);
-    (id, connected, accepted)
+/// The items of a whole download body: heartbeats left out.
+fn items(body: &[u8]) -> Vec<ptth_common::frame::Item> {
+    let mut decoder = ptth_common::frame::Decoder::new();
+    let mut chunk = bytes::Bytes::copy_from_slice(body);
+    let mut out = Vec::new();
+    while let Some(item) = decoder.decode(&mut chunk).expect("valid frames") {
+        if item != ptth_common::frame::Item::Heartbeat {
+            out.push(item);
+        }
+    }
+    out
 }
 
 #[tokio::test]
 async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
     within(LIMIT, async {
-        use ptth_common::frame;
+        use ptth_common::frame::{self, Item};
         let echo = echo_service().await.expect("echo");
         let w = World::start(WorldOptions::echo(echo)).await.expect("world");
         let db = relay_client(w.relay.addr, &w.setup.server_key);
@@ -513,7 +546,13 @@ async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
             ("well formed", clean, StatusCode::OK),
         ];
         for (what, downstream_body, want) in cases {
-            let (id, connected, accepted) = open_by_hand(&w, &db, &alice).await;
+            let (id, connect, listened) = offer_by_hand(&w, &db, &alice).await;
+            let accepted = db
+                .post(&protocol::accept_path("db", id))
+                .send()
+                .await
+                .expect("accept");
+            assert_eq!(accepted.status(), StatusCode::NO_CONTENT, "accept: {what}");
             let d = db.clone();
             let downstream = tokio::spawn(async move {
                 d.post(&protocol::downstream_path("db", id))
@@ -528,20 +567,27 @@ async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
                     .send()
                     .await
             });
+            let connected = connect.await.expect("join");
             let downstream = downstream.await.expect("join").expect("downstream");
             assert_eq!(downstream.status(), want, "downstream: {what}");
-            // The client's download fails rather than ending, unless the upload was clean.
-            let body = connected.bytes().await;
+            // The client's download fails rather than ending, unless the upload was clean (an
+            // upload that fails at once may fail the answer before its headers have gone).
+            let body = match connected {
+                Ok(r) if r.status() == StatusCode::OK => r.bytes().await.map(drop),
+                Ok(r) => panic!("connect: {what}: {}", r.status()),
+                Err(e) => Err(e),
+            };
             assert_eq!(body.is_ok(), want == StatusCode::OK, "connect body: {what}");
             let upstream = upstream.await.expect("join").expect("upstream");
             if want == StatusCode::OK {
                 assert_eq!(upstream.status(), StatusCode::OK, "upstream: {what}");
-                let mut attached_and_end = frame::attached().to_vec();
-                attached_and_end.extend_from_slice(&frame::end());
-                let got = accepted.bytes().await.expect("accept body");
-                assert!(got.ends_with(&attached_and_end), "accept body: {got:?}");
+                // The server's download: the client's END, and ATTACHED (before or after it).
+                let got = listened.bytes().await.expect("listen body");
+                let mut got = items(&got);
+                got.sort_by_key(|i| matches!(i, Item::End));
+                assert_eq!(got, [Item::Attached, Item::End], "listen body");
             } else {
-                drop(accepted);
+                drop(listened);
             }
             w.relay
                 .expect_no_connections(Duration::from_secs(5), "relay frees the connection")
@@ -576,6 +622,7 @@ async fn connection_limit_is_enforced(extra: &str, refusal: &str) {
         let alice = relay_client(w.relay.addr, &w.setup.alice_key);
         let r = alice
             .post(&protocol::connect_path("db", "echo"))
+            .header(CONNECTION_ID_HEADER, fresh_id())
             .send()
             .await
             .expect("send");

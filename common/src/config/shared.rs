@@ -217,10 +217,12 @@ impl RelayUrl {
         }
     }
 
-    /// Joins a protocol path (starting with `/`): the URL to send the request to.
-    pub fn join(&self, path: &str) -> String {
-        let base = self.url.as_str().trim_end_matches('/');
-        format!("{base}{path}")
+    /// Joins a protocol path (starting with `/`): the URL to send the request to. (The base
+    /// is parsed once; a request's URL is not parsed again.)
+    pub fn join(&self, path: &str) -> url::Url {
+        let mut url = self.url.clone();
+        url.set_path(path);
+        url
     }
 }
 
@@ -254,7 +256,7 @@ mod tests {
         let u = RelayUrl::parse("https://Relay.Example.com/").expect("parse");
         assert_eq!(u.authority(), "relay.example.com");
         assert_eq!(
-            u.join("/v1/x"),
+            u.join("/v1/x").as_str(),
             "https://relay.example.com/v1/x",
             "a lone trailing / is fine"
         );
@@ -267,7 +269,7 @@ mod tests {
         let h2c = RelayUrl::parse("h2c://127.0.0.1:4000").expect("h2c");
         assert!(h2c.h2c());
         assert_eq!(h2c.authority(), "127.0.0.1:4000");
-        assert_eq!(h2c.join("/v1/x"), "http://127.0.0.1:4000/v1/x");
+        assert_eq!(h2c.join("/v1/x").as_str(), "http://127.0.0.1:4000/v1/x");
         assert_eq!(h2c.to_string(), "h2c://127.0.0.1:4000/");
         assert!(!u.h2c());
         for bad in [
