@@ -1,6 +1,6 @@
 //! Framing of tunnel bodies.
 //!
-//! Every streaming body of a tunnel (`connect` and `accept` responses, `upstream` and
+//! Every streaming body of a tunnel (`connect` and `listen` answers, `upstream` and
 //! `downstream` requests) is a sequence of frames:
 //!
 //! ```text

@@ -7,7 +7,7 @@
 //! **upstream** (the user's bytes, towards the service) and **downstream** (the service's
 //! bytes, towards the user). An endpoint sends its direction as an **upload** (the streaming
 //! request body of `upstream` or `downstream`) and receives the other as a **download** (the
-//! streaming answer body of `connect` or `accept`); the relay splices each upload into the
+//! streaming answer body of `connect` or `listen`); the relay splices each upload into the
 //! matching download.
 //!
 //! * [`protocol`]: routes and paths, header names, names, connection IDs.

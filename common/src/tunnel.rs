@@ -1,7 +1,7 @@
 //! The endpoint side of a tunnel (feature `endpoint`), shared by `ptth_server` and
 //! `ptth_proxy`: [`carry`] joins a local TCP socket to the relay with an upload (TCP bytes into
 //! frames, the request body of `upstream` or `downstream`) and a download (frames into TCP
-//! bytes, the answer body of `connect` or `accept`). Both directions of the tunnel end live
+//! bytes, the answer body of `connect` or `listen`). Both directions of the tunnel end live
 //! here.
 //!
 //! Half-close is kept: when the local peer shuts down its write side, an `END` frame is sent and

@@ -1,4 +1,4 @@
-//! Splicing: the download of `accept` (or `connect`) *is* the upload of `upstream` (or
+//! Splicing: the download of `listen` (or `connect`) *is* the upload of `upstream` (or
 //! `downstream`), handed over whole. The relay never copies or buffers tunnel bytes; HTTP flow
 //! control carries backpressure from one side to the other.
 

@@ -30,17 +30,7 @@ async fn hundred_concurrent_connections() {
         let w = World::start(WorldOptions::echo(echo)).await.expect("world");
         let local = w.local();
         let tasks: Vec<_> = (0..100u64)
-            .map(|i| {
-                tokio::spawn(async move {
-                    let data = random_bytes(64 * 1024 + i as usize, i);
-                    let got = round_trip(local, &data).await.expect("round trip");
-                    assert_eq!(
-                        Sha256::digest(&got),
-                        Sha256::digest(&data),
-                        "connection {i}"
-                    );
-                })
-            })
+            .map(|i| tokio::spawn(transfer_each_way(local, 64 * 1024 + i as usize, i)))
             .collect();
         for t in tasks {
             t.await.expect("task");

@@ -42,7 +42,7 @@ pub struct RelayConfig {
         deserialize_with = "positive_duration"
     )]
     pub idle_timeout: Duration,
-    /// Heartbeat period on a `connect` or `accept` answer still waiting for its other half.
+    /// Heartbeat period on a `connect` or `listen` answer still waiting for its other half.
     #[serde(default = "default_heartbeat", deserialize_with = "positive_duration")]
     pub heartbeat_interval: Duration,
     /// A `listen` with nothing to hand out is answered empty after this long.

@@ -295,7 +295,7 @@ pub async fn downstream(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
     };
     tokio::time::timeout(STEP, receive)
         .await
-        .context("download timed out")??;
+        .context("downstream timed out")??;
     let eof = Instant::now();
     if got != bytes {
         bail!("received {got} bytes of {bytes}");

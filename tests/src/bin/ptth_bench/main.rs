@@ -55,6 +55,14 @@ struct Args {
         default_value = "h1,h2c,nginx"
     )]
     transports: Vec<Transport>,
+    /// The figures to measure (all by default); the table leaves the others empty.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "new,rtt,bulk,crowd"
+    )]
+    figures: Vec<Figure>,
     /// Also measure rathole, bore and wstunnel, each that is on PATH, the same way.
     #[arg(long)]
     compare: bool,
@@ -65,6 +73,19 @@ struct Args {
     /// little.
     #[arg(long)]
     quick: bool,
+}
+
+/// A group of figures of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Figure {
+    /// New connection + 1-byte echo.
+    New,
+    /// Round trip on an open tunnel.
+    Rtt,
+    /// One stream each way, 8 streams, and CPU per GiB.
+    Bulk,
+    /// Tunnels held at once, and peak RSS per tunnel.
+    Crowd,
 }
 
 /// One column of the table: direct loopback, or a stack.
@@ -231,21 +252,30 @@ async fn main() -> anyhow::Result<()> {
     let bulk = args.bulk_mib << 20;
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
-        for c in &mut columns {
+        for c in columns
+            .iter_mut()
+            .filter(|_| args.figures.contains(&Figure::New))
+        {
             let t = load::new_connections(c.ports.echo, args.connections)
                 .await
                 .with_context(|| format!("new connections, {}", c.name))?;
             c.new_p50.push(quantile_us(&t, 0.5));
             c.new_p99.push(quantile_us(&t, 0.99));
         }
-        for c in &mut columns {
+        for c in columns
+            .iter_mut()
+            .filter(|_| args.figures.contains(&Figure::Rtt))
+        {
             let t = load::round_trips(c.ports.echo, args.round_trips)
                 .await
                 .with_context(|| format!("round trips, {}", c.name))?;
             c.rtt_p50.push(quantile_us(&t, 0.5));
             c.rtt_p99.push(quantile_us(&t, 0.99));
         }
-        for c in &mut columns {
+        for c in columns
+            .iter_mut()
+            .filter(|_| args.figures.contains(&Figure::Bulk))
+        {
             let before = c.cpu(ticks)?;
             let up = load::upstream(&mut services, c.ports.sink, 1, bulk)
                 .await
@@ -263,7 +293,10 @@ async fn main() -> anyhow::Result<()> {
             c.parallel.push(parallel);
         }
     }
-    for c in &mut columns {
+    for c in columns
+        .iter_mut()
+        .filter(|_| args.figures.contains(&Figure::Crowd))
+    {
         eprintln!("{} tunnels held for {} s: {}", c.tunnels, args.hold, c.name);
         if let Some(stack) = &c.stack {
             for p in &stack.programs {
@@ -321,7 +354,9 @@ fn print_table(columns: &[Column], args: &Args) {
         let mut row = format!("| {what} |");
         for (i, c) in columns.iter().enumerate() {
             let v = values(c);
-            if i == 0 {
+            if v.is_nan() {
+                row.push_str(" - |");
+            } else if i == 0 {
                 row.push_str(&format!(" {v:.digits$} |"));
             } else {
                 row.push_str(&format!(" {v:.digits$} ({:.2}x) |", v / base));
