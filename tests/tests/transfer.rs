@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use ptth_tests::taps::CountingForwarder;
 use ptth_tests::*;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
