@@ -293,7 +293,10 @@ fn front_problem(status: StatusCode) -> String {
         }
         504 => {
             "it timed out waiting for the relay: its timeouts must exceed the relay's \
-             listen_timeout and heartbeat_interval (nginx proxy_read_timeout, HAProxy timeout server)"
+             listen_timeout and heartbeat_interval (nginx proxy_read_timeout, HAProxy timeout \
+             server), and it must pass request bodies on as they come (a tunnel is answered \
+             only once both ends' uploads have reached the relay; nginx: \
+             proxy_request_buffering off)"
         }
         404 | 405 => "it does not pass /v1/ through to the relay unchanged",
         _ => "check its configuration (docs/deploy.md)",
@@ -382,6 +385,9 @@ mod tests {
             "{e}"
         );
         let e = CallError::Front(StatusCode::GATEWAY_TIMEOUT).to_string();
-        assert!(e.contains("proxy_read_timeout"), "{e}");
+        assert!(
+            e.contains("proxy_read_timeout") && e.contains("proxy_request_buffering off"),
+            "{e}"
+        );
     }
 }

@@ -9,10 +9,6 @@ use std::str::FromStr;
 /// Header carrying the connection ID: chosen by the client on its `connect` request, and on
 /// the `listen` answer that hands the connection to the server.
 pub const CONNECTION_ID_HEADER: &str = "ptth-connection-id";
-/// Header on `accept` with which a server reports that it could not reach its target.
-pub const ACCEPT_ERROR_HEADER: &str = "ptth-accept-error";
-/// Value of [`ACCEPT_ERROR_HEADER`] when the target refused or could not be reached.
-pub const ACCEPT_ERROR_REFUSED: &str = "refused";
 /// Header on every answer written by the relay itself, so that the proxies can tell those
 /// from answers made up by a reverse proxy in front of it (a 502, 504 or 413 of nginx, say).
 pub const RELAY_ANSWER_HEADER: &str = "ptth-relay";
@@ -25,10 +21,11 @@ pub const TUNNEL_CONTENT_TYPE: &str = "application/octet-stream";
 pub const LISTEN_ROUTE: &str = "/v1/servers/{server}/ports/{port}/listen";
 /// Route of `connect` (client: open a connection; the answer's body is the downstream).
 pub const CONNECT_ROUTE: &str = "/v1/servers/{server}/ports/{port}/connect";
-/// Route of `accept` (server: it has reached its target for a connection it was given, or,
-/// with [`ACCEPT_ERROR_HEADER`], it cannot).
-pub const ACCEPT_ROUTE: &str = "/v1/servers/{server}/connections/{id}/accept";
-/// Route of `downstream` (server: the request body carries the service's bytes).
+/// Route of `refuse` (server: it cannot serve a connection it was given: its target refused,
+/// or it is at its limit).
+pub const REFUSE_ROUTE: &str = "/v1/servers/{server}/connections/{id}/refuse";
+/// Route of `downstream` (server: it has reached its target for a connection it was given;
+/// the request body carries the service's bytes).
 pub const DOWNSTREAM_ROUTE: &str = "/v1/servers/{server}/connections/{id}/downstream";
 /// Route of `upstream` (client: the request body carries the user's bytes).
 pub const UPSTREAM_ROUTE: &str = "/v1/servers/{server}/connections/{id}/upstream";
@@ -59,9 +56,9 @@ pub fn connect_path(server: &str, port: &str) -> String {
     fill(CONNECT_ROUTE, server, port)
 }
 
-/// Path of `accept` for a connection.
-pub fn accept_path(server: &str, id: ConnId) -> String {
-    fill(ACCEPT_ROUTE, server, &id.to_string())
+/// Path of `refuse` for a connection.
+pub fn refuse_path(server: &str, id: ConnId) -> String {
+    fill(REFUSE_ROUTE, server, &id.to_string())
 }
 
 /// Path of `downstream` for a connection.
@@ -157,8 +154,8 @@ mod tests {
         assert_eq!(listen_path("db", "pg"), "/v1/servers/db/ports/pg/listen");
         assert_eq!(connect_path("db", "pg"), "/v1/servers/db/ports/pg/connect");
         assert_eq!(
-            accept_path("db", id),
-            format!("/v1/servers/db/connections/{id}/accept")
+            refuse_path("db", id),
+            format!("/v1/servers/db/connections/{id}/refuse")
         );
         assert_eq!(
             downstream_path("db", id),

@@ -153,7 +153,7 @@ fn owned_by(conn: Arc<Conn>, who: Principal) -> Result<Arc<Conn>, Denied> {
     Ok(conn)
 }
 
-/// Authenticates the server named `server` and finds its connection `id` (`accept`,
+/// Authenticates the server named `server` and finds its connection `id` (`refuse`,
 /// `downstream`).
 pub(crate) fn servers_connection(
     shared: &Shared,

@@ -23,9 +23,9 @@ use tracing::{Instrument, debug, info};
 /// How the server answered a connection it was given.
 #[derive(Debug)]
 pub(crate) enum AcceptOutcome {
-    /// It reached its target.
+    /// It reached its target: its `downstream` has arrived.
     Accepted,
-    /// It could not (or it is at its limit).
+    /// It could not (or it is at its limit): it called `refuse`.
     Refused,
 }
 
@@ -67,7 +67,7 @@ pub(crate) struct ConnectSide {
 /// One-time hand-over points of a connection, each taken once.
 #[derive(Debug)]
 struct Slots {
-    /// The server's answer, given by its `accept`.
+    /// The server's answer, given by its `downstream` or its `refuse`.
     outcome: Option<oneshot::Sender<AcceptOutcome>>,
     /// The download of the `listen` that takes the connection (the upstream).
     listen_download: Option<DownloadSlot>,
@@ -152,26 +152,30 @@ impl Conn {
         self.slots.lock().upstream.take()
     }
 
-    /// The slot of the server's upload, once, and only after a `listen` took the connection
-    /// (it may come before or after the server's `accept`).
-    pub fn take_downstream(&self) -> Option<UploadSlot> {
-        let mut slots = self.slots.lock();
-        if slots.listen_download.is_some() {
-            return None;
-        }
-        slots.downstream.take()
+    /// Whether the client's upload has arrived.
+    pub fn upstream_arrived(&self) -> bool {
+        self.slots.lock().upstream.is_none()
     }
 
-    /// The server's answer to send (`accept`), once, and only after a `listen` took the
-    /// connection. A refusal closes the downstream's slot too.
-    pub fn take_answer(&self, refused: bool) -> Option<oneshot::Sender<AcceptOutcome>> {
+    /// The slot of the server's upload and the server's answer to send with it (the
+    /// `downstream` is the acceptance), once, and only after a `listen` took the connection.
+    pub fn take_downstream(&self) -> Option<(UploadSlot, oneshot::Sender<AcceptOutcome>)> {
+        let mut slots = self.slots.lock();
+        if slots.listen_download.is_some() || slots.outcome.is_none() {
+            return None;
+        }
+        let upload = slots.downstream.take()?;
+        Some((upload, slots.outcome.take()?))
+    }
+
+    /// The server's refusal to send (`refuse`), once, and only after a `listen` took the
+    /// connection and before its `downstream`. It closes the downstream's slot.
+    pub fn take_refusal(&self) -> Option<oneshot::Sender<AcceptOutcome>> {
         let mut slots = self.slots.lock();
         if slots.listen_download.is_some() {
             return None;
         }
-        if refused {
-            slots.downstream = None;
-        }
+        slots.downstream = None;
         slots.outcome.take()
     }
 
@@ -376,24 +380,20 @@ mod tests {
             c.take_downstream().is_none(),
             "no listen has the connection"
         );
-        assert!(
-            c.take_answer(false).is_none(),
-            "no listen has the connection"
-        );
+        assert!(c.take_refusal().is_none(), "no listen has the connection");
         assert!(c.take_listen_download().is_some());
         assert!(c.take_listen_download().is_none(), "second listen");
         assert!(c.take_downstream().is_some());
         assert!(c.take_downstream().is_none(), "second downstream");
-        assert!(c.take_answer(false).is_some());
-        assert!(c.take_answer(true).is_none(), "second answer");
+        assert!(c.take_refusal().is_none(), "a refusal after the downstream");
     }
 
     #[test]
     fn a_refused_connection_takes_no_downstream() {
         let (c, _side) = conn(0);
         assert!(c.take_listen_download().is_some());
-        assert!(c.take_answer(true).is_some());
-        assert!(c.take_answer(false).is_none());
+        assert!(c.take_refusal().is_some());
+        assert!(c.take_refusal().is_none(), "second refusal");
         assert!(c.take_downstream().is_none());
     }
 

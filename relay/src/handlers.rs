@@ -11,8 +11,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use ptth_common::auth::AuthError;
 use ptth_common::protocol::{
-    ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, CONNECTION_ID_HEADER, ConnId, RELAY_ANSWER_HEADER,
-    TUNNEL_CONTENT_TYPE, valid_name,
+    CONNECTION_ID_HEADER, ConnId, RELAY_ANSWER_HEADER, TUNNEL_CONTENT_TYPE, valid_name,
 };
 use tokio::sync::oneshot;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -266,6 +265,15 @@ async fn open(
             StatusCode::SERVICE_UNAVAILABLE,
             "connection closed",
         )),
+        // Without its upstream, the likely cause is in front of the client, not the server.
+        None if !conn.upstream_arrived() => {
+            warn!("neither the client's upstream nor the server's downstream arrived in time");
+            Err(ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                "your upstream did not reach the relay: a reverse proxy on the way holds request \
+                 bodies back (nginx: proxy_request_buffering off)",
+            ))
+        }
         None => {
             info!("server did not accept in time");
             Err(ApiError(
@@ -276,42 +284,36 @@ async fn open(
     }
 }
 
-/// `POST /v1/servers/{server}/connections/{id}/accept`: the server has reached its target for
-/// a connection it was given, so the client's `connect` is answered; or, with
-/// `ptth-accept-error: refused`, it cannot (its target refused, or it is at its
-/// `max_connections`), and the client gets `502`.
-pub(crate) async fn accept(
+/// `POST /v1/servers/{server}/connections/{id}/refuse`: the server cannot serve a connection
+/// it was given (its target refused, or it is at its `max_connections`); the client's `connect`
+/// gets `502`.
+pub(crate) async fn refuse(
     State(shared): State<Arc<Shared>>,
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
     let conn = access::servers_connection(&shared, &req, &server, &id)?;
-    let refused = req
-        .headers()
-        .get(ACCEPT_ERROR_HEADER)
-        .is_some_and(|v| v.as_bytes() == ACCEPT_ERROR_REFUSED.as_bytes());
-    let answer = conn.take_answer(refused).ok_or(NO_SUCH_CONNECTION)?;
-    let outcome = if refused {
-        AcceptOutcome::Refused
-    } else {
-        AcceptOutcome::Accepted
-    };
-    // Refused, the connect handler answers 502 and its guard closes the connection.
-    if answer.send(outcome).is_err() && !refused {
-        conn.cancel.cancel();
-        return Err(ApiError(StatusCode::GONE, "the client has gone"));
-    }
+    let answer = conn.take_refusal().ok_or(NO_SUCH_CONNECTION)?;
+    // The connect handler answers 502 and its guard closes the connection; if it has gone
+    // already, the connection is closed as well.
+    let _ = answer.send(AcceptOutcome::Refused);
     Ok(plain(StatusCode::NO_CONTENT))
 }
 
-/// `POST /v1/servers/{server}/connections/{id}/downstream`: the service's bytes.
+/// `POST /v1/servers/{server}/connections/{id}/downstream`: the service's bytes. Its arrival
+/// is the server's acceptance: the client's `connect` is answered now, and its body streams
+/// this upload.
 pub(crate) async fn downstream(
     State(shared): State<Arc<Shared>>,
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
     let conn = access::servers_connection(&shared, &req, &server, &id)?;
-    let slot = conn.take_downstream().ok_or(NO_SUCH_CONNECTION)?;
+    let (slot, answer) = conn.take_downstream().ok_or(NO_SUCH_CONNECTION)?;
+    if answer.send(AcceptOutcome::Accepted).is_err() {
+        conn.cancel.cancel();
+        return Err(ApiError(StatusCode::GONE, "the client has gone"));
+    }
     upload(conn, slot, req).await
 }
 

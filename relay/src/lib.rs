@@ -55,7 +55,7 @@ use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
 use ptth_common::config::RelayConfig;
 use ptth_common::protocol::{
-    ACCEPT_ROUTE, CONNECT_ROUTE, DOWNSTREAM_ROUTE, LISTEN_ROUTE, UPSTREAM_ROUTE,
+    CONNECT_ROUTE, DOWNSTREAM_ROUTE, LISTEN_ROUTE, REFUSE_ROUTE, UPSTREAM_ROUTE,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -153,8 +153,8 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(LISTEN_ROUTE, post(handlers::listen))
         .route(CONNECT_ROUTE, post(handlers::connect))
-        .route(ACCEPT_ROUTE, post(handlers::accept))
         .route(DOWNSTREAM_ROUTE, post(handlers::downstream))
+        .route(REFUSE_ROUTE, post(handlers::refuse))
         .route(UPSTREAM_ROUTE, post(handlers::upstream))
         .with_state(shared)
 }

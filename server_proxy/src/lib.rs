@@ -3,10 +3,10 @@
 //! The entry point is [`run`]: give it the configuration, the server's key and a cancellation
 //! token, and await the [`Server`] it returns. For each configured port it keeps a pool of
 //! `listen` long-polls open at the relay. When one is answered with a connection, its answer's
-//! body is the upstream (the client's bytes); a task connects to the local service, calls
-//! `accept` (with a refusal if it cannot connect) and, at the same time, carries the tunnel
-//! with `ptth_common::tunnel::carry`, which sends the service's bytes as the `downstream`
-//! upload.
+//! body is the upstream (the client's bytes); a task connects to the local service and carries
+//! the tunnel with `ptth_common::tunnel::carry`, which sends the service's bytes as the
+//! `downstream` upload (whose arrival tells the relay that the server took the connection), or
+//! calls `refuse` if it cannot connect.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -39,9 +39,7 @@ use ptth_common::client::{
 };
 use ptth_common::config::ServerConfig;
 use ptth_common::keys::PrivateKey;
-use ptth_common::protocol::{
-    ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED, ConnId, accept_path, downstream_path, listen_path,
-};
+use ptth_common::protocol::{ConnId, downstream_path, listen_path, refuse_path};
 use ptth_common::tunnel;
 use reqwest::{Response, StatusCode};
 use tokio::net::TcpStream;
@@ -53,8 +51,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 /// Upper bound on waiting for a `listen` answer, above any relay `listen_timeout` (at most
 /// 60 s), so that a relay that vanished without closing the connection is noticed.
 const LISTEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
-/// Upper bound on waiting for the answer to `accept`.
-const ACCEPT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound on waiting for the answer to `refuse`.
+const REFUSE_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Prepares the server proxy: await the returned [`Server`] to offer the configured ports
 /// until `shutdown` is cancelled. Fails at once if the HTTP client cannot be set up (a bad
@@ -222,32 +220,13 @@ fn spawn_tunnel(ctx: &Arc<Ctx>, port: &str, target: &str, id: ConnId, download: 
     );
 }
 
-/// Tells the relay that this connection is taken (`accept`): the client's `connect` is then
-/// answered. A failure is only logged: the tunnel then fails on its own.
-async fn accept(ctx: &Ctx, id: ConnId) {
-    let request = ctx.relay.post(&accept_path(ctx.config.name.as_str(), id));
-    let answer = call(
-        request,
-        &[StatusCode::NO_CONTENT],
-        ACCEPT_REQUEST_TIMEOUT,
-        &ctx.shutdown,
-    );
-    match answer.await {
-        Ok(_) | Err(CallError::Cancelled) => {}
-        Err(e) => warn!("accept failed: {e}"),
-    }
-}
-
-/// Tells the relay that this connection cannot be served (`accept` with a refusal).
+/// Tells the relay that this connection cannot be served (`refuse`).
 async fn refuse(ctx: &Ctx, id: ConnId) {
-    let request = ctx
-        .relay
-        .post(&accept_path(ctx.config.name.as_str(), id))
-        .header(ACCEPT_ERROR_HEADER, ACCEPT_ERROR_REFUSED);
+    let request = ctx.relay.post(&refuse_path(ctx.config.name.as_str(), id));
     let answer = call(
         request,
         &[StatusCode::NO_CONTENT],
-        ACCEPT_REQUEST_TIMEOUT,
+        REFUSE_REQUEST_TIMEOUT,
         &ctx.shutdown,
     );
     if let Err(e) = answer.await {
@@ -255,9 +234,9 @@ async fn refuse(ctx: &Ctx, id: ConnId) {
     }
 }
 
-/// Connects to the local service, then tells the relay (`accept`) while it carries the tunnel:
-/// `download` (the `listen` answer) brings the upstream, and the `downstream` upload starts at
-/// once beside the `accept`.
+/// Connects to the local service, then carries the tunnel: `download` (the `listen` answer)
+/// brings the upstream, and the `downstream` upload, which tells the relay that the connection
+/// is taken, starts at once.
 async fn serve_connection(ctx: &Arc<Ctx>, id: ConnId, target: &str, download: Response) {
     let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target));
     let connected = tokio::select! {
@@ -279,10 +258,6 @@ async fn serve_connection(ctx: &Arc<Ctx>, id: ConnId, target: &str, download: Re
     // Until the tunnel is open (`carry` undoes this), any way out of here is a failure: the
     // service then sees a reset, not a client that connected and said nothing.
     tunnel::reset(&stream);
-    // A task of its own, so that the tunnel's task does not keep the room of a finished call.
-    let accepting = ctx.clone();
-    ctx.tasks
-        .spawn(async move { accept(&accepting, id).await }.in_current_span());
     debug!("tunnel open");
     tunnel::carry(
         &ctx.relay,

@@ -130,6 +130,32 @@ async fn connect_failures_close_the_socket_with_a_clear_log_line() {
         let offered = listen.await.expect("join").expect("listen answer");
         assert_eq!(offered.status(), StatusCode::OK);
         assert!(offered.headers().contains_key(CONNECTION_ID_HEADER));
+
+        // A connect whose upstream never comes (something in front of the client holds it
+        // back): the answer says so.
+        let db = relay_client(w.relay.addr, &w.setup.server_key);
+        let path = protocol::listen_path("db", "slow");
+        let listen = tokio::spawn(async move { db.post(&path).send().await });
+        w.relay
+            .expect_listens(2 * 2 + 1, Duration::from_secs(10), "listen registered")
+            .await;
+        let alice = relay_client(w.relay.addr, &w.setup.alice_key);
+        let r = alice
+            .post(&protocol::connect_path("db", "slow"))
+            .header(CONNECTION_ID_HEADER, fresh_id())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(
+            status_and_text(r).await,
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                "your upstream did not reach the relay: a reverse proxy on the way holds \
+                 request bodies back (nginx: proxy_request_buffering off)"
+                    .to_owned()
+            )
+        );
+        drop(listen.await.expect("join").expect("listen answer"));
     })
     .await;
 }
@@ -378,7 +404,7 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
         ] {
             for path in [
                 protocol::downstream_path(name, id),
-                protocol::accept_path(name, id),
+                protocol::refuse_path(name, id),
             ] {
                 let r = who.post(&path).send().await.expect("send");
                 assert_eq!(r.status(), want, "{path}");
@@ -393,13 +419,14 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
             .expect("send");
         assert_eq!(r.status(), StatusCode::CONFLICT);
 
-        // The server takes it, and the connect is answered.
-        let accepted = db
-            .post(&protocol::accept_path("db", id))
-            .send()
-            .await
-            .expect("accept");
-        assert_eq!(accepted.status(), StatusCode::NO_CONTENT);
+        // The server takes it (its downstream arrives), and the connect is answered.
+        let d = db.clone();
+        let downstream = tokio::spawn(async move {
+            d.post(&protocol::downstream_path("db", id))
+                .body(ptth_common::frame::end().to_vec())
+                .send()
+                .await
+        });
         let connected = connect.await.expect("join").expect("connect");
         assert_eq!(connected.status(), StatusCode::OK);
         assert_eq!(
@@ -410,13 +437,12 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
         );
 
         // Single use: a second answer, accepting or refusing, is refused.
-        for refusal in [None, Some("refused")] {
-            let mut request = db.post(&protocol::accept_path("db", id));
-            if let Some(r) = refusal {
-                request = request.header(protocol::ACCEPT_ERROR_HEADER, r);
-            }
-            let r = request.send().await.expect("send");
-            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{refusal:?}");
+        for path in [
+            protocol::downstream_path("db", id),
+            protocol::refuse_path("db", id),
+        ] {
+            let r = db.post(&path).send().await.expect("send");
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
         }
         // Foreign client: 404 for upstream; the owner's server cannot send upstream either.
         let r = bob
@@ -439,6 +465,7 @@ async fn connection_ids_belong_to_their_owners_and_are_single_use() {
             .expect("send");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         drop((listened, connected));
+        downstream.abort();
     })
     .await;
 }
@@ -547,12 +574,6 @@ async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
         ];
         for (what, downstream_body, want) in cases {
             let (id, connect, listened) = offer_by_hand(&w, &db, &alice).await;
-            let accepted = db
-                .post(&protocol::accept_path("db", id))
-                .send()
-                .await
-                .expect("accept");
-            assert_eq!(accepted.status(), StatusCode::NO_CONTENT, "accept: {what}");
             let d = db.clone();
             let downstream = tokio::spawn(async move {
                 d.post(&protocol::downstream_path("db", id))

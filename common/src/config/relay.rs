@@ -51,7 +51,8 @@ pub struct RelayConfig {
         deserialize_with = "relay_wait_duration"
     )]
     pub listen_timeout: Duration,
-    /// A `connect` not accepted by the server within this long is answered 504.
+    /// A `connect` whose server has not sent its `downstream` (nor `refuse`) within this long is
+    /// answered 504.
     #[serde(
         default = "default_accept_timeout",
         deserialize_with = "relay_wait_duration"
