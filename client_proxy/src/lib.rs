@@ -37,13 +37,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptth_common::client::{CallError, RelayClient, SetupError, call, connection_id, http_client};
+use ptth_common::client::{
+    CallError, RelayClient, SetupError, Signed, call, connection_id, http_client,
+};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{CONNECTION_ID_HEADER, ConnId, connect_path, upstream_path};
-use ptth_common::tunnel;
+use ptth_common::tunnel::{self, LocalSocket};
 use reqwest::StatusCode;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -150,10 +152,43 @@ async fn serve(ctx: Arc<Ctx>, forwards: Vec<(TcpListener, SocketAddr, Forward)>)
     ptth_common::drain(&ctx.tasks).await;
 }
 
-/// Accepts local connections of one forward, one task each, within `max_connections`.
+/// What a tunnel needs from the proxy before its local connection arrives: a connection ID and
+/// its `connect` and `upstream` calls, signed ahead of time, so that a new connection waits
+/// for no signing.
+#[derive(Debug)]
+struct Prepared {
+    id: ConnId,
+    connect: Signed,
+    upstream: Signed,
+}
+
+impl Prepared {
+    /// A fresh ID and both calls signed for it; fails only if the random source does.
+    fn new(relay: &RelayClient, fwd: &Forward) -> std::io::Result<Self> {
+        let id = ConnId::random()?;
+        Ok(Self {
+            id,
+            connect: relay.sign(connect_path(fwd.server.as_str(), fwd.port.as_str())),
+            upstream: relay.sign(upstream_path(fwd.server.as_str(), id)),
+        })
+    }
+}
+
+/// Accepts local connections of one forward, one task each, within `max_connections`. The
+/// next tunnel's calls are signed while the loop waits.
 async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, fwd: Forward) {
     let fwd = Arc::new(fwd);
+    let mut next = None;
     loop {
+        if next.is_none() {
+            next = match Prepared::new(&ctx.relay, &fwd) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    error!(error = %e, "no connection id: the random source failed");
+                    None
+                }
+            };
+        }
         let (stream, peer) = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -165,22 +200,30 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, fwd: Forward) {
                 }
             },
         };
+        // Until its tunnel is open, any way out is a failure: the socket is then reset, as a
+        // refused connection would be, rather than closed as if the service had nothing to
+        // say.
+        let _ = stream.set_nodelay(true);
+        let socket = LocalSocket::new(stream);
         let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
             warn!(%peer, "too many open tunnels (max_connections); resetting the new connection");
-            tunnel::reset(&stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        let span = info_span!("conn", %peer, conn = tracing::field::Empty);
+        let Some(prepared) = next.take() else {
+            continue;
+        };
+        let span = info_span!("conn", %peer, conn = %prepared.id);
         let task_ctx = ctx.clone();
-        let fwd = fwd.clone();
+        let task_fwd = fwd.clone();
         ctx.tasks.spawn(
             async move {
                 let _permit = permit;
-                serve_connection(&task_ctx, &fwd, stream).await;
+                serve_connection(&task_ctx, &task_fwd, socket, prepared).await;
             }
             .instrument(span),
         );
+        // The new tunnel sends its calls first; the next one's are signed after.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -201,23 +244,16 @@ fn explain(status: StatusCode) -> &'static str {
 
 /// Opens a tunnel for one local connection and carries it: the `upstream` goes out at once,
 /// beside the `connect` whose answer brings the downstream.
-async fn serve_connection(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
-    // Until the tunnel is open (`carry` undoes this), any way out of here is a failure: the
-    // local socket is then reset, as a refused connection would be, rather than closed as if
-    // the service had nothing to say.
-    tunnel::reset(&stream);
+async fn serve_connection(ctx: &Ctx, fwd: &Forward, socket: LocalSocket, prepared: Prepared) {
     let (server, port) = (fwd.server.as_str(), fwd.port.as_str());
-    let id = match ConnId::random() {
-        Ok(id) => id,
-        Err(e) => {
-            error!(error = %e, "no connection id: the random source failed");
-            return;
-        }
-    };
-    tracing::Span::current().record("conn", tracing::field::display(id));
+    let Prepared {
+        id,
+        connect,
+        upstream,
+    } = prepared;
     let request = ctx
         .relay
-        .post(&connect_path(server, port))
+        .post_signed(connect)
         .header(CONNECTION_ID_HEADER, id.to_string());
     let connected = async {
         let answer = call(
@@ -248,9 +284,9 @@ async fn serve_connection(ctx: &Ctx, fwd: &Forward, stream: TcpStream) {
     };
     tunnel::carry(
         &ctx.relay,
-        &upstream_path(server, id),
+        upstream,
         connected,
-        stream,
+        socket,
         ctx.config.heartbeat_interval,
         &ctx.shutdown,
     )

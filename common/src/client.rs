@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
+use crate::auth::{SIGNATURE, SIGNATURE_INPUT, SignedHeaders, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
 use crate::protocol::{CONNECTION_ID_HEADER, ConnId, RELAY_ANSWER_HEADER};
@@ -112,6 +112,27 @@ pub fn http_client_builder(ca_file: Option<&Path>) -> Result<reqwest::ClientBuil
         .no_proxy())
 }
 
+/// How long a signature made ahead of time ([`RelayClient::sign`]) is used before it is made
+/// again: well inside the 60 s for which the relay accepts it, with room for clock skew and for
+/// the time the request takes to arrive.
+const SIGNED_FRESH_FOR: Duration = Duration::from_secs(30);
+
+/// A call to a protocol path, signed ahead of time ([`RelayClient::sign`]), so that the
+/// signing is not on the way of the call that needs it; [`RelayClient::post_signed`] sends it.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    path: String,
+    headers: SignedHeaders,
+    at: Instant,
+}
+
+impl Signed {
+    /// The protocol path it is signed for.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
 /// A relay endpoint plus the key that signs every call to it.
 #[derive(Debug, Clone)]
 pub struct RelayClient {
@@ -183,13 +204,33 @@ impl RelayClient {
         outcome
     }
 
-    /// A signed POST to a protocol path.
+    /// A POST to a protocol path, signed now.
     pub fn post(&self, path: &str) -> RequestBuilder {
-        let h = self.signer.sign("POST", &self.authority, path);
+        self.post_signed(self.sign(path.to_owned()))
+    }
+
+    /// Signs a POST to the protocol path `path` now, for [`RelayClient::post_signed`] to send
+    /// later.
+    pub fn sign(&self, path: String) -> Signed {
+        Signed {
+            headers: self.signer.sign("POST", &self.authority, &path),
+            path,
+            at: Instant::now(),
+        }
+    }
+
+    /// A POST with a signature made ahead of time, or made again now if it is no longer
+    /// fresh (older than 30 s).
+    pub fn post_signed(&self, signed: Signed) -> RequestBuilder {
+        let signed = if signed.at.elapsed() < SIGNED_FRESH_FOR {
+            signed
+        } else {
+            self.sign(signed.path)
+        };
         self.http
-            .post(self.url.join(path))
-            .header(SIGNATURE_INPUT, h.input)
-            .header(SIGNATURE, h.signature)
+            .post(self.url.join(&signed.path))
+            .header(SIGNATURE_INPUT, signed.headers.input)
+            .header(SIGNATURE, signed.headers.signature)
     }
 }
 

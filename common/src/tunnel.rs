@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::client::{self, RelayClient};
+use crate::client::{self, RelayClient, Signed};
 use crate::frame::{self, Decoder, FrameError, Item};
 use crate::protocol::TUNNEL_CONTENT_TYPE;
 
@@ -91,30 +91,48 @@ enum TunnelError {
     NotOpened,
 }
 
+/// A local socket whose tunnel is not open yet. Dropped so, it is reset (RST): its peer must
+/// see a connection that could not be carried as a failure, not as a service that closed
+/// without a word. [`carry`] takes it over.
+#[derive(Debug)]
+pub struct LocalSocket(Option<TcpStream>);
+
+impl LocalSocket {
+    /// Takes `stream` in charge, to be reset unless [`carry`] takes it over.
+    pub fn new(stream: TcpStream) -> Self {
+        Self(Some(stream))
+    }
+}
+
+impl Drop for LocalSocket {
+    fn drop(&mut self) {
+        if let Some(stream) = &self.0 {
+            reset(stream);
+        }
+    }
+}
+
 /// Carries a tunnel until both directions end: the local socket's bytes are sent at once as
-/// the streaming body of a POST to `upload_path` (`upstream` or `downstream`), and the frames of
+/// the streaming body of `upload` (a POST to `upstream` or `downstream`), and the frames of
 /// the `download` (the answer to `connect` or `listen`, when `download` resolves; `None` if it
 /// could not be had, which the caller reports) go into the socket. The upload does not wait
 /// for the download: the client's first bytes travel while its `connect` is answered.
 /// Dead-peer limit: three heartbeat intervals (at least 45 s) without anything from the relay:
 /// the heartbeats we receive come from the far endpoint, whose interval may be longer. Logs how
-/// the tunnel ended.
-///
-/// The endpoints make `stream` [`reset`] on close while they open the tunnel; from here on a
-/// clean end closes it with a FIN again, and an abort resets it.
+/// the tunnel ended. A clean end closes the socket with a FIN, an abort resets it.
 pub async fn carry<D>(
     relay: &RelayClient,
-    upload_path: &str,
+    upload: Signed,
     download: D,
-    stream: TcpStream,
+    mut socket: LocalSocket,
     heartbeat: Duration,
     shutdown: &CancellationToken,
 ) where
     D: Future<Output = Option<reqwest::Response>>,
 {
-    if let Err(e) = set_reset_on_close(&stream, false) {
-        tracing::debug!(error = %e, "cannot restore SO_LINGER");
-    }
+    let Some(stream) = socket.0.take() else {
+        return;
+    };
     let stream = Arc::new(stream);
     let cancel = CancellationToken::new();
     let local_failed = Arc::new(LocalFailed::default());
@@ -130,7 +148,7 @@ pub async fn carry<D>(
     let (opened_tx, mut opened) = tokio::sync::watch::channel(None);
     let upload = async {
         let answer = relay
-            .post(upload_path)
+            .post_signed(upload)
             .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
             .body(reqwest::Body::wrap(body))
             .send()
@@ -395,13 +413,10 @@ fn shutdown_write(stream: &TcpStream) -> std::io::Result<()> {
 /// abort as an abort (a clean FIN would pass truncated data off as complete). The reset goes
 /// out when the last handle to the socket is dropped; nothing may shut it down before that,
 /// since `shutdown` would send a FIN.
-pub fn reset(stream: &TcpStream) {
-    let _ = set_reset_on_close(stream, true);
-}
-
-/// Whether closing `stream` sends a reset (SO_LINGER 0) or a normal FIN.
-fn set_reset_on_close(stream: &TcpStream, reset: bool) -> std::io::Result<()> {
-    socket2::SockRef::from(stream).set_linger(reset.then_some(Duration::ZERO))
+fn reset(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot set SO_LINGER for a reset");
+    }
 }
 
 /// Copies a download body of frames into `stream`. `ATTACHED` must come once, within
@@ -775,12 +790,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reset_then_drop_sends_rst() {
+    async fn a_local_socket_dropped_before_its_tunnel_opens_is_reset() {
         tokio::time::timeout(Duration::from_secs(10), async {
             let (a, mut b) = pair().await;
-            let a = Arc::new(a);
-            reset(&a);
-            drop(a);
+            drop(LocalSocket::new(a));
             let mut buf = [0u8; 8];
             let r = tokio::io::AsyncReadExt::read(&mut b, &mut buf).await;
             assert!(

@@ -35,12 +35,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ptth_common::client::{
-    Backoff, CallError, RelayClient, SetupError, call, connection_id, http_client,
+    Backoff, CallError, RelayClient, SetupError, Signed, call, connection_id, http_client,
 };
 use ptth_common::config::ServerConfig;
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{ConnId, downstream_path, listen_path, refuse_path};
-use ptth_common::tunnel;
+use ptth_common::tunnel::{self, LocalSocket};
 use reqwest::{Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -135,8 +135,10 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
     let mut backoff = Backoff::new(ctx.config.max_backoff);
     let mut failing = false;
     let mut need_warm_up = true;
+    // The next listen, signed while this one waits.
+    let mut next = ctx.relay.sign(path.clone());
     loop {
-        let problem = match listen_once(&ctx, &path, need_warm_up).await {
+        let problem = match listen_once(&ctx, &mut next, need_warm_up).await {
             Ok(handed) => {
                 if failing {
                     info!("connected to the relay again");
@@ -146,6 +148,8 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
                 backoff.reset();
                 if let Some((id, download)) = handed {
                     spawn_tunnel(&ctx, &port, &target, id, download);
+                    // The new tunnel starts first; the next listen waits its turn.
+                    tokio::task::yield_now().await;
                 }
                 continue;
             }
@@ -167,12 +171,13 @@ async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
     }
 }
 
-/// One `listen` (after opening the connection to the relay first when `warm_up`): a
+/// One `listen` (after opening the connection to the relay first when `warm_up`), sent with
+/// the signature in `next`, which is replaced by the next listen's while this one waits: a
 /// connection for a client (its ID, and the answer that streams its upstream), or `None` for an
 /// empty answer.
 async fn listen_once(
     ctx: &Ctx,
-    path: &str,
+    next: &mut Signed,
     warm_up: bool,
 ) -> Result<Option<(ConnId, Response)>, CallError> {
     if warm_up {
@@ -183,12 +188,19 @@ async fn listen_once(
         }
     }
     let answer = call(
-        ctx.relay.post(path),
+        ctx.relay.post_signed(next.clone()),
         &[StatusCode::OK, StatusCode::NO_CONTENT],
         LISTEN_REQUEST_TIMEOUT,
         &ctx.shutdown,
-    )
-    .await?;
+    );
+    // Signed once this listen is on its way (the yield lets the HTTP client send it).
+    let sign_next = async {
+        tokio::task::yield_now().await;
+        ctx.relay.sign(next.path().to_owned())
+    };
+    let (answer, after) = tokio::join!(biased; answer, sign_next);
+    *next = after;
+    let answer = answer?;
     if answer.status() == StatusCode::NO_CONTENT {
         return Ok(None);
     }
@@ -239,9 +251,16 @@ async fn refuse(ctx: &Ctx, id: ConnId) {
 /// is taken, starts at once.
 async fn serve_connection(ctx: &Arc<Ctx>, id: ConnId, target: &str, download: Response) {
     let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target));
-    let connected = tokio::select! {
+    // The `downstream` is signed while the TCP handshake is under way: the connect is polled
+    // (and its SYN sent) first.
+    let sign = async {
+        ctx.relay
+            .sign(downstream_path(ctx.config.name.as_str(), id))
+    };
+    let opening = async { tokio::join!(biased; connect, sign) };
+    let (connected, upload) = tokio::select! {
         () = ctx.shutdown.cancelled() => return,
-        r = connect => r,
+        r = opening => r,
     };
     let stream = match connected {
         Ok(Ok(s)) => s,
@@ -255,15 +274,15 @@ async fn serve_connection(ctx: &Arc<Ctx>, id: ConnId, target: &str, download: Re
         }
     };
     let _ = stream.set_nodelay(true);
-    // Until the tunnel is open (`carry` undoes this), any way out of here is a failure: the
-    // service then sees a reset, not a client that connected and said nothing.
-    tunnel::reset(&stream);
+    // Until the tunnel is open, any way out is a failure: the service then sees a reset, not a
+    // client that connected and said nothing.
+    let socket = LocalSocket::new(stream);
     debug!("tunnel open");
     tunnel::carry(
         &ctx.relay,
-        &downstream_path(ctx.config.name.as_str(), id),
+        upload,
         std::future::ready(Some(download)),
-        stream,
+        socket,
         ctx.config.heartbeat_interval,
         &ctx.shutdown,
     )
