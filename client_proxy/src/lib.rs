@@ -2,9 +2,9 @@
 //!
 //! The entry point is [`run`]: give it one bound listener per `[[forwards]]` entry, the
 //! configuration, the client's key and a cancellation token, and await the [`Proxy`] it
-//! returns. Each accepted local connection gets a fresh connection ID and becomes a `connect`
-//! (its answer brings the downstream, the service's bytes) and, at the same time, an
-//! `upstream` upload of the user's bytes: `ptth_common::tunnel::carry` runs both.
+//! returns. For each forward it keeps a channel open to the relay, ready (`connect` and
+//! `upstream`, see `ptth_common::channel`); each accepted local connection is carried on an
+//! idle channel, or on a new one when none is idle, and the channel stays open for the next.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -31,29 +31,32 @@
 //! ```
 #![warn(missing_docs)]
 
+use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptth_common::client::{
-    CallError, RelayClient, SetupError, Signed, call, connection_id, http_client,
-};
+use parking_lot::Mutex;
+use ptth_common::channel::{Channel, ChannelError, LocalSocket};
+use ptth_common::client::{Backoff, CallError, RelayClient, SetupError, http_client};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
-use ptth_common::protocol::{CONNECTION_ID_HEADER, ConnId, connect_path, upstream_path};
-use ptth_common::tunnel::{self, LocalSocket};
+use ptth_common::protocol::{CHANNEL_ID_HEADER, ChannelId, connect_path, upstream_path};
 use reqwest::StatusCode;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-/// Upper bound on waiting for the answer headers of `connect` (the relay answers within its
-/// `accept_timeout`, at most 60 s).
-const CONNECT_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle channels each forward keeps open, ready for the next local connection.
+const READY_CHANNELS: usize = 1;
+/// Most idle channels a forward keeps: a channel whose connection ended stays open up to this
+/// many (so that connections one after another reuse channels instead of opening new ones),
+/// and is retired beyond.
+const MAX_IDLE_CHANNELS: usize = 2 * READY_CHANNELS;
 
 /// Prepares the proxy on `listeners`, one per entry of `config.forwards` and in the same
 /// order: await the returned [`Proxy`] to forward until `shutdown` is cancelled. Fails at once
@@ -93,8 +96,8 @@ pub fn run(
     })
 }
 
-/// A proxy ready to forward. Awaiting it accepts local connections and carries their tunnels
-/// until shutdown, then closes the tunnels and waits (boundedly) for its tasks.
+/// A proxy ready to forward. Awaiting it accepts local connections and carries them until
+/// shutdown, then closes the channels and waits (boundedly) for its tasks.
 #[must_use = "a proxy forwards only when awaited"]
 #[derive(Debug)]
 pub struct Proxy {
@@ -129,66 +132,72 @@ struct Ctx {
     slots: Arc<Semaphore>,
 }
 
-async fn serve(ctx: Arc<Ctx>, forwards: Vec<(TcpListener, SocketAddr, Forward)>) {
-    // Open the connection to the relay before the first user does, so that tunnels opened
-    // at once share it (HTTP/2); a failure here is only logged: each connect retries.
-    let warm = ctx.clone();
-    ctx.tasks.spawn(async move {
-        tokio::select! {
-            () = warm.shutdown.cancelled() => {}
-            r = warm.relay.warm_up() => if let Err(problem) = r {
-                warn!("{problem}");
+/// A local connection on its way to a channel, with its place among `max_connections`.
+type Handoff = (LocalSocket, OwnedSemaphorePermit);
+
+/// One forward's idle channels.
+#[derive(Debug)]
+struct Pool {
+    fwd: Forward,
+    /// Where each idle channel waits for a local connection, oldest first. A channel that
+    /// broke while idle leaves a closed sender behind.
+    idle: Mutex<VecDeque<oneshot::Sender<Handoff>>>,
+    /// Told when the pool may be short of idle channels.
+    short: Notify,
+}
+
+impl Pool {
+    /// How many idle channels wait (dropping those that broke).
+    fn idle_count(&self) -> usize {
+        let mut idle = self.idle.lock();
+        idle.retain(|tx| !tx.is_closed());
+        idle.len()
+    }
+
+    /// Hands a local connection to an idle channel; gives it back if none is idle.
+    fn hand_over(&self, mut handoff: Handoff) -> Result<(), Handoff> {
+        loop {
+            let Some(tx) = self.idle.lock().pop_front() else {
+                return Err(handoff);
+            };
+            match tx.send(handoff) {
+                Ok(()) => return Ok(()),
+                Err(back) => handoff = back,
             }
         }
-    });
+    }
+
+    /// Registers an idle channel: the receiver gets its next local connection.
+    fn wait_idle(&self) -> oneshot::Receiver<Handoff> {
+        let (tx, rx) = oneshot::channel();
+        self.idle.lock().push_back(tx);
+        rx
+    }
+}
+
+async fn serve(ctx: Arc<Ctx>, forwards: Vec<(TcpListener, SocketAddr, Forward)>) {
     for (listener, local, fwd) in forwards {
         info!(listen = %local, server = %fwd.server, port = %fwd.port, relay = %ctx.config.relay_url, "forwarding");
         let span = info_span!("forward", listen = %local, server = %fwd.server, port = %fwd.port);
+        let pool = Arc::new(Pool {
+            fwd,
+            idle: Mutex::new(VecDeque::new()),
+            short: Notify::new(),
+        });
         ctx.tasks
-            .spawn(accept_loop(ctx.clone(), listener, fwd).instrument(span));
+            .spawn(fill(ctx.clone(), pool.clone()).instrument(span.clone()));
+        ctx.tasks
+            .spawn(accept_loop(ctx.clone(), listener, pool).instrument(span));
     }
     ctx.shutdown.cancelled().await;
     info!("proxy shutting down");
     ptth_common::drain(&ctx.tasks).await;
 }
 
-/// What a tunnel needs from the proxy before its local connection arrives: a connection ID and
-/// its `connect` and `upstream` calls, signed ahead of time, so that a new connection waits
-/// for no signing.
-#[derive(Debug)]
-struct Prepared {
-    id: ConnId,
-    connect: Signed,
-    upstream: Signed,
-}
-
-impl Prepared {
-    /// A fresh ID and both calls signed for it; fails only if the random source does.
-    fn new(relay: &RelayClient, fwd: &Forward) -> std::io::Result<Self> {
-        let id = ConnId::random()?;
-        Ok(Self {
-            id,
-            connect: relay.sign(connect_path(fwd.server.as_str(), fwd.port.as_str())),
-            upstream: relay.sign(upstream_path(fwd.server.as_str(), id)),
-        })
-    }
-}
-
-/// Accepts local connections of one forward, one task each, within `max_connections`. The
-/// next tunnel's calls are signed while the loop waits.
-async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, fwd: Forward) {
-    let fwd = Arc::new(fwd);
-    let mut next = None;
+/// Accepts local connections of one forward, within `max_connections`, and hands each to an
+/// idle channel, or to a new channel when none is idle.
+async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, pool: Arc<Pool>) {
     loop {
-        if next.is_none() {
-            next = match Prepared::new(&ctx.relay, &fwd) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    error!(error = %e, "no connection id: the random source failed");
-                    None
-                }
-            };
-        }
         let (stream, peer) = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -200,30 +209,205 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, fwd: Forward) {
                 }
             },
         };
-        // Until its tunnel is open, any way out is a failure: the socket is then reset, as a
-        // refused connection would be, rather than closed as if the service had nothing to
-        // say.
         let _ = stream.set_nodelay(true);
+        // Until a channel carries it, any way out is a failure: the socket is then reset, as
+        // a refused connection would be, rather than closed as if the service had nothing to
+        // say.
         let socket = LocalSocket::new(stream);
         let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
             warn!(%peer, "too many open tunnels (max_connections); resetting the new connection");
             continue;
         };
-        let Some(prepared) = next.take() else {
-            continue;
-        };
-        let span = info_span!("conn", %peer, conn = %prepared.id);
-        let task_ctx = ctx.clone();
-        let task_fwd = fwd.clone();
-        ctx.tasks.spawn(
-            async move {
-                let _permit = permit;
-                serve_connection(&task_ctx, &task_fwd, socket, prepared).await;
+        debug!(%peer, "local connection");
+        if let Err(handoff) = pool.hand_over((socket, permit)) {
+            // No idle channel: a new one, which carries this connection from its first request.
+            if let Some(channel) = open_channel(&ctx, &pool.fwd) {
+                spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
             }
-            .instrument(span),
-        );
-        // The new tunnel sends its calls first; the next one's are signed after.
-        tokio::task::yield_now().await;
+        }
+        pool.short.notify_one();
+    }
+}
+
+/// A new channel for `fwd`: its `connect` and `upstream` (not sent before it is polled);
+/// `None` if the random source fails.
+fn open_channel(ctx: &Ctx, fwd: &Forward) -> Option<Channel> {
+    let id = match ChannelId::random() {
+        Ok(id) => id,
+        Err(e) => {
+            error!(error = %e, "no channel id: the random source failed");
+            return None;
+        }
+    };
+    let connect = ctx
+        .relay
+        .post(&connect_path(fwd.server.as_str(), fwd.port.as_str()))
+        .header(CHANNEL_ID_HEADER, id.to_string());
+    let upload = ctx.relay.sign(upstream_path(fwd.server.as_str(), id));
+    Some(Channel::open(
+        &ctx.relay,
+        id,
+        connect,
+        upload,
+        ctx.config.heartbeat_interval,
+    ))
+}
+
+/// Keeps [`READY_CHANNELS`] idle channels open for the forward, retrying with backoff while the
+/// relay refuses them.
+async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
+    let mut backoff = Backoff::new(Duration::from_secs(10));
+    let mut failing = false;
+    // One connection first, then every channel shares it (HTTP/2).
+    tokio::select! {
+        () = ctx.shutdown.cancelled() => return,
+        r = ctx.relay.warm_up() => if let Err(problem) = r {
+            warn!("{problem}");
+        },
+    }
+    loop {
+        while pool.idle_count() >= READY_CHANNELS {
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => return,
+                () = pool.short.notified() => {}
+            }
+        }
+        let Some(mut channel) = open_channel(&ctx, &pool.fwd) else {
+            return;
+        };
+        // Counted idle from now on: a local connection that comes while the relay answers
+        // takes this channel rather than opening another.
+        let mut idle = pool.wait_idle();
+        let opened = tokio::select! {
+            r = channel.ready(&ctx.shutdown) => r,
+            handoff = &mut idle => {
+                if let Ok(handoff) = handoff {
+                    spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
+                }
+                continue;
+            }
+        };
+        match opened {
+            Ok(()) => {
+                if failing {
+                    info!("connected to the relay again");
+                }
+                failing = false;
+                backoff.reset();
+                spawn_channel(&ctx, &pool, channel, First::Idle(idle));
+            }
+            Err(ChannelError::Cancelled) => return,
+            Err(problem) => {
+                // No longer counted idle; a connection handed over just as the channel failed
+                // goes on a new one.
+                idle.close();
+                if let Ok(handoff) = idle.try_recv()
+                    && let Some(channel) = open_channel(&ctx, &pool.fwd)
+                {
+                    spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
+                }
+                drop(idle);
+                let delay = backoff.next_delay();
+                let (server, port) = (&pool.fwd.server, &pool.fwd.port);
+                if failing {
+                    debug!(retry_in = ?delay, "no channel to {server}/{port}: {problem}");
+                } else {
+                    warn!(retry_in = ?delay, "no channel to {server}/{port}: {problem}");
+                    failing = true;
+                }
+                tokio::select! {
+                    () = ctx.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// How a channel's task begins.
+enum First {
+    /// With this local connection: the channel was opened for it.
+    Connection(Handoff),
+    /// Idle, registered in the pool.
+    Idle(oneshot::Receiver<Handoff>),
+}
+
+/// Starts the task of `channel`, in a span of its own.
+fn spawn_channel(ctx: &Arc<Ctx>, pool: &Arc<Pool>, channel: Channel, first: First) {
+    let span = info_span!("channel", channel = %channel.id());
+    let task = run_channel(ctx.clone(), pool.clone(), channel, first);
+    ctx.tasks.spawn(task.instrument(span));
+}
+
+/// Carries local connections on `channel`, one after the other, until it breaks or the pool
+/// has idle channels enough (then it is retired).
+async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first: First) {
+    let mut next = first;
+    loop {
+        let (socket, permit) = match next {
+            First::Connection(handoff) => handoff,
+            First::Idle(mut idle) => {
+                let broke = tokio::select! {
+                    handoff = &mut idle => match handoff {
+                        Ok(handoff) => Ok(handoff),
+                        Err(_) => return,
+                    },
+                    e = channel.idle(&ctx.shutdown) => Err(e),
+                };
+                match broke {
+                    Ok(handoff) => handoff,
+                    Err(e) => {
+                        match e {
+                            Ok(()) | Err(ChannelError::Cancelled) => {}
+                            Err(e) => debug!(error = %e, "idle channel closed"),
+                        }
+                        pool.short.notify_one();
+                        // A connection handed over just as the channel broke goes on a new one.
+                        idle.close();
+                        if let Ok(handoff) = idle.try_recv()
+                            && let Some(channel) = open_channel(&ctx, &pool.fwd)
+                        {
+                            spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
+                        }
+                        return;
+                    }
+                }
+            }
+        };
+        let Some(started) = channel.start(socket) else {
+            return;
+        };
+        let carried = channel.carry(started, true, &ctx.shutdown).await;
+        drop(permit);
+        if let Err(e) = carried {
+            report(&pool.fwd, &e);
+            pool.short.notify_one();
+            return;
+        }
+        debug!("connection closed");
+        // Idle again: kept unless the pool has idle channels enough.
+        if pool.idle_count() >= MAX_IDLE_CHANNELS {
+            // The relay never gives a client's channel a connection.
+            channel.retire(&ctx.shutdown).await;
+            return;
+        }
+        next = First::Idle(pool.wait_idle());
+    }
+}
+
+/// Logs why a connection of `fwd` failed.
+fn report(fwd: &Forward, e: &ChannelError) {
+    let (server, port) = (&fwd.server, &fwd.port);
+    match e {
+        ChannelError::Cancelled => debug!("connection closed by shutdown"),
+        ChannelError::Refused(CallError::Refused { status, reason }) => {
+            error!(%status, %reason, "connect to {server}/{port} failed: {}", explain(*status));
+        }
+        ChannelError::Refused(e) => error!("connect to {server}/{port} failed: {e}"),
+        ChannelError::Failed(reason) => error!("connect to {server}/{port} failed: {reason}"),
+        // Something between us and the relay is in the way: the user must act.
+        e if e.is_front_problem() => warn!(error = %e, "connection aborted"),
+        e => info!(error = %e, "connection aborted"),
     }
 }
 
@@ -232,63 +416,10 @@ fn explain(status: StatusCode) -> &'static str {
     match status {
         StatusCode::SERVICE_UNAVAILABLE => "server offline (or relay busy)",
         StatusCode::NOT_FOUND => "unknown port: the server does not offer it",
-        StatusCode::BAD_GATEWAY => "the server could not connect to its target (refused)",
         StatusCode::FORBIDDEN => "not allowed: this client's allow list does not grant the port",
-        StatusCode::GATEWAY_TIMEOUT => "the server did not take the connection in time",
         StatusCode::UNAUTHORIZED => {
             "the relay refused our signature (key not configured there, or clocks differ)"
         }
         _ => "unexpected answer from the relay",
     }
-}
-
-/// Opens a tunnel for one local connection and carries it: the `upstream` goes out at once,
-/// beside the `connect` whose answer brings the downstream.
-async fn serve_connection(ctx: &Ctx, fwd: &Forward, socket: LocalSocket, prepared: Prepared) {
-    let (server, port) = (fwd.server.as_str(), fwd.port.as_str());
-    let Prepared {
-        id,
-        connect,
-        upstream,
-    } = prepared;
-    let request = ctx
-        .relay
-        .post_signed(connect)
-        .header(CONNECTION_ID_HEADER, id.to_string());
-    let connected = async {
-        let answer = call(
-            request,
-            &[StatusCode::OK],
-            CONNECT_REQUEST_TIMEOUT,
-            &ctx.shutdown,
-        );
-        match answer.await {
-            Ok(download) if connection_id(&download) == Some(id) => {
-                debug!("tunnel open");
-                Some(download)
-            }
-            Ok(_) => {
-                error!("relay answered connect without our connection id");
-                None
-            }
-            Err(CallError::Cancelled) => None,
-            Err(CallError::Refused { status, reason }) => {
-                error!(%status, %reason, "connect to {server}/{port} failed: {}", explain(status));
-                None
-            }
-            Err(e) => {
-                error!("connect to {server}/{port} failed: {e}");
-                None
-            }
-        }
-    };
-    tunnel::carry(
-        &ctx.relay,
-        upstream,
-        connected,
-        socket,
-        ctx.config.heartbeat_interval,
-        &ctx.shutdown,
-    )
-    .await;
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{SIGNATURE, SIGNATURE_INPUT, SignedHeaders, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
-use crate::protocol::{CONNECTION_ID_HEADER, ConnId, RELAY_ANSWER_HEADER};
+use crate::protocol::{CHANNEL_ID_HEADER, ChannelId, RELAY_ANSWER_HEADER};
 
 /// Why `ptth_server` or `ptth_proxy` cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -301,11 +301,11 @@ pub(crate) async fn check(
     })
 }
 
-/// The connection ID that a `listen` or `connect` answer carries, if it is valid.
-pub fn connection_id(answer: &Response) -> Option<ConnId> {
+/// The channel ID that a `listen` or `connect` answer carries, if it is valid.
+pub fn channel_id(answer: &Response) -> Option<ChannelId> {
     answer
         .headers()
-        .get(CONNECTION_ID_HEADER)?
+        .get(CHANNEL_ID_HEADER)?
         .to_str()
         .ok()?
         .parse()

@@ -3,22 +3,26 @@
 //!
 //! A tunnel carries one TCP connection between a user's application and a service through the
 //! relay. Its two **endpoints** are `ptth_proxy` (at the user) and `ptth_server` (at the
-//! service). It has two **directions**, named after the requests that carry them:
-//! **upstream** (the user's bytes, towards the service) and **downstream** (the service's
-//! bytes, towards the user). An endpoint sends its direction as an **upload** (the streaming
-//! request body of `upstream` or `downstream`) and receives the other as a **download** (the
-//! streaming answer body of `connect` or `listen`); the relay splices each upload into the
-//! matching download.
+//! service). Each endpoint keeps **channels** open to the relay: pairs of long-lived requests
+//! under an ID the endpoint chose, each carrying one connection at a time, and then the next.
+//! A channel has an **upload** (the streaming request body of `upstream` or `downstream`) and
+//! a **download** (the streaming answer body of `connect` or `listen`). A connection has two
+//! **directions**, named after the uploads that carry them: **upstream** (the user's bytes,
+//! towards the service) and **downstream** (the service's bytes, towards the user). For each
+//! connection the relay joins a client channel with a server channel and lends each upload to
+//! the other channel's download.
 //!
-//! * [`protocol`]: routes and paths, header names, names, connection IDs.
-//! * [`frame`]: the frames inside every tunnel body (`DATA`, `HEARTBEAT`, `END`, `ATTACHED`).
+//! * [`protocol`]: routes and paths, header names, names, channel IDs.
+//! * [`frame`]: the frames inside every channel body (`DATA`, `HEARTBEAT`, `END`, `ATTACHED`,
+//!   `OPEN`, `FAILED`).
 //! * [`auth`]: request signing and verification (an RFC 9421 profile with ed25519).
 //! * [`keys`]: key files and public key encoding.
 //! * [`config`]: the three TOML configuration files.
 //! * [`cli`]: logging, signals, error reports and key commands for the binaries.
 //! * With the `endpoint` feature (what the two endpoints use, and the relay does not):
-//!   [`client`], the signed HTTP client to the relay, and [`tunnel`], which carries a local
-//!   TCP socket over an upload and a download ([`tunnel::carry`]).
+//!   [`client`], the signed HTTP client to the relay, and [`channel`], an endpoint's channel,
+//!   which carries connections between a local TCP socket and the relay
+//!   ([`channel::Channel`]).
 //!
 //! Every call to the relay is signed; the relay verifies it before anything else:
 //!
@@ -45,6 +49,8 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+#[cfg(feature = "endpoint")]
+pub mod channel;
 pub mod cli;
 #[cfg(feature = "endpoint")]
 pub mod client;
@@ -52,8 +58,6 @@ pub mod config;
 pub mod frame;
 pub mod keys;
 pub mod protocol;
-#[cfg(feature = "endpoint")]
-pub mod tunnel;
 
 use std::time::Duration;
 

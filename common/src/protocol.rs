@@ -1,34 +1,31 @@
-//! Names shared by the relay and the endpoints: routes and paths, headers, names, connection
-//! IDs.
+//! Names shared by the relay and the endpoints: routes and paths, headers, names, channel IDs.
 //!
 //! See `docs/protocol.md` for the full description.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// Header carrying the connection ID: chosen by the client on its `connect` request, and on
-/// the `listen` answer that hands the connection to the server.
-pub const CONNECTION_ID_HEADER: &str = "ptth-connection-id";
+/// Header carrying the ID an endpoint chose for a channel: on its `connect` or `listen`
+/// request, and on the answer.
+pub const CHANNEL_ID_HEADER: &str = "ptth-channel-id";
 /// Header on every answer written by the relay itself, so that the proxies can tell those
 /// from answers made up by a reverse proxy in front of it (a 502, 504 or 413 of nginx, say).
 pub const RELAY_ANSWER_HEADER: &str = "ptth-relay";
-/// Content type of every tunnel body.
+/// Content type of every channel body.
 pub const TUNNEL_CONTENT_TYPE: &str = "application/octet-stream";
 
-/// Route of `listen` (server: "give me the next connection for this port"; the answer's body
-/// is its upstream), as a path template whose `{placeholders}` the relay's router matches and
+/// Route of `listen` (server: a channel for connections to this port; the answer's body is its
+/// download), as a path template whose `{placeholders}` the relay's router matches and
 /// [`listen_path`] fills in.
 pub const LISTEN_ROUTE: &str = "/v1/servers/{server}/ports/{port}/listen";
-/// Route of `connect` (client: open a connection; the answer's body is the downstream).
+/// Route of `connect` (client: a channel for connections to this port; the answer's body is
+/// its download).
 pub const CONNECT_ROUTE: &str = "/v1/servers/{server}/ports/{port}/connect";
-/// Route of `refuse` (server: it cannot serve a connection it was given: its target refused,
-/// or it is at its limit).
-pub const REFUSE_ROUTE: &str = "/v1/servers/{server}/connections/{id}/refuse";
-/// Route of `downstream` (server: it has reached its target for a connection it was given;
-/// the request body carries the service's bytes).
-pub const DOWNSTREAM_ROUTE: &str = "/v1/servers/{server}/connections/{id}/downstream";
-/// Route of `upstream` (client: the request body carries the user's bytes).
-pub const UPSTREAM_ROUTE: &str = "/v1/servers/{server}/connections/{id}/upstream";
+/// Route of `downstream` (server: the upload of a channel; its body carries the service's
+/// bytes).
+pub const DOWNSTREAM_ROUTE: &str = "/v1/servers/{server}/channels/{id}/downstream";
+/// Route of `upstream` (client: the upload of a channel; its body carries the user's bytes).
+pub const UPSTREAM_ROUTE: &str = "/v1/servers/{server}/channels/{id}/upstream";
 
 /// `route` with its two placeholders replaced by `first` and `second`, in order.
 fn fill(route: &str, first: &str, second: &str) -> String {
@@ -56,18 +53,13 @@ pub fn connect_path(server: &str, port: &str) -> String {
     fill(CONNECT_ROUTE, server, port)
 }
 
-/// Path of `refuse` for a connection.
-pub fn refuse_path(server: &str, id: ConnId) -> String {
-    fill(REFUSE_ROUTE, server, &id.to_string())
-}
-
-/// Path of `downstream` for a connection.
-pub fn downstream_path(server: &str, id: ConnId) -> String {
+/// Path of `downstream` for a channel.
+pub fn downstream_path(server: &str, id: ChannelId) -> String {
     fill(DOWNSTREAM_ROUTE, server, &id.to_string())
 }
 
-/// Path of `upstream` for a connection.
-pub fn upstream_path(server: &str, id: ConnId) -> String {
+/// Path of `upstream` for a channel.
+pub fn upstream_path(server: &str, id: ChannelId) -> String {
     fill(UPSTREAM_ROUTE, server, &id.to_string())
 }
 
@@ -85,12 +77,12 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// A connection ID: 128 bits from the operating system's random source, written as 32
-/// lowercase hex digits.
+/// A channel ID: 128 bits from the operating system's random source, written as 32 lowercase
+/// hex digits. Each endpoint chooses the IDs of its own channels.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(uuid::Uuid);
+pub struct ChannelId(uuid::Uuid);
 
-impl ConnId {
+impl ChannelId {
     /// A fresh random ID; fails only if the operating system's random source does.
     pub fn random() -> Result<Self, std::io::Error> {
         let mut b = [0u8; 16];
@@ -99,30 +91,30 @@ impl ConnId {
     }
 }
 
-impl fmt::Display for ConnId {
+impl fmt::Display for ChannelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.0.simple(), f)
     }
 }
 
-impl fmt::Debug for ConnId {
+impl fmt::Debug for ChannelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }
 }
 
-/// A connection ID that is not 32 hex digits.
+/// A channel ID that is not 32 hex digits.
 #[derive(Debug, thiserror::Error)]
-#[error("malformed connection id")]
-pub struct BadConnId;
+#[error("malformed channel id")]
+pub struct BadChannelId;
 
-impl FromStr for ConnId {
-    type Err = BadConnId;
-    fn from_str(s: &str) -> Result<Self, BadConnId> {
+impl FromStr for ChannelId {
+    type Err = BadChannelId;
+    fn from_str(s: &str) -> Result<Self, BadChannelId> {
         if s.len() != 32 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(BadConnId);
+            return Err(BadChannelId);
         }
-        uuid::Uuid::try_parse(s).map(Self).map_err(|_| BadConnId)
+        uuid::Uuid::try_parse(s).map(Self).map_err(|_| BadChannelId)
     }
 }
 
@@ -131,39 +123,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn conn_id_round_trips_and_rejects_junk() {
-        let id = ConnId::random().expect("random");
+    fn channel_id_round_trips_and_rejects_junk() {
+        let id = ChannelId::random().expect("random");
         let s = id.to_string();
         assert_eq!(s.len(), 32);
-        assert_eq!(s.parse::<ConnId>().expect("parse"), id);
-        assert!("".parse::<ConnId>().is_err());
-        assert!("zz".repeat(16).parse::<ConnId>().is_err());
-        assert!(format!("{s}0").parse::<ConnId>().is_err());
+        assert_eq!(s.parse::<ChannelId>().expect("parse"), id);
+        assert!("".parse::<ChannelId>().is_err());
+        assert!("zz".repeat(16).parse::<ChannelId>().is_err());
+        assert!(format!("{s}0").parse::<ChannelId>().is_err());
         assert!(
-            "A".repeat(32).parse::<ConnId>().is_err(),
+            "A".repeat(32).parse::<ChannelId>().is_err(),
             "IDs are lowercase"
         );
         let dashed = "67e55044-10b1-426f-9247-bb680e5fe0c8";
-        assert!(dashed.parse::<ConnId>().is_err());
-        assert_ne!(ConnId::random().expect("random"), id);
+        assert!(dashed.parse::<ChannelId>().is_err());
+        assert_ne!(ChannelId::random().expect("random"), id);
     }
 
     #[test]
     fn paths_fill_the_routes() {
-        let id: ConnId = "0123456789abcdef0123456789abcdef".parse().expect("id");
+        let id: ChannelId = "0123456789abcdef0123456789abcdef".parse().expect("id");
         assert_eq!(listen_path("db", "pg"), "/v1/servers/db/ports/pg/listen");
         assert_eq!(connect_path("db", "pg"), "/v1/servers/db/ports/pg/connect");
         assert_eq!(
-            refuse_path("db", id),
-            format!("/v1/servers/db/connections/{id}/refuse")
-        );
-        assert_eq!(
             downstream_path("db", id),
-            format!("/v1/servers/db/connections/{id}/downstream")
+            format!("/v1/servers/db/channels/{id}/downstream")
         );
         assert_eq!(
             upstream_path("db", id),
-            format!("/v1/servers/db/connections/{id}/upstream")
+            format!("/v1/servers/db/channels/{id}/upstream")
         );
     }
 

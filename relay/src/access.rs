@@ -10,10 +10,10 @@ use std::sync::Arc;
 use axum::extract::Request;
 use http::header;
 use ptth_common::auth::{AuthError, SIGNATURE, SIGNATURE_INPUT, unix_now};
-use ptth_common::protocol::ConnId;
+use ptth_common::protocol::ChannelId;
 use tracing::{info, warn};
 
-use crate::conn::Conn;
+use crate::channel::{Channel, Side};
 use crate::state::{Principal, Shared};
 
 /// The TCP peer of the HTTP connection a request came on (a request extension).
@@ -33,9 +33,9 @@ pub(crate) enum Denied {
     NotAClient,
     /// The client's allow list does not grant the port.
     NotAllowed,
-    /// The connection does not exist, is not the caller's, or has ended. The same answer for
-    /// all three, so that IDs stay secret.
-    NoSuchConnection,
+    /// The channel does not exist, is not the caller's, or has ended. The same answer for all
+    /// three, so that IDs stay secret.
+    NoSuchChannel,
 }
 
 /// The address of the real client: the TCP peer, or, when the peer is a trusted reverse
@@ -134,66 +134,51 @@ pub(crate) fn connecting_client(
     Ok(i)
 }
 
-/// The live connection `id` if it is `who`'s.
-fn owned(shared: &Shared, id: &str, who: Principal) -> Result<Arc<Conn>, Denied> {
-    let id: ConnId = id.parse().map_err(|_| Denied::NoSuchConnection)?;
-    let conn = shared.conns.get(id).ok_or(Denied::NoSuchConnection)?;
-    owned_by(conn, who)
+/// The channel ID in a path; a malformed one is no such channel.
+pub(crate) fn channel_id(id: &str) -> Result<ChannelId, Denied> {
+    id.parse().map_err(|_| Denied::NoSuchChannel)
 }
 
-/// `conn` if it is live and `who`'s.
-fn owned_by(conn: Arc<Conn>, who: Principal) -> Result<Arc<Conn>, Denied> {
-    let owner = match who {
-        Principal::Server(s) => conn.server == s,
-        Principal::Client(c) => conn.client == c,
-    };
-    if !owner || conn.cancel.is_cancelled() {
-        return Err(Denied::NoSuchConnection);
+/// `channel` if it is live and a channel of the server `server` (by index).
+pub(crate) fn servers_channel(
+    channel: Option<Arc<Channel>>,
+    server: usize,
+) -> Result<Arc<Channel>, Denied> {
+    let channel = channel.ok_or(Denied::NoSuchChannel)?;
+    if !channel.is_server() || channel.server != server || channel.cancel.is_cancelled() {
+        return Err(Denied::NoSuchChannel);
     }
-    Ok(conn)
+    Ok(channel)
 }
 
-/// Authenticates the server named `server` and finds its connection `id` (`refuse`,
-/// `downstream`).
-pub(crate) fn servers_connection(
-    shared: &Shared,
-    req: &Request,
-    server_name: &str,
-    id: &str,
-) -> Result<Arc<Conn>, Denied> {
-    let i = server(shared, req, server_name)?;
-    owned(shared, id, Principal::Server(i))
-}
-
-/// Authenticates a client calling about its connection `id` (`upstream`): the client's index
-/// and the ID. A server key, or a malformed ID, is no such connection.
+/// Authenticates a client calling about its channel `id` (`upstream`): the client's index
+/// and the ID. A server key, or a malformed ID, is no such channel.
 pub(crate) fn client_of(
     shared: &Shared,
     req: &Request,
     id: &str,
-) -> Result<(usize, ConnId), Denied> {
+) -> Result<(usize, ChannelId), Denied> {
     let Principal::Client(i) = authenticate(shared, req)? else {
-        return Err(Denied::NoSuchConnection);
+        return Err(Denied::NoSuchChannel);
     };
-    let id = id.parse().map_err(|_| Denied::NoSuchConnection)?;
-    Ok((i, id))
+    Ok((i, channel_id(id)?))
 }
 
-/// `conn` if it is live, the client's (by index), and goes to the server named `server`.
-pub(crate) fn clients_connection(
+/// `channel` if it is live, the client's (by index), and leads to the server named `server`.
+pub(crate) fn clients_channel(
     shared: &Shared,
-    conn: Option<Arc<Conn>>,
+    channel: Option<Arc<Channel>>,
     client: usize,
     server: &str,
-) -> Result<Arc<Conn>, Denied> {
-    let conn = owned_by(
-        conn.ok_or(Denied::NoSuchConnection)?,
-        Principal::Client(client),
-    )?;
-    if shared.server_names[conn.server].as_str() != server {
-        return Err(Denied::NoSuchConnection);
+) -> Result<Arc<Channel>, Denied> {
+    let channel = channel.ok_or(Denied::NoSuchChannel)?;
+    if channel.side != Side::Client(client)
+        || channel.cancel.is_cancelled()
+        || shared.server_names[channel.server].as_str() != server
+    {
+        return Err(Denied::NoSuchChannel);
     }
-    Ok(conn)
+    Ok(channel)
 }
 
 #[cfg(test)]
@@ -252,36 +237,51 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_is_found_only_by_its_own_server_and_client() {
+    fn a_channel_is_found_only_by_its_own_endpoint() {
         let s = shared();
-        let (conn, _side) = Conn::new(
-            ConnId::random().expect("id"),
-            0,
-            0,
-            CancellationToken::new(),
-        );
-        s.conns.insert(conn.clone()).expect("insert");
-        let id = conn.id.to_string();
-        assert!(owned(&s, &id, Principal::Server(0)).is_ok());
-        assert!(owned(&s, &id, Principal::Client(0)).is_ok());
+        let channel = |side, server| {
+            Channel::new(
+                ChannelId::random().expect("id"),
+                side,
+                server,
+                ptth_common::config::Name::try_from("pg".to_owned()).expect("name"),
+                CancellationToken::new(),
+            )
+            .0
+        };
+        let db = channel(Side::Server, 0);
+        assert!(servers_channel(Some(db.clone()), 0).is_ok());
         assert_eq!(
-            owned(&s, &id, Principal::Server(1)).map(drop),
-            Err(Denied::NoSuchConnection)
+            servers_channel(Some(db.clone()), 1).map(drop),
+            Err(Denied::NoSuchChannel),
+            "another server"
         );
         assert_eq!(
-            owned(&s, "not-an-id", Principal::Server(0)).map(drop),
-            Err(Denied::NoSuchConnection)
+            clients_channel(&s, Some(db.clone()), 0, "db").map(drop),
+            Err(Denied::NoSuchChannel),
+            "a server's channel is no client's"
         );
-        let other = ConnId::random().expect("id").to_string();
+        let alice = channel(Side::Client(0), 0);
+        assert!(clients_channel(&s, Some(alice.clone()), 0, "db").is_ok());
         assert_eq!(
-            owned(&s, &other, Principal::Server(0)).map(drop),
-            Err(Denied::NoSuchConnection)
+            clients_channel(&s, Some(alice.clone()), 0, "web").map(drop),
+            Err(Denied::NoSuchChannel),
+            "the path names another server"
         );
-        conn.cancel.cancel();
         assert_eq!(
-            owned(&s, &id, Principal::Client(0)).map(drop),
-            Err(Denied::NoSuchConnection),
-            "an ended connection is gone"
+            servers_channel(Some(alice.clone()), 0).map(drop),
+            Err(Denied::NoSuchChannel)
+        );
+        assert_eq!(
+            servers_channel(None, 0).map(drop),
+            Err(Denied::NoSuchChannel)
+        );
+        assert_eq!(channel_id("not-an-id"), Err(Denied::NoSuchChannel));
+        alice.cancel.cancel();
+        assert_eq!(
+            clients_channel(&s, Some(alice), 0, "db").map(drop),
+            Err(Denied::NoSuchChannel),
+            "an ended channel is gone"
         );
     }
 }

@@ -1,7 +1,7 @@
-//! The five endpoints, HTTP in and out: each handler checks the caller (`access.rs`), asks the
-//! shared state (`state.rs`, `conn.rs`) and turns the outcome into an answer. Errors are a
-//! status and a one-line reason; downloads (the answers to `listen` and `connect`) stream a
-//! [`PipeBody`].
+//! The four endpoints, HTTP in and out: each handler checks the caller (`access.rs`), asks the
+//! shared state (`state.rs`, `channel.rs`) and turns the outcome into an answer. Errors are a
+//! status and a one-line reason; the answers to `connect` and `listen` are channel downloads
+//! that stream a [`PipeBody`]; `upstream` and `downstream` hand their body to `upload.rs`.
 
 use std::sync::Arc;
 
@@ -10,16 +10,17 @@ use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use ptth_common::auth::AuthError;
+use ptth_common::config::Name;
 use ptth_common::protocol::{
-    CONNECTION_ID_HEADER, ConnId, RELAY_ANSWER_HEADER, TUNNEL_CONTENT_TYPE, valid_name,
+    CHANNEL_ID_HEADER, ChannelId, RELAY_ANSWER_HEADER, TUNNEL_CONTENT_TYPE,
 };
-use tokio::sync::oneshot;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::access::{self, Denied, client_addr};
-use crate::conn::{AcceptOutcome, Conn, TableRefusal, Upload, UploadSlot};
+use crate::channel::{Channel, Side, TableRefusal};
 use crate::pipe::PipeBody;
-use crate::state::{ListenRefusal, ListenStart, OfferRefusal, Shared};
+use crate::state::{ListenRefusal, PortRefusal, Shared};
+use crate::upload::{self, UploadEnd};
 
 /// An error answer: a status and a one-line reason in plain text.
 #[derive(Debug)]
@@ -38,9 +39,9 @@ impl IntoResponse for ApiError {
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-const NO_SUCH_CONNECTION: ApiError = ApiError(StatusCode::NOT_FOUND, "no such connection");
+const NO_SUCH_CHANNEL: ApiError = ApiError(StatusCode::NOT_FOUND, "no such channel");
 const SHUTTING_DOWN: ApiError = ApiError(StatusCode::SERVICE_UNAVAILABLE, "relay shutting down");
-const CONNECTION_CLOSED: ApiError = ApiError(StatusCode::GONE, "connection closed");
+const CHANNEL_CLOSED: ApiError = ApiError(StatusCode::GONE, "channel closed");
 
 impl From<Denied> for ApiError {
     fn from(d: Denied) -> Self {
@@ -60,7 +61,7 @@ impl From<Denied> for ApiError {
             Denied::NotAServer => ApiError(S::FORBIDDEN, "clients may not do this"),
             Denied::NotAClient => ApiError(S::FORBIDDEN, "servers may not connect"),
             Denied::NotAllowed => ApiError(S::FORBIDDEN, "not allowed to connect to this port"),
-            Denied::NoSuchConnection => NO_SUCH_CONNECTION,
+            Denied::NoSuchChannel => NO_SUCH_CHANNEL,
         }
     }
 }
@@ -72,33 +73,32 @@ impl From<ListenRefusal> for ApiError {
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many ports for this server",
             ),
-            ListenRefusal::TooManyListens => {
-                ApiError(StatusCode::TOO_MANY_REQUESTS, "too many listens waiting")
-            }
+            ListenRefusal::TooManyListens => ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many idle channels on this port",
+            ),
         }
     }
 }
 
-impl From<OfferRefusal> for ApiError {
-    fn from(r: OfferRefusal) -> Self {
+impl From<PortRefusal> for ApiError {
+    fn from(r: PortRefusal) -> Self {
+        let status = match r {
+            PortRefusal::PortNotOffered => StatusCode::NOT_FOUND,
+            PortRefusal::ServerOffline | PortRefusal::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, r.reason())
+    }
+}
+
+impl From<TableRefusal> for ApiError {
+    fn from(r: TableRefusal) -> Self {
         use StatusCode as S;
         match r {
-            OfferRefusal::ServerOffline => ApiError(S::SERVICE_UNAVAILABLE, "server offline"),
-            OfferRefusal::PortNotOffered => {
-                ApiError(S::NOT_FOUND, "server does not offer this port")
-            }
-            OfferRefusal::Table(TableRefusal::IdInUse) => {
-                ApiError(S::CONFLICT, "connection id in use")
-            }
-            OfferRefusal::Table(TableRefusal::RelayFull) => {
-                ApiError(S::SERVICE_UNAVAILABLE, "relay at connection limit")
-            }
-            OfferRefusal::Table(TableRefusal::ClientFull) => ApiError(
-                S::SERVICE_UNAVAILABLE,
-                "too many connections for this client",
-            ),
-            OfferRefusal::QueueFull => {
-                ApiError(S::SERVICE_UNAVAILABLE, "too many pending connections")
+            TableRefusal::IdInUse => ApiError(S::CONFLICT, "channel id in use"),
+            TableRefusal::RelayFull => ApiError(S::SERVICE_UNAVAILABLE, "relay at channel limit"),
+            TableRefusal::ClientFull => {
+                ApiError(S::SERVICE_UNAVAILABLE, "too many channels for this client")
             }
         }
     }
@@ -106,7 +106,7 @@ impl From<OfferRefusal> for ApiError {
 
 /// A download answer: `body` streams, and reverse proxies are asked not to buffer or
 /// transform it.
-fn streaming_response(body: PipeBody, id: Option<ConnId>) -> Response {
+fn streaming_response(body: PipeBody, id: ChannelId) -> Response {
     let mut r = Response::new(Body::new(body));
     let h = r.headers_mut();
     h.insert(
@@ -119,8 +119,8 @@ fn streaming_response(body: PipeBody, id: Option<ConnId>) -> Response {
     );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     h.insert(RELAY_ANSWER_HEADER, HeaderValue::from_static("1"));
-    if let Some(v) = id.and_then(|id| HeaderValue::from_str(&id.to_string()).ok()) {
-        h.insert(CONNECTION_ID_HEADER, v);
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        h.insert(CHANNEL_ID_HEADER, v);
     }
     r
 }
@@ -133,59 +133,53 @@ fn plain(status: StatusCode) -> Response {
     r
 }
 
-/// `POST /v1/servers/{server}/ports/{port}/listen`: long-poll for the next client. The answer
-/// is `204` when none came in time; otherwise it hands over the connection and streams its
-/// upstream.
+/// The channel ID a `connect` or `listen` request carries.
+fn channel_id(req: &Request) -> Result<ChannelId> {
+    req.headers()
+        .get(CHANNEL_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<ChannelId>().ok())
+        .ok_or(ApiError(
+            StatusCode::BAD_REQUEST,
+            "missing or malformed channel id",
+        ))
+}
+
+/// `POST /v1/servers/{server}/ports/{port}/listen`: a server's channel for connections to
+/// `port`. Answered at once; the body is its download.
 pub(crate) async fn listen(
     State(shared): State<Arc<Shared>>,
     Path((server, port)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
     let server = access::server(&shared, &req, &server)?;
-    if !valid_name(&port) {
+    let Ok(port) = Name::try_from(port) else {
         return Err(ApiError(StatusCode::BAD_REQUEST, "invalid port name"));
-    }
+    };
+    let id = channel_id(&req)?;
     if shared.shutdown.is_cancelled() {
         return Err(SHUTTING_DOWN);
     }
-    let id = match shared.listen(server, &port)? {
-        ListenStart::Handed(id) => {
-            debug!(conn = %id, "handing queued connection to listen");
-            Some(id)
-        }
-        ListenStart::Waiting(pending) => pending.wait().await.map_err(|_| SHUTTING_DOWN)?,
-    };
-    // A connection that ended meanwhile leaves nothing to hand out.
-    let handed = id
-        .and_then(|id| shared.conns.get(id))
-        .filter(|c| !c.cancel.is_cancelled())
-        .and_then(|c| c.take_listen_download().map(|d| (c, d)));
-    let Some((conn, download)) = handed else {
-        let mut r = plain(StatusCode::NO_CONTENT);
-        r.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        return Ok(r);
-    };
-    conn.touch();
-    let id = conn.id;
-    let body = PipeBody::new(conn, download, shared.config.heartbeat_interval);
-    Ok(streaming_response(body, Some(id)))
-}
-
-/// Cancels a connection if the `connect` handler is dropped before it answers.
-struct CancelOnDrop(Option<Arc<Conn>>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.cancel.cancel();
-        }
+    let (channel, inbox) = Channel::new(
+        id,
+        Side::Server,
+        server,
+        port,
+        shared.shutdown.child_token(),
+    );
+    shared.channels.insert(channel.clone())?;
+    if let Err(refusal) = shared.add_server_channel(&channel) {
+        shared.channels.remove(id);
+        return Err(refusal.into());
     }
+    let span = info_span!("channel", channel = %id, server = %shared.server_names[server], port = %channel.port);
+    spawn_reaper(&shared, channel.clone(), span);
+    let body = PipeBody::new(channel, inbox, shared.config.heartbeat_interval);
+    Ok(streaming_response(body, id))
 }
 
-/// `POST /v1/servers/{server}/ports/{port}/connect`: open a connection, with the ID the client
-/// chose, to a server's port; answered once the server has reached its target, with the
-/// downstream.
+/// `POST /v1/servers/{server}/ports/{port}/connect`: a client's channel for connections to a
+/// server's `port`. Answered at once; the body is its download.
 pub(crate) async fn connect(
     State(shared): State<Arc<Shared>>,
     Path((server, port)): Path<(String, String)>,
@@ -195,172 +189,94 @@ pub(crate) async fn connect(
     let Some(server_index) = shared.server(&server) else {
         return Err(ApiError(StatusCode::NOT_FOUND, "unknown server"));
     };
-    let id = req
-        .headers()
-        .get(CONNECTION_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<ConnId>().ok())
-        .ok_or(ApiError(
-            StatusCode::BAD_REQUEST,
-            "missing or malformed connection id",
-        ))?;
+    let id = channel_id(&req)?;
     if shared.shutdown.is_cancelled() {
         return Err(SHUTTING_DOWN);
+    }
+    // `connecting_client` granted it, so the name is valid.
+    let Ok(port) = Name::try_from(port) else {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid port name"));
+    };
+    shared.port_status(server_index, &port)?;
+    let (channel, inbox) = Channel::new(
+        id,
+        Side::Client(client),
+        server_index,
+        port,
+        shared.shutdown.child_token(),
+    );
+    if let Err(refusal) = shared.channels.insert(channel.clone()) {
+        warn!(channel = %id, "{}", ApiError::from(refusal).1);
+        return Err(refusal.into());
     }
     let client_ip = client_addr(&shared, &req)
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let client_name = &shared.client_names[client];
-    let span = info_span!("conn", conn = %id, client = %client_name, %client_ip, %server, %port);
-    open(shared.clone(), server_index, client, port, id)
-        .instrument(span)
-        .await
+    let span = info_span!("channel", channel = %id, client = %shared.client_names[client], %client_ip, %server, port = %channel.port);
+    spawn_reaper(&shared, channel.clone(), span);
+    let body = PipeBody::new(channel, inbox, shared.config.heartbeat_interval);
+    Ok(streaming_response(body, id))
 }
 
-/// Offers a new connection to the server and answers `connect` with the server's answer.
-async fn open(
-    shared: Arc<Shared>,
-    server: usize,
-    client: usize,
-    port: String,
-    id: ConnId,
-) -> Result<Response> {
-    let (conn, side) = Conn::new(id, server, client, shared.shutdown.child_token());
-    if let Err(refusal) = shared.offer(&conn, &port) {
-        match refusal {
-            OfferRefusal::ServerOffline => info!("server offline"),
-            OfferRefusal::PortNotOffered => info!("server does not offer this port"),
-            OfferRefusal::Table(_) | OfferRefusal::QueueFull => {
-                warn!("{}", ApiError::from(refusal).1)
+/// Starts the task that frees `channel` when it ends (`Channels::reap`), in its span.
+fn spawn_reaper(shared: &Arc<Shared>, channel: Arc<Channel>, span: tracing::Span) {
+    let task_shared = shared.clone();
+    let idle = shared.config.idle_timeout;
+    shared.tasks.spawn(
+        async move {
+            debug!("channel open");
+            task_shared.channels.reap(&channel, idle).await;
+            if channel.is_server() {
+                task_shared.remove_server_channel(&channel);
             }
+            debug!("channel closed");
         }
-        return Err(refusal.into());
-    }
-    shared
-        .conns
-        .spawn_reaper(conn.clone(), shared.config.idle_timeout, &shared.tasks);
-    let mut guard = CancelOnDrop(Some(conn.clone()));
-    debug!("offered to server");
-    let outcome = tokio::select! {
-        biased;
-        r = side.accepted => r.ok(),
-        () = tokio::time::sleep(shared.config.accept_timeout) => None,
-        () = conn.cancel.cancelled() => None,
-    };
-    match outcome {
-        Some(AcceptOutcome::Accepted) => {
-            guard.0 = None;
-            info!("connection open");
-            let body = PipeBody::new(conn, side.download, shared.config.heartbeat_interval);
-            Ok(streaming_response(body, Some(id)))
-        }
-        Some(AcceptOutcome::Refused) => {
-            info!("target refused the connection");
-            Err(ApiError(
-                StatusCode::BAD_GATEWAY,
-                "the server could not reach its target",
-            ))
-        }
-        None if conn.cancel.is_cancelled() => Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "connection closed",
-        )),
-        // Without its upstream, the likely cause is in front of the client, not the server.
-        None if !conn.upstream_arrived() => {
-            warn!("neither the client's upstream nor the server's downstream arrived in time");
-            Err(ApiError(
-                StatusCode::GATEWAY_TIMEOUT,
-                "your upstream did not reach the relay: a reverse proxy on the way holds request \
-                 bodies back (nginx: proxy_request_buffering off)",
-            ))
-        }
-        None => {
-            info!("server did not accept in time");
-            Err(ApiError(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the server did not take the connection in time",
-            ))
-        }
-    }
+        .instrument(span),
+    );
 }
 
-/// `POST /v1/servers/{server}/connections/{id}/refuse`: the server cannot serve a connection
-/// it was given (its target refused, or it is at its `max_connections`); the client's `connect`
-/// gets `502`.
-pub(crate) async fn refuse(
-    State(shared): State<Arc<Shared>>,
-    Path((server, id)): Path<(String, String)>,
-    req: Request,
-) -> Result<Response> {
-    let conn = access::servers_connection(&shared, &req, &server, &id)?;
-    let answer = conn.take_refusal().ok_or(NO_SUCH_CONNECTION)?;
-    // The connect handler answers 502 and its guard closes the connection; if it has gone
-    // already, the connection is closed as well.
-    let _ = answer.send(AcceptOutcome::Refused);
-    Ok(plain(StatusCode::NO_CONTENT))
-}
-
-/// `POST /v1/servers/{server}/connections/{id}/downstream`: the service's bytes. Its arrival
-/// is the server's acceptance: the client's `connect` is answered now, and its body streams
-/// this upload.
+/// `POST /v1/servers/{server}/channels/{id}/downstream`: the upload of a server's channel,
+/// which may come before its `listen` has reached the relay.
 pub(crate) async fn downstream(
     State(shared): State<Arc<Shared>>,
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
-    let conn = access::servers_connection(&shared, &req, &server, &id)?;
-    let (slot, answer) = conn.take_downstream().ok_or(NO_SUCH_CONNECTION)?;
-    if answer.send(AcceptOutcome::Accepted).is_err() {
-        conn.cancel.cancel();
-        return Err(ApiError(StatusCode::GONE, "the client has gone"));
-    }
-    upload(conn, slot, req).await
+    let server = access::server(&shared, &req, &server)?;
+    let id = access::channel_id(&id)?;
+    let found = shared
+        .channels
+        .find_or_wait(id, shared.config.accept_timeout)
+        .await;
+    let channel = access::servers_channel(found, server)?;
+    upload(shared, channel, req).await
 }
 
-/// `POST /v1/servers/{server}/connections/{id}/upstream`: the client's bytes, which may come
-/// before the `connect` they go with has reached the relay.
+/// `POST /v1/servers/{server}/channels/{id}/upstream`: the upload of a client's channel,
+/// which may come before its `connect` has reached the relay.
 pub(crate) async fn upstream(
     State(shared): State<Arc<Shared>>,
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
     let (client, id) = access::client_of(&shared, &req, &id)?;
-    let wait = shared.config.accept_timeout;
-    let found = shared.conns.find_or_wait(id, wait).await;
-    let conn = access::clients_connection(&shared, found, client, &server)?;
-    let slot = conn.take_upstream().ok_or(NO_SUCH_CONNECTION)?;
-    upload(conn, slot, req).await
+    let found = shared
+        .channels
+        .find_or_wait(id, shared.config.accept_timeout)
+        .await;
+    let channel = access::clients_channel(&shared, found, client, &server)?;
+    upload(shared, channel, req).await
 }
 
-/// Hands the request body of an upload to the download that carries it on, and answers once
-/// that body has ended.
-async fn upload(conn: Arc<Conn>, slot: UploadSlot, req: Request) -> Result<Response> {
-    let (done_tx, done_rx) = oneshot::channel();
-    let handed = slot.body.send(Upload {
-        body: req.into_body(),
-        done: done_tx,
-    });
-    if handed.is_err() {
-        conn.cancel.cancel();
-        return Err(CONNECTION_CLOSED);
+/// Reads the upload of `channel` for as long as the channel lives. No answer before the body
+/// has ended: reverse proxies stop forwarding an upload once they have seen the answer's
+/// headers.
+async fn upload(shared: Arc<Shared>, channel: Arc<Channel>, req: Request) -> Result<Response> {
+    if !channel.take_upload() {
+        return Err(NO_SUCH_CHANNEL);
     }
-    // Tell this endpoint (on its download) that its upload has arrived.
-    let _ = slot.attached.send(());
-    // No answer before the body has ended: reverse proxies stop forwarding an upload once
-    // they have seen the answer's headers.
-    // Biased: when the connection finishes, the reaper cancels it right after this upload
-    // completed; the completion must win, or a clean end would be answered as an abort.
-    let r = tokio::select! {
-        biased;
-        r = done_rx => r.unwrap_or_else(|_| Err("connection closed".into())),
-        () = conn.cancel.cancelled() => Err("connection closed".into()),
-    };
-    match r {
-        Ok(()) => Ok(plain(StatusCode::OK)),
-        Err(why) => {
-            debug!(conn = %conn.id, reason = %why, "upload ended badly");
-            conn.cancel.cancel();
-            Err(CONNECTION_CLOSED)
-        }
+    match upload::run(shared, channel, req.into_body()).await {
+        UploadEnd::Retired => Ok(plain(StatusCode::OK)),
+        UploadEnd::Closed => Err(CHANNEL_CLOSED),
     }
 }

@@ -5,13 +5,15 @@
 //! token, and await the [`Relay`] it returns. A byte of a tunnel crosses these files in turn:
 //!
 //! * `lib.rs` (here): accepts TCP connections (TLS with `tls.rs` when configured) and serves
-//!   HTTP/1.1 and HTTP/2 on them, one task per connection, routing the five endpoints;
+//!   HTTP/1.1 and HTTP/2 on them, one task per connection, routing the four endpoints;
 //! * `handlers.rs`: the endpoints, HTTP in and out; `access.rs` checks each caller first;
-//! * `state.rs`: the ports servers offer and the `listen`s waiting on them, where `connect`
-//!   offers a new connection;
-//! * `conn.rs`: one connection's hand-over slots (the upload of `upstream` or `downstream`
-//!   meets the download that carries it on), the table of connections and its reaper;
-//! * `pipe.rs`: the download body that passes an upload through unchanged.
+//! * `upload.rs`: a channel's upload, read while the channel is idle; its `OPEN` starts a
+//!   connection and lends the upload to the other channel's download;
+//! * `state.rs`: the ports servers offer, their idle channels and the connections waiting for
+//!   one: where a client's connection is joined with a server channel;
+//! * `channel.rs`: channels, the tunnel that joins two of them for one connection, the table of
+//!   channels and its reaper;
+//! * `pipe.rs`: a channel's download, which passes the lent upload on unchanged.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -23,9 +25,9 @@
 //! let listener = tokio::net::TcpListener::bind(config.listen).await?;
 //! let shutdown = CancellationToken::new();
 //! let relay = ptth_relay::run(listener, config, shutdown.clone())?;
-//! let listens = relay.listens(); // how many `listen`s wait (0: no server yet)
+//! let ready = relay.ready_server_channels(); // 0: no server yet
 //! let serving = tokio::spawn(relay.into_future());
-//! assert_eq!(*listens.borrow(), 0);
+//! assert_eq!(*ready.borrow(), 0);
 //! shutdown.cancel();
 //! serving.await?;
 //! # Ok(())
@@ -34,11 +36,12 @@
 #![warn(missing_docs)]
 
 mod access;
-mod conn;
+mod channel;
 mod handlers;
 mod pipe;
 mod state;
 mod tls;
+mod upload;
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
@@ -54,9 +57,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
 use ptth_common::config::RelayConfig;
-use ptth_common::protocol::{
-    CONNECT_ROUTE, DOWNSTREAM_ROUTE, LISTEN_ROUTE, REFUSE_ROUTE, UPSTREAM_ROUTE,
-};
+use ptth_common::protocol::{CONNECT_ROUTE, DOWNSTREAM_ROUTE, LISTEN_ROUTE, UPSTREAM_ROUTE};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -128,14 +129,25 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    /// Watches the number of connections (pending or open) the relay holds state for.
-    pub fn connections(&self) -> watch::Receiver<usize> {
-        self.shared.conns.count()
+    /// Watches the number of channels (clients' and servers', idle or carrying a connection)
+    /// the relay holds.
+    pub fn channels(&self) -> watch::Receiver<usize> {
+        self.shared.channels.count()
     }
 
-    /// Watches the number of `listen` requests waiting for a client.
-    pub fn listens(&self) -> watch::Receiver<usize> {
-        self.shared.listens()
+    /// Watches the number of channels opened so far.
+    pub fn channels_opened(&self) -> watch::Receiver<u64> {
+        self.shared.channels.opened()
+    }
+
+    /// Watches the number of tunnels: connections in progress.
+    pub fn tunnels(&self) -> watch::Receiver<usize> {
+        self.shared.channels.tunnels.subscribe()
+    }
+
+    /// Watches the number of server channels ready for a connection.
+    pub fn ready_server_channels(&self) -> watch::Receiver<usize> {
+        self.shared.ready_server_channels()
     }
 }
 
@@ -154,7 +166,6 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(LISTEN_ROUTE, post(handlers::listen))
         .route(CONNECT_ROUTE, post(handlers::connect))
         .route(DOWNSTREAM_ROUTE, post(handlers::downstream))
-        .route(REFUSE_ROUTE, post(handlers::refuse))
         .route(UPSTREAM_ROUTE, post(handlers::upstream))
         .with_state(shared)
 }

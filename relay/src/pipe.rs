@@ -1,6 +1,9 @@
-//! Splicing: the download of `listen` (or `connect`) *is* the upload of `upstream` (or
-//! `downstream`), handed over whole. The relay never copies or buffers tunnel bytes; HTTP flow
-//! control carries backpressure from one side to the other.
+//! A channel's download: the body of the answer to `connect` or `listen`.
+//!
+//! While the channel is idle it sends heartbeats. For each connection it carries, the other
+//! channel's upload is lent to it (a [`Feed`]), and it passes that upload on unchanged from its
+//! `OPEN` frame to its `END`, then gives the upload back. The relay never copies or buffers
+//! channel bytes; HTTP flow control carries backpressure from one side to the other.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,47 +14,48 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use ptth_common::frame;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::conn::{Conn, DownloadSlot, Upload, UploadEnd};
+use crate::channel::{Channel, Feed, Returned, ToDownload};
 
 /// What a body's `poll_frame` returns.
 type PollFrame = Poll<Option<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>>;
 
+/// The reason sent when the server does not answer a connection in time.
+const NOT_TAKEN: &str = "the server did not take the connection in time";
+
 enum State {
-    /// The upload has not arrived yet; heartbeats keep the download alive meanwhile.
-    Waiting(oneshot::Receiver<Upload>),
-    /// Passing the upload through.
-    Streaming(Streaming),
+    /// No connection: heartbeats.
+    Idle,
+    /// Passing an upload of the other channel on.
+    Streaming(Box<Streaming>),
+    /// Sending `FAILED`; the body ends after it.
+    Failing(Bytes),
+    /// The endpoint retired the idle channel: the body ends.
+    Retired,
     Done,
 }
 
-/// An upload being passed through.
+/// An upload being passed on.
 struct Streaming {
-    body: axum::body::Body,
-    /// Told how the upload ended; `None` once told.
-    done: Option<oneshot::Sender<UploadEnd>>,
-    /// Follows frame boundaries only, to tell a body that ends with `END` from one that was
-    /// cut short, and to find where `ATTACHED` may go.
+    feed: Feed,
+    /// The `OPEN` frame still to send.
+    open: bool,
+    /// Follows frame boundaries only, to find the `END` and where `ATTACHED` may go.
     frames: frame::Decoder,
-    /// The upload's `END`, held back until `ATTACHED` has gone out (`END` is the last frame).
-    held_end: bool,
-    /// Whether the upload's body has ended.
-    over: bool,
 }
 
-/// The body of a download response (`connect` or `listen`).
-///
-/// It sends heartbeats until the other endpoint's upload has arrived, then passes that upload
-/// through unchanged. Between two frames, as soon as the same endpoint's own upload has
-/// arrived, it sends `ATTACHED`, and it does not end before it has.
+/// The body of a download answer (see the module documentation).
 pub(crate) struct PipeBody {
-    conn: Arc<Conn>,
-    /// Fires when this endpoint's upload reached the relay; `None` once `ATTACHED` is sent.
-    attach: Option<oneshot::Receiver<()>>,
+    channel: Arc<Channel>,
+    inbox: mpsc::Receiver<ToDownload>,
     state: State,
+    /// `ATTACHED` is due, at the next frame boundary.
+    attach: bool,
+    /// A client's connection must be answered by the server before this fires.
+    deadline: Option<Pin<Box<Sleep>>>,
     heartbeat: Pin<Box<Sleep>>,
     interval: Duration,
     cancel: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -60,21 +64,26 @@ pub(crate) struct PipeBody {
 impl std::fmt::Debug for PipeBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PipeBody")
-            .field("conn", &self.conn.id)
+            .field("channel", &self.channel.id)
             .finish_non_exhaustive()
     }
 }
 
 impl PipeBody {
-    /// The download of `conn` that carries the upload the slot brings, with a heartbeat every
-    /// `interval` until it comes, and `ATTACHED` once the slot says this endpoint's own upload
-    /// has arrived.
-    pub(crate) fn new(conn: Arc<Conn>, slot: DownloadSlot, interval: Duration) -> Self {
-        let cancel = Box::pin(conn.cancel.clone().cancelled_owned());
+    /// The download of `channel`, reading what it is told from `inbox`, with a heartbeat every
+    /// `interval` of idleness.
+    pub(crate) fn new(
+        channel: Arc<Channel>,
+        inbox: mpsc::Receiver<ToDownload>,
+        interval: Duration,
+    ) -> Self {
+        let cancel = Box::pin(channel.cancel.clone().cancelled_owned());
         Self {
-            conn,
-            attach: Some(slot.attached),
-            state: State::Waiting(slot.upload),
+            channel,
+            inbox,
+            state: State::Idle,
+            attach: false,
+            deadline: None,
             // The first heartbeat goes out at once: nginx over HTTP/2 holds a streaming
             // answer's headers back until its first body byte.
             heartbeat: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -83,16 +92,49 @@ impl PipeBody {
         }
     }
 
-    /// Whether the body is between two frames of the upload it passes on (where `ATTACHED`
-    /// may go).
+    /// Whether the body is between two frames (where `ATTACHED` may go).
     fn at_boundary(&self) -> bool {
         match &self.state {
-            State::Streaming(s) => s.frames.at_boundary(),
-            State::Waiting(_) | State::Done => true,
+            State::Streaming(s) => !s.open && s.frames.at_boundary(),
+            State::Idle | State::Failing(_) | State::Retired | State::Done => true,
         }
     }
 
-    /// While this body has nothing of its own to send: a heartbeat every interval.
+    /// Reads the inbox; `Err` on a message that cannot come now (a relay bug).
+    fn read_inbox(&mut self, cx: &mut Context<'_>) -> Result<(), &'static str> {
+        while let Poll::Ready(Some(message)) = self.inbox.poll_recv(cx) {
+            match message {
+                ToDownload::Attached => self.attach = true,
+                ToDownload::Pending(at) => {
+                    self.deadline = Some(Box::pin(tokio::time::sleep_until(at)));
+                }
+                ToDownload::Feed(feed) => {
+                    if !matches!(self.state, State::Idle) {
+                        return Err("a second connection on a busy channel");
+                    }
+                    self.deadline = None;
+                    self.state = State::Streaming(Box::new(Streaming {
+                        feed,
+                        open: true,
+                        frames: frame::Decoder::new(),
+                    }));
+                }
+                ToDownload::Fail(reason) => {
+                    self.deadline = None;
+                    self.state = State::Failing(frame::failed(&reason));
+                }
+                ToDownload::Retired => {
+                    if !matches!(self.state, State::Idle) {
+                        return Err("a busy channel retired");
+                    }
+                    self.state = State::Retired;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// While there is nothing else to send: a heartbeat every interval.
     fn poll_heartbeat(&mut self, cx: &mut Context<'_>) -> PollFrame {
         if self.heartbeat.as_mut().poll(cx).is_ready() {
             let next = Instant::now() + self.interval;
@@ -102,14 +144,82 @@ impl PipeBody {
         Poll::Pending
     }
 
-    fn fail(&mut self, why: &str) {
-        if let State::Streaming(s) = &mut self.state
-            && let Some(done) = s.done.take()
-        {
-            let _ = done.send(Err(why.to_owned()));
-        }
+    /// Sends `failed` (a `FAILED` frame) as the body's last frame: the connection and the
+    /// channel end, and so does the other channel of the tunnel, if any.
+    fn send_failed(&mut self, failed: Bytes) -> PollFrame {
         self.state = State::Done;
-        self.conn.cancel.cancel();
+        if let Some(tunnel) = self.channel.tunnel() {
+            tunnel.fail();
+        }
+        self.channel.cancel.cancel();
+        Poll::Ready(Some(Ok(Frame::data(failed))))
+    }
+
+    /// The channel's connection failed: it ends, with its tunnel and the other channel.
+    fn fail(&mut self, why: &str) -> PollFrame {
+        tracing::debug!(channel = %self.channel.id, reason = why, "download failed");
+        self.state = State::Done;
+        if let Some(tunnel) = self.channel.tunnel() {
+            tunnel.fail();
+        }
+        self.channel.cancel.cancel();
+        Poll::Ready(Some(Err(why.to_owned().into())))
+    }
+
+    /// Passes on what the lent upload brings, up to its `END`.
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> PollFrame {
+        let State::Streaming(s) = &mut self.state else {
+            return Poll::Pending;
+        };
+        if s.open {
+            s.open = false;
+            return Poll::Ready(Some(Ok(Frame::data(frame::open()))));
+        }
+        loop {
+            let chunk = if s.feed.after_open.is_empty() {
+                match Pin::new(&mut s.feed.body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                        Ok(data) => data,
+                        Err(_) => continue,
+                    },
+                    Poll::Ready(Some(Err(e))) => return self.fail(&format!("upload failed: {e}")),
+                    Poll::Ready(None) => return self.fail("upload ended inside a connection"),
+                    Poll::Pending => return Poll::Pending,
+                }
+            } else {
+                std::mem::take(&mut s.feed.after_open)
+            };
+            // An upload's end can come as an empty DATA frame. Passed on, it counts against
+            // the peer's limit on empty frames (h2 closes the whole connection after 100), so
+            // it is dropped here.
+            if chunk.is_empty() {
+                continue;
+            }
+            let end = match s.frames.check(&chunk) {
+                Ok(end) => end,
+                Err(e) => return self.fail(&format!("bad upload: {e}")),
+            };
+            let tunnel = s.feed.tunnel.clone();
+            tunnel.client.touch();
+            tunnel.server.touch();
+            let Some(at) = end else {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            };
+            // The direction has ended: the upload goes back with what followed its END.
+            let mut head = chunk;
+            let rest = head.split_off(at);
+            let State::Streaming(s) = std::mem::replace(&mut self.state, State::Idle) else {
+                return Poll::Pending;
+            };
+            let Feed { body, back, .. } = s.feed;
+            // Counted before the upload goes back: its handler may read the channel's next
+            // `OPEN` at once, which needs the connection over.
+            tunnel.direction_ended();
+            if back.send(Returned { body, rest }).is_err() {
+                return self.fail("the upload's handler has gone");
+            }
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
     }
 }
 
@@ -122,103 +232,33 @@ impl Body for PipeBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        if matches!(this.state, State::Done) {
-            return Poll::Ready(None);
+        if let Err(why) = this.read_inbox(cx) {
+            return this.fail(why);
+        }
+        // A failure is told before the channel is cancelled: it goes out first.
+        match std::mem::replace(&mut this.state, State::Done) {
+            State::Failing(failed) => return this.send_failed(failed),
+            State::Retired => return Poll::Ready(None),
+            State::Done => return Poll::Ready(None),
+            other => this.state = other,
         }
         if this.cancel.as_mut().poll(cx).is_ready() {
-            this.fail("connection closed");
-            return Poll::Ready(Some(Err("connection closed".into())));
+            return this.fail("channel closed");
         }
-        if this.at_boundary()
-            && let Some(attach) = &mut this.attach
+        if this.attach && this.at_boundary() {
+            this.attach = false;
+            return Poll::Ready(Some(Ok(Frame::data(frame::attached()))));
+        }
+        if let State::Streaming(_) = this.state {
+            return this.poll_stream(cx);
+        }
+        if let Some(deadline) = &mut this.deadline
+            && deadline.as_mut().poll(cx).is_ready()
         {
-            match Pin::new(attach).poll(cx) {
-                Poll::Ready(Ok(())) => {
-                    this.attach = None;
-                    return Poll::Ready(Some(Ok(Frame::data(frame::attached()))));
-                }
-                Poll::Ready(Err(_)) => {
-                    this.fail("connection closed");
-                    return Poll::Ready(Some(Err("connection closed".into())));
-                }
-                Poll::Pending => {}
-            }
+            this.deadline = None;
+            return this.send_failed(frame::failed(NOT_TAKEN));
         }
-        loop {
-            match &mut this.state {
-                State::Waiting(rx) => match Pin::new(rx).poll(cx) {
-                    Poll::Ready(Ok(upload)) => {
-                        this.state = State::Streaming(Streaming {
-                            body: upload.body,
-                            done: Some(upload.done),
-                            frames: frame::Decoder::new(),
-                            held_end: false,
-                            over: false,
-                        });
-                    }
-                    Poll::Ready(Err(_)) => {
-                        this.fail("connection closed");
-                        return Poll::Ready(Some(Err("connection closed".into())));
-                    }
-                    Poll::Pending => return this.poll_heartbeat(cx),
-                },
-                State::Streaming(s) if s.held_end && this.attach.is_none() => {
-                    s.held_end = false;
-                    return Poll::Ready(Some(Ok(Frame::data(frame::end()))));
-                }
-                // All passed on but the held `END`: waiting for `ATTACHED`, alive meanwhile.
-                State::Streaming(s) if s.over && s.held_end => return this.poll_heartbeat(cx),
-                State::Streaming(s) if s.over => {
-                    this.state = State::Done;
-                    this.conn.direction_done();
-                    return Poll::Ready(None);
-                }
-                State::Streaming(s) => match Pin::new(&mut s.body).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(f))) => match f.into_data() {
-                        // An upload's end can come as an empty DATA frame. Passed on, it
-                        // counts against the peer's limit on empty frames (h2 closes the
-                        // whole connection after 100), so it is dropped here.
-                        Ok(data) if data.is_empty() => continue,
-                        Ok(mut data) => {
-                            if let Err(e) = s.frames.check(&data) {
-                                let why = format!("bad upload: {e}");
-                                this.fail(&why);
-                                return Poll::Ready(Some(Err(why.into())));
-                            }
-                            this.conn.touch();
-                            if s.frames.ended() && this.attach.is_some() {
-                                // `END` closes the chunk: it waits for `ATTACHED`.
-                                data.truncate(data.len() - frame::HEADER_LEN);
-                                s.held_end = true;
-                                if data.is_empty() {
-                                    continue;
-                                }
-                            }
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
-                        }
-                        Err(_) => continue,
-                    },
-                    Poll::Ready(Some(Err(e))) => {
-                        let why = format!("upload failed: {e}");
-                        this.fail(&why);
-                        return Poll::Ready(Some(Err(why.into())));
-                    }
-                    Poll::Ready(None) if !s.frames.ended() => {
-                        let why = "upload ended without END";
-                        this.fail(why);
-                        return Poll::Ready(Some(Err(why.into())));
-                    }
-                    Poll::Ready(None) => {
-                        if let Some(done) = s.done.take() {
-                            let _ = done.send(Ok(()));
-                        }
-                        s.over = true;
-                    }
-                    Poll::Pending => return Poll::Pending,
-                },
-                State::Done => return Poll::Ready(None),
-            }
-        }
+        this.poll_heartbeat(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -228,9 +268,12 @@ impl Body for PipeBody {
 
 impl Drop for PipeBody {
     fn drop(&mut self) {
-        // Dropped before the end: the downloading side went away, so the tunnel is broken.
+        // Dropped before the end: the endpoint's download went away, so the channel is broken.
         if !matches!(self.state, State::Done) {
-            self.fail("download closed");
+            if let Some(tunnel) = self.channel.tunnel() {
+                tunnel.fail();
+            }
+            self.channel.cancel.cancel();
         }
     }
 }

@@ -1,22 +1,20 @@
-//! The relay's shared state: who is who (keys, names, allow lists), which ports each server
-//! offers with the `listen`s waiting on them and the connections queued for them, and a handle
-//! on the table of connections (`conn.rs`). Offering a connection to a server and handing it to a `listen` happen
+//! The relay's shared state: who is who (keys, names, allow lists), the ports each server
+//! offers with their idle server channels and the client connections waiting for one, and the
+//! table of channels (`channel.rs`). Joining a client's connection with a server channel happens
 //! here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use ptth_common::auth::Verifier;
 use ptth_common::config::{Grant, Name, RelayConfig};
-use ptth_common::protocol::ConnId;
+use ptth_common::protocol::ChannelId;
 use tokio::sync::{oneshot, watch};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conn::{Conn, Connections, TableRefusal};
+use crate::channel::{Channel, Channels, Tunnel};
 
 /// Who signed a request: a server or a client, by its index in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,42 +25,26 @@ pub(crate) enum Principal {
 
 /// Most distinct ports remembered per server.
 pub(crate) const MAX_PORTS_PER_SERVER: usize = 256;
-/// Most connections queued for one port while no `listen` is waiting.
+/// Most client connections waiting on one port for a server channel.
 pub(crate) const MAX_QUEUED_CONNECTS: usize = 16 * 1024;
-/// A port counts as offered for this long after a `listen` on it was answered, while the
-/// server re-issues it. A listen that dies unanswered (its server went away) gives no grace,
-/// so that connects to a dead server are refused at once.
-pub(crate) const PORT_GRACE: Duration = Duration::from_secs(5);
 
 /// A server (by index) and one of its port names.
-type PortKey = (usize, String);
+type PortKey = (usize, Name);
 
-/// Listening state of one (server, port).
+/// A client connection waiting for a server channel: its channel, and where the tunnel goes.
+type Waiting = (Arc<Channel>, oneshot::Sender<Arc<Tunnel>>);
+
+/// Channels of one (server, port).
 #[derive(Debug, Default)]
 struct PortState {
-    /// Waiting `listen`s, oldest first.
-    listeners: VecDeque<oneshot::Sender<ConnId>>,
-    /// Connections offered while no `listen` was waiting, oldest first.
-    queued: VecDeque<ConnId>,
-    /// When a listen on this port was last answered (a client, or an empty answer).
-    answered: Option<Instant>,
-}
-
-impl PortState {
-    fn prune(&mut self) {
-        self.listeners.retain(|l| !l.is_closed());
-    }
-
-    fn in_grace(&self, now: Instant) -> bool {
-        self.answered
-            .is_some_and(|t| now.duration_since(t) < PORT_GRACE)
-    }
-
-    /// Whether the server offers this port now.
-    fn live(&mut self, now: Instant) -> bool {
-        self.prune();
-        !self.listeners.is_empty() || self.in_grace(now)
-    }
+    /// Idle server channels whose upload has arrived, oldest first: ready for a connection.
+    ready: VecDeque<Arc<Channel>>,
+    /// Server channels that carry no connection (ready, or still without their upload).
+    idle: HashSet<ChannelId>,
+    /// Server channels alive, idle or not: the port is offered while there is one.
+    live: usize,
+    /// Client connections waiting for a server channel, oldest first.
+    waiting: VecDeque<Waiting>,
 }
 
 /// Why a `listen` was refused.
@@ -70,35 +52,40 @@ impl PortState {
 pub(crate) enum ListenRefusal {
     /// The server already uses [`MAX_PORTS_PER_SERVER`] port names.
     TooManyPorts,
-    /// `max_listens_per_port` listens already wait on this port.
+    /// `max_listens_per_port` idle channels are open on this port already.
     TooManyListens,
 }
 
-/// Why a connection could not be offered to its server.
+/// Why a client cannot have a connection to a port now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OfferRefusal {
-    /// No port of the server is offered.
+pub(crate) enum PortRefusal {
+    /// The server has no channel open on any port.
     ServerOffline,
-    /// The server is online but does not offer this port.
+    /// The server is online but has no channel open on this port.
     PortNotOffered,
-    /// The table of connections refused it (a limit, or its ID is in use).
-    Table(TableRefusal),
-    /// [`MAX_QUEUED_CONNECTS`] connections already wait for a `listen` on this port.
+    /// [`MAX_QUEUED_CONNECTS`] connections already wait for a server channel of this port.
     QueueFull,
 }
 
-/// What a new `listen` gets.
-#[derive(Debug)]
-pub(crate) enum ListenStart<'a> {
-    /// A connection that was queued for the port.
-    Handed(ConnId),
-    /// Nothing yet: wait for a connection.
-    Waiting(PendingListen<'a>),
+impl PortRefusal {
+    /// The reason given to the client.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ServerOffline => "server offline",
+            Self::PortNotOffered => "server does not offer this port",
+            Self::QueueFull => "too many pending connections",
+        }
+    }
 }
 
-/// The relay is shutting down.
+/// What a client's connection gets.
 #[derive(Debug)]
-pub(crate) struct ShuttingDown;
+pub(crate) enum Offer {
+    /// A server channel at once.
+    Joined(Arc<Tunnel>),
+    /// A place in the port's queue: the tunnel comes when a server channel is ready.
+    Waiting(oneshot::Receiver<Arc<Tunnel>>),
+}
 
 /// Shared state of one relay.
 #[derive(Debug)]
@@ -112,10 +99,10 @@ pub(crate) struct Shared {
     /// The configured `authorities`, lowercased, each `host:443` and `host:80` also as `host`.
     pub authorities: Vec<String>,
     ports: Mutex<HashMap<PortKey, PortState>>,
-    pub conns: Arc<Connections>,
-    /// Number of `listen`s waiting, observable from outside.
-    listen_count: watch::Sender<usize>,
-    /// Cancelled when the relay shuts down; every connection's token is a child.
+    pub channels: Channels,
+    /// Server channels ready for a connection, observable from outside.
+    ready_count: watch::Sender<usize>,
+    /// Cancelled when the relay shuts down; every channel's token is a child.
     pub shutdown: CancellationToken,
     /// Every task the relay starts.
     pub tasks: TaskTracker,
@@ -162,12 +149,12 @@ impl Shared {
             client_allow,
             authorities,
             ports: Mutex::new(HashMap::new()),
-            conns: Arc::new(Connections::new(
+            channels: Channels::new(
                 config.clients.len(),
                 config.max_connections,
                 config.max_connections_per_client,
-            )),
-            listen_count: watch::Sender::new(0),
+            ),
+            ready_count: watch::Sender::new(0),
             shutdown,
             tasks: TaskTracker::new(),
             config,
@@ -179,150 +166,143 @@ impl Shared {
         self.server_index.get(name).copied()
     }
 
-    /// Watches the number of `listen`s waiting.
-    pub fn listens(&self) -> watch::Receiver<usize> {
-        self.listen_count.subscribe()
+    /// Watches the number of server channels ready for a connection.
+    pub fn ready_server_channels(&self) -> watch::Receiver<usize> {
+        self.ready_count.subscribe()
     }
 
-    /// A `listen` of `server` on `port`: a queued connection at once, or a place in the port's
-    /// queue of waiting listens.
-    pub fn listen(&self, server: usize, port: &str) -> Result<ListenStart<'_>, ListenRefusal> {
-        let (tx, rx) = oneshot::channel();
-        let key = (server, port.to_owned());
+    /// Whether `server` offers `port` now: online (a channel open on some port), and with a
+    /// channel open on this one.
+    pub fn port_status(&self, server: usize, port: &Name) -> Result<(), PortRefusal> {
+        let ports = self.ports.lock();
+        let offered = |(s, _): &PortKey, p: &PortState| *s == server && p.live > 0;
+        if !ports.iter().any(|(k, p)| offered(k, p)) {
+            return Err(PortRefusal::ServerOffline);
+        }
+        match ports.get(&(server, port.clone())) {
+            Some(p) if p.live > 0 => Ok(()),
+            _ => Err(PortRefusal::PortNotOffered),
+        }
+    }
+
+    /// Counts a new server channel on its port, within the limits.
+    pub fn add_server_channel(&self, channel: &Channel) -> Result<(), ListenRefusal> {
+        let key = (channel.server, channel.port.clone());
         let mut ports = self.ports.lock();
         let full = |ports: &HashMap<PortKey, PortState>| {
-            ports.keys().filter(|(s, _)| *s == server).count() >= MAX_PORTS_PER_SERVER
+            ports.keys().filter(|(s, _)| *s == channel.server).count() >= MAX_PORTS_PER_SERVER
         };
         if !ports.contains_key(&key) && full(&ports) {
-            // Forget this server's ports that nobody listens on any more.
-            let now = Instant::now();
-            ports.retain(|(s, _), p| *s != server || p.live(now) || !p.queued.is_empty());
+            // Forget this server's ports that have no channel and no waiting client.
+            ports.retain(|(s, _), p| *s != channel.server || p.live > 0 || !p.waiting.is_empty());
         }
         if !ports.contains_key(&key) && full(&ports) {
             return Err(ListenRefusal::TooManyPorts);
         }
-        let entry = ports.entry(key.clone()).or_default();
-        // A client already waiting gets this listen at once.
-        while let Some(id) = entry.queued.pop_front() {
-            if self.conns.get(id).is_some_and(|c| !c.cancel.is_cancelled()) {
-                entry.answered = Some(Instant::now());
-                return Ok(ListenStart::Handed(id));
-            }
-        }
-        entry.prune();
-        if entry.listeners.len() >= self.config.max_listens_per_port {
+        let entry = ports.entry(key).or_default();
+        if entry.idle.len() >= self.config.max_listens_per_port {
             return Err(ListenRefusal::TooManyListens);
         }
-        entry.listeners.push_back(tx);
-        drop(ports);
-        self.listen_count.send_modify(|n| *n += 1);
-        Ok(ListenStart::Waiting(PendingListen {
-            shared: self,
-            key,
-            rx,
-            answered: false,
-        }))
-    }
-
-    /// Offers the new connection `conn` to its server's `port`: hands it to the oldest waiting
-    /// `listen`, or queues it for the next one. The connection joins the table here, within
-    /// its limits.
-    pub fn offer(&self, conn: &Arc<Conn>, port: &str) -> Result<(), OfferRefusal> {
-        let server = conn.server;
-        // Lock order: ports, then the connection table.
-        let mut ports = self.ports.lock();
-        let now = Instant::now();
-        let online = ports
-            .iter_mut()
-            .filter(|((s, _), _)| *s == server)
-            .fold(false, |any, (_, p)| p.live(now) || any);
-        if !online {
-            return Err(OfferRefusal::ServerOffline);
-        }
-        // `live` above pruned every listener of this server.
-        let Some(entry) = ports
-            .get_mut(&(server, port.to_owned()))
-            .filter(|p| !p.listeners.is_empty() || p.in_grace(now))
-        else {
-            return Err(OfferRefusal::PortNotOffered);
-        };
-        self.conns
-            .insert(conn.clone())
-            .map_err(OfferRefusal::Table)?;
-        while let Some(l) = entry.listeners.pop_front() {
-            if l.send(conn.id).is_ok() {
-                // The listen just answered is about to be re-issued: the port stays offered
-                // meanwhile.
-                entry.answered = Some(now);
-                return Ok(());
-            }
-        }
-        if entry.queued.len() >= MAX_QUEUED_CONNECTS {
-            self.conns.remove(conn.id);
-            return Err(OfferRefusal::QueueFull);
-        }
-        entry.queued.push_back(conn.id);
+        entry.live += 1;
+        entry.idle.insert(channel.id);
         Ok(())
     }
-}
 
-/// A `listen` waiting at its port. Dropped unanswered (its HTTP connection went away), it ends
-/// the port's grace: the server is then most likely gone, and connects to it must get `503` at
-/// once rather than wait in the queue. A server that is still there re-issues its listen,
-/// which makes the port live again.
-#[derive(Debug)]
-pub(crate) struct PendingListen<'a> {
-    shared: &'a Shared,
-    key: PortKey,
-    rx: oneshot::Receiver<ConnId>,
-    answered: bool,
-}
-
-impl PendingListen<'_> {
-    /// Waits for a connection: `Ok(None)` after `listen_timeout`, an error if the relay shuts
-    /// down first.
-    pub async fn wait(mut self) -> Result<Option<ConnId>, ShuttingDown> {
-        let shared = self.shared;
-        let answer = tokio::select! {
-            r = &mut self.rx => r.ok(),
-            () = tokio::time::sleep(shared.config.listen_timeout) => {
-                // Closed and marked answered at once, under the lock that offers take: an
-                // offer never sees this port with its listen closed and no grace yet.
-                let mut ports = shared.ports.lock();
-                self.rx.close();
-                if let Some(e) = ports.get_mut(&self.key) {
-                    e.answered = Some(Instant::now());
-                }
-                self.rx.try_recv().ok()
-            }
-            () = shared.shutdown.cancelled() => {
-                self.rx.close();
-                Some(self.rx.try_recv().map_err(|_| ShuttingDown)?)
-            }
+    /// Forgets a server channel that has ended.
+    pub fn remove_server_channel(&self, channel: &Channel) {
+        let mut ports = self.ports.lock();
+        let Some(entry) = ports.get_mut(&(channel.server, channel.port.clone())) else {
+            return;
         };
-        // Answered: an offer marked the port when it handed over its ID, the timeout arm above
-        // when it closed the listen.
-        self.answered = true;
-        Ok(answer)
-    }
-}
-
-impl Drop for PendingListen<'_> {
-    fn drop(&mut self) {
-        if !self.answered
-            && let Some(e) = self.shared.ports.lock().get_mut(&self.key)
-        {
-            e.answered = None;
+        entry.live = entry.live.saturating_sub(1);
+        entry.idle.remove(&channel.id);
+        let before = entry.ready.len();
+        entry.ready.retain(|c| c.id != channel.id);
+        if entry.ready.len() != before {
+            self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
         }
-        self.shared
-            .listen_count
-            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    /// A server channel is ready for a connection (its upload has arrived, or its last
+    /// connection has ended): it takes the oldest waiting client connection, or waits for one.
+    pub fn ready(&self, server: &Arc<Channel>) {
+        let mut ports = self.ports.lock();
+        if server.cancel.is_cancelled() {
+            return;
+        }
+        let Some(entry) = ports.get_mut(&(server.server, server.port.clone())) else {
+            return;
+        };
+        entry.idle.insert(server.id);
+        while let Some((client, to)) = entry.waiting.pop_front() {
+            if client.cancel.is_cancelled() || to.is_closed() {
+                continue;
+            }
+            let Some(tunnel) = Tunnel::join(&client, server, &self.channels.tunnels) else {
+                continue;
+            };
+            entry.idle.remove(&server.id);
+            if let Err(tunnel) = to.send(tunnel) {
+                // The client gave up just now.
+                tunnel.fail();
+            }
+            return;
+        }
+        entry.ready.push_back(server.clone());
+        self.ready_count.send_modify(|n| *n += 1);
+    }
+
+    /// The server retires its idle channel `server`: it leaves the port's ready queue, unless
+    /// a connection took it already (`false`).
+    pub fn retire(&self, server: &Channel) -> bool {
+        let mut ports = self.ports.lock();
+        let Some(entry) = ports.get_mut(&(server.server, server.port.clone())) else {
+            return true;
+        };
+        let before = entry.ready.len();
+        entry.ready.retain(|c| c.id != server.id);
+        if entry.ready.len() != before {
+            self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
+            return true;
+        }
+        server.tunnel().is_none()
+    }
+
+    /// A client's connection on `client`: joined with the oldest ready server channel of its
+    /// port, or queued for the next one.
+    pub fn offer(&self, client: &Arc<Channel>) -> Result<Offer, PortRefusal> {
+        self.port_status(client.server, &client.port)?;
+        let mut ports = self.ports.lock();
+        let Some(entry) = ports.get_mut(&(client.server, client.port.clone())) else {
+            return Err(PortRefusal::PortNotOffered);
+        };
+        while let Some(server) = entry.ready.pop_front() {
+            self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
+            if server.cancel.is_cancelled() {
+                continue;
+            }
+            let Some(tunnel) = Tunnel::join(client, &server, &self.channels.tunnels) else {
+                continue;
+            };
+            entry.idle.remove(&server.id);
+            return Ok(Offer::Joined(tunnel));
+        }
+        entry
+            .waiting
+            .retain(|(c, to)| !c.cancel.is_cancelled() && !to.is_closed());
+        if entry.waiting.len() >= MAX_QUEUED_CONNECTS {
+            return Err(PortRefusal::QueueFull);
+        }
+        let (to, rx) = oneshot::channel();
+        entry.waiting.push_back((client.clone(), to));
+        Ok(Offer::Waiting(rx))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::Side;
     use ptth_common::keys::PrivateKey;
 
     fn shared(extra: &str) -> Shared {
@@ -340,144 +320,130 @@ mod tests {
         Shared::new(config, CancellationToken::new())
     }
 
-    fn new_conn(s: &Shared, server: usize) -> Arc<Conn> {
-        Conn::new(
-            ConnId::random().expect("id"),
+    fn name(n: &str) -> Name {
+        Name::try_from(n.to_owned()).expect("name")
+    }
+
+    fn new_channel(s: &Shared, side: Side, server: usize, port: &str) -> Arc<Channel> {
+        Channel::new(
+            ChannelId::random().expect("id"),
+            side,
             server,
-            0,
+            name(port),
             s.shutdown.child_token(),
         )
         .0
     }
 
-    fn waiting<'a>(start: Result<ListenStart<'a>, ListenRefusal>) -> PendingListen<'a> {
-        match start {
-            Ok(ListenStart::Waiting(p)) => p,
-            other => panic!("expected a waiting listen, got {other:?}"),
-        }
+    /// A server channel of `db` on `port`, counted and ready.
+    fn server_channel(s: &Shared, port: &str) -> Arc<Channel> {
+        let c = new_channel(s, Side::Server, 0, port);
+        s.add_server_channel(&c).expect("added");
+        s.ready(&c);
+        c
     }
 
-    #[tokio::test]
-    async fn an_offer_goes_to_the_waiting_listen() {
+    #[test]
+    fn a_connection_takes_the_oldest_ready_server_channel() {
         let s = shared("");
-        let listen = waiting(s.listen(0, "pg"));
-        assert_eq!(*s.listens().borrow(), 1);
-        let c = new_conn(&s, 0);
-        s.offer(&c, "pg").expect("offered");
-        assert_eq!(listen.wait().await.expect("not shut down"), Some(c.id));
-        assert_eq!(*s.listens().borrow(), 0);
-        assert!(s.conns.get(c.id).is_some());
-    }
-
-    #[tokio::test]
-    async fn offers_are_refused_for_an_offline_server_and_an_unknown_port() {
-        let s = shared("");
-        let c = new_conn(&s, 0);
-        assert_eq!(s.offer(&c, "pg"), Err(OfferRefusal::ServerOffline));
-        let _listen = waiting(s.listen(0, "pg"));
-        assert_eq!(s.offer(&c, "other"), Err(OfferRefusal::PortNotOffered));
-        let web = new_conn(&s, 1);
-        assert_eq!(s.offer(&web, "pg"), Err(OfferRefusal::ServerOffline));
-        assert!(s.conns.get(c.id).is_none(), "refused offers leave no state");
-    }
-
-    #[tokio::test]
-    async fn an_answered_port_stays_offered_and_queues_until_the_next_listen() {
-        let s = shared("");
-        let first = waiting(s.listen(0, "pg"));
-        let a = new_conn(&s, 0);
-        s.offer(&a, "pg").expect("a");
-        assert_eq!(first.wait().await.expect("not shutting down"), Some(a.id));
-        // No listen waits, but the port is in its grace: the next offer is queued...
-        let b = new_conn(&s, 0);
-        s.offer(&b, "pg").expect("queued");
-        // ...and handed to the next listen at once.
-        match s.listen(0, "pg") {
-            Ok(ListenStart::Handed(id)) => assert_eq!(id, b.id),
+        let first = server_channel(&s, "pg");
+        let _second = server_channel(&s, "pg");
+        assert_eq!(*s.ready_server_channels().borrow(), 2);
+        let client = new_channel(&s, Side::Client(0), 0, "pg");
+        match s.offer(&client) {
+            Ok(Offer::Joined(t)) => assert_eq!(t.server.id, first.id),
             other => panic!("{other:?}"),
         }
+        assert_eq!(*s.ready_server_channels().borrow(), 1);
     }
 
     #[tokio::test]
-    async fn a_listen_dropped_unanswered_ends_the_grace() {
+    async fn a_connection_waits_for_the_next_ready_server_channel() {
         let s = shared("");
-        let first = waiting(s.listen(0, "pg"));
-        let a = new_conn(&s, 0);
-        s.offer(&a, "pg").expect("a");
-        assert_eq!(first.wait().await.expect("not shutting down"), Some(a.id));
-        // The server re-issues its listen and then goes away without an answer.
-        drop(waiting(s.listen(0, "pg")));
-        let b = new_conn(&s, 0);
-        assert_eq!(s.offer(&b, "pg"), Err(OfferRefusal::ServerOffline));
+        let busy = server_channel(&s, "pg");
+        let c1 = new_channel(&s, Side::Client(0), 0, "pg");
+        let Ok(Offer::Joined(t1)) = s.offer(&c1) else {
+            panic!("joined")
+        };
+        let c2 = new_channel(&s, Side::Client(0), 0, "pg");
+        let Ok(Offer::Waiting(rx)) = s.offer(&c2) else {
+            panic!("waiting")
+        };
+        // The busy channel's connection ends: it is ready again and takes the waiting one.
+        t1.direction_ended();
+        t1.direction_ended();
+        s.ready(&busy);
+        let t2 = rx.await.expect("tunnel");
+        assert_eq!((t2.client.id, t2.server.id), (c2.id, busy.id));
+        assert_eq!(*s.ready_server_channels().borrow(), 0);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_listen_times_out_empty_and_keeps_the_port_offered() {
-        let s = shared("listen_timeout = \"1s\"");
-        let listen = waiting(s.listen(0, "pg"));
-        assert_eq!(listen.wait().await.expect("not shutting down"), None);
-        let c = new_conn(&s, 0);
-        s.offer(&c, "pg").expect("queued during the grace");
-        tokio::time::advance(PORT_GRACE).await;
-        let d = new_conn(&s, 0);
-        assert_eq!(s.offer(&d, "pg"), Err(OfferRefusal::ServerOffline));
-    }
-
-    #[tokio::test]
-    async fn shutdown_refuses_a_waiting_listen() {
+    #[test]
+    fn connections_are_refused_for_an_offline_server_and_an_unknown_port() {
         let s = shared("");
-        let listen = waiting(s.listen(0, "pg"));
-        s.shutdown.cancel();
-        assert!(listen.wait().await.is_err());
-    }
-
-    #[tokio::test]
-    async fn listens_and_ports_are_bounded() {
-        let s = shared("max_listens_per_port = 2");
-        let _a = waiting(s.listen(0, "pg"));
-        let _b = waiting(s.listen(0, "pg"));
+        let client = new_channel(&s, Side::Client(0), 0, "pg");
+        assert_eq!(s.offer(&client).map(drop), Err(PortRefusal::ServerOffline));
+        let server = server_channel(&s, "pg");
+        let other = new_channel(&s, Side::Client(0), 0, "other");
+        assert_eq!(s.offer(&other).map(drop), Err(PortRefusal::PortNotOffered));
         assert_eq!(
-            s.listen(0, "pg").map(drop),
-            Err(ListenRefusal::TooManyListens)
+            s.port_status(1, &name("pg")),
+            Err(PortRefusal::ServerOffline)
         );
+        // Its last channel gone, the server is offline at once.
+        server.cancel.cancel();
+        s.remove_server_channel(&server);
+        assert_eq!(
+            s.port_status(0, &name("pg")),
+            Err(PortRefusal::ServerOffline)
+        );
+        assert_eq!(*s.ready_server_channels().borrow(), 0);
+    }
+
+    #[test]
+    fn idle_server_channels_and_ports_are_bounded() {
+        let s = shared("max_listens_per_port = 2");
+        let _a = server_channel(&s, "pg");
+        let _b = server_channel(&s, "pg");
+        let c = new_channel(&s, Side::Server, 0, "pg");
+        assert_eq!(s.add_server_channel(&c), Err(ListenRefusal::TooManyListens));
         let mut held = Vec::new();
         for i in 1..MAX_PORTS_PER_SERVER {
-            held.push(waiting(s.listen(0, &format!("p{i}"))));
+            held.push(server_channel(&s, &format!("p{i}")));
         }
+        let more = new_channel(&s, Side::Server, 0, "one-more");
         assert_eq!(
-            s.listen(0, "one-more").map(drop),
+            s.add_server_channel(&more),
             Err(ListenRefusal::TooManyPorts)
         );
-        // Ports nobody listens on any more are forgotten to make room.
-        drop(held.pop());
-        assert!(matches!(
-            s.listen(0, "one-more"),
-            Ok(ListenStart::Waiting(_))
-        ));
+        // Ports without channels are forgotten to make room.
+        let gone = held.pop().expect("one");
+        s.remove_server_channel(&gone);
+        assert_eq!(s.add_server_channel(&more), Ok(()));
         // Other servers have their own share.
-        assert!(matches!(s.listen(1, "pg"), Ok(ListenStart::Waiting(_))));
+        let web = new_channel(&s, Side::Server, 1, "pg");
+        assert_eq!(s.add_server_channel(&web), Ok(()));
     }
 
-    #[tokio::test]
-    async fn the_queue_of_a_port_is_bounded_and_limits_apply() {
+    #[test]
+    fn the_queue_of_a_port_is_bounded() {
         let s = shared("max_connections = 20000");
-        let first = waiting(s.listen(0, "pg"));
-        let a = new_conn(&s, 0);
-        s.offer(&a, "pg").expect("a");
-        assert_eq!(first.wait().await.expect("not shutting down"), Some(a.id));
+        let busy = server_channel(&s, "pg");
+        let first = new_channel(&s, Side::Client(0), 0, "pg");
+        assert!(matches!(s.offer(&first), Ok(Offer::Joined(_))));
+        let mut queued = Vec::new();
         for _ in 0..MAX_QUEUED_CONNECTS {
-            s.offer(&new_conn(&s, 0), "pg").expect("queued");
+            let c = new_channel(&s, Side::Client(0), 0, "pg");
+            match s.offer(&c) {
+                Ok(Offer::Waiting(rx)) => queued.push(rx),
+                other => panic!("{other:?}"),
+            }
         }
-        let over = new_conn(&s, 0);
-        assert_eq!(s.offer(&over, "pg"), Err(OfferRefusal::QueueFull));
-        assert!(s.conns.get(over.id).is_none());
-
-        let s = shared("max_connections = 1");
-        let _listen = waiting(s.listen(0, "pg"));
-        s.offer(&new_conn(&s, 0), "pg").expect("first");
-        assert_eq!(
-            s.offer(&new_conn(&s, 0), "pg"),
-            Err(OfferRefusal::Table(TableRefusal::RelayFull))
-        );
+        let over = new_channel(&s, Side::Client(0), 0, "pg");
+        assert_eq!(s.offer(&over).map(drop), Err(PortRefusal::QueueFull));
+        // Waiters that gave up make room.
+        queued.pop();
+        assert!(matches!(s.offer(&over), Ok(Offer::Waiting(_))));
+        drop(busy);
     }
 }

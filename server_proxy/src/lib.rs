@@ -1,12 +1,12 @@
 //! `ptth_server`: offers local TCP services through a relay, dialing out only.
 //!
 //! The entry point is [`run`]: give it the configuration, the server's key and a cancellation
-//! token, and await the [`Server`] it returns. For each configured port it keeps a pool of
-//! `listen` long-polls open at the relay. When one is answered with a connection, its answer's
-//! body is the upstream (the client's bytes); a task connects to the local service and carries
-//! the tunnel with `ptth_common::tunnel::carry`, which sends the service's bytes as the
-//! `downstream` upload (whose arrival tells the relay that the server took the connection), or
-//! calls `refuse` if it cannot connect.
+//! token, and await the [`Server`] it returns. For each configured port it keeps `listen_pool`
+//! idle channels open at the relay (`listen` and `downstream`, see `ptth_common::channel`).
+//! When the relay gives a channel a connection (`OPEN` on its download, followed by the
+//! client's bytes), the server connects to the local service and carries the connection on
+//! that channel, or refuses it (`FAILED`) if it cannot connect; another channel is opened
+//! meanwhile, and the channel stays open for the next connection.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -32,27 +32,18 @@
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ptth_common::client::{
-    Backoff, CallError, RelayClient, SetupError, Signed, call, connection_id, http_client,
-};
-use ptth_common::config::ServerConfig;
+use ptth_common::channel::{Channel, ChannelError, LocalSocket};
+use ptth_common::client::{Backoff, RelayClient, SetupError, http_client};
+use ptth_common::config::{Name, ServerConfig, Target};
 use ptth_common::keys::PrivateKey;
-use ptth_common::protocol::{ConnId, downstream_path, listen_path, refuse_path};
-use ptth_common::tunnel::{self, LocalSocket};
-use reqwest::{Response, StatusCode};
+use ptth_common::protocol::{CHANNEL_ID_HEADER, ChannelId, downstream_path, listen_path};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
-
-/// Upper bound on waiting for a `listen` answer, above any relay `listen_timeout` (at most
-/// 60 s), so that a relay that vanished without closing the connection is noticed.
-const LISTEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
-/// Upper bound on waiting for the answer to `refuse`.
-const REFUSE_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 /// Prepares the server proxy: await the returned [`Server`] to offer the configured ports
 /// until `shutdown` is cancelled. Fails at once if the HTTP client cannot be set up (a bad
@@ -75,8 +66,8 @@ pub fn run(
     })
 }
 
-/// A server proxy ready to run. Awaiting it keeps the `listen` pools open and serves tunnels
-/// until shutdown, then closes the tunnels and waits (boundedly) for its tasks.
+/// A server proxy ready to run. Awaiting it keeps the ports' channels open and carries
+/// connections until shutdown, then closes the channels and waits (boundedly) for its tasks.
 #[must_use = "a server proxy runs only when awaited"]
 #[derive(Debug)]
 pub struct Server {
@@ -103,6 +94,17 @@ struct Ctx {
     slots: Arc<Semaphore>,
 }
 
+/// One port's idle channels.
+#[derive(Debug)]
+struct Pool {
+    port: Name,
+    target: Target,
+    /// Channels open and carrying no connection.
+    idle: AtomicUsize,
+    /// Told when the pool may be short of idle channels.
+    short: Notify,
+}
+
 async fn serve(ctx: Arc<Ctx>) {
     info!(
         relay = %ctx.config.relay_url,
@@ -111,180 +113,184 @@ async fn serve(ctx: Arc<Ctx>) {
         "server proxy started"
     );
     for (port, target) in &ctx.config.ports {
-        for slot in 0..ctx.config.listen_pool {
-            let span = info_span!("listen", port = %port, slot);
-            ctx.tasks.spawn(
-                listen_loop(
-                    ctx.clone(),
-                    port.as_str().to_owned(),
-                    target.as_str().to_owned(),
-                )
-                .instrument(span),
-            );
-        }
+        let pool = Arc::new(Pool {
+            port: port.clone(),
+            target: target.clone(),
+            idle: AtomicUsize::new(0),
+            short: Notify::new(),
+        });
+        let span = info_span!("port", port = %port);
+        ctx.tasks.spawn(fill(ctx.clone(), pool).instrument(span));
     }
     ctx.shutdown.cancelled().await;
     info!("server proxy shutting down");
     ptth_common::drain(&ctx.tasks).await;
 }
 
-/// One slot of a port's `listen` pool: listens again at once after each answer, with backoff
-/// after failures.
-async fn listen_loop(ctx: Arc<Ctx>, port: String, target: String) {
-    let path = listen_path(ctx.config.name.as_str(), &port);
+/// Keeps `listen_pool` idle channels open for the port, retrying with backoff while the relay
+/// cannot be reached or refuses them.
+async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
     let mut backoff = Backoff::new(ctx.config.max_backoff);
     let mut failing = false;
     let mut need_warm_up = true;
-    // The next listen, signed while this one waits.
-    let mut next = ctx.relay.sign(path.clone());
     loop {
-        let problem = match listen_once(&ctx, &mut next, need_warm_up).await {
-            Ok(handed) => {
+        while pool.idle.load(Ordering::Acquire) >= ctx.config.listen_pool {
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => return,
+                () = pool.short.notified() => {}
+            }
+        }
+        if need_warm_up {
+            // One connection first, then every channel shares it (HTTP/2).
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => return,
+                _ = ctx.relay.warm_up() => {}
+            }
+        }
+        let opened = match open_channel(&ctx, &pool.port) {
+            Some(mut channel) => channel.ready(&ctx.shutdown).await.map(|()| channel),
+            None => return,
+        };
+        match opened {
+            Ok(channel) => {
                 if failing {
                     info!("connected to the relay again");
                 }
                 failing = false;
                 need_warm_up = false;
                 backoff.reset();
-                if let Some((id, download)) = handed {
-                    spawn_tunnel(&ctx, &port, &target, id, download);
-                    // The new tunnel starts first; the next listen waits its turn.
-                    tokio::task::yield_now().await;
-                }
-                continue;
+                pool.idle.fetch_add(1, Ordering::AcqRel);
+                let span = info_span!("channel", channel = %channel.id());
+                ctx.tasks
+                    .spawn(run_channel(ctx.clone(), pool.clone(), channel).instrument(span));
             }
-            Err(CallError::Cancelled) => return,
-            Err(problem) => problem,
-        };
-        need_warm_up = true;
-        let delay = backoff.next_delay();
-        if failing {
-            debug!(retry_in = ?delay, "{problem}");
-        } else {
-            warn!(retry_in = ?delay, "{problem}");
-            failing = true;
-        }
-        tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
+            Err(ChannelError::Cancelled) => return,
+            Err(problem) => {
+                need_warm_up = true;
+                let delay = backoff.next_delay();
+                if failing {
+                    debug!(retry_in = ?delay, "{problem}");
+                } else {
+                    warn!(retry_in = ?delay, "{problem}");
+                    failing = true;
+                }
+                tokio::select! {
+                    () = ctx.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
         }
     }
 }
 
-/// One `listen` (after opening the connection to the relay first when `warm_up`), sent with
-/// the signature in `next`, which is replaced by the next listen's while this one waits: a
-/// connection for a client (its ID, and the answer that streams its upstream), or `None` for an
-/// empty answer.
-async fn listen_once(
-    ctx: &Ctx,
-    next: &mut Signed,
-    warm_up: bool,
-) -> Result<Option<(ConnId, Response)>, CallError> {
-    if warm_up {
-        // One connection first, then every listen shares it (HTTP/2).
-        tokio::select! {
-            () = ctx.shutdown.cancelled() => return Err(CallError::Cancelled),
-            r = ctx.relay.warm_up() => r.map_err(CallError::Unreachable)?,
-        }
-    }
-    let answer = call(
-        ctx.relay.post_signed(next.clone()),
-        &[StatusCode::OK, StatusCode::NO_CONTENT],
-        LISTEN_REQUEST_TIMEOUT,
-        &ctx.shutdown,
-    );
-    // Signed once this listen is on its way (the yield lets the HTTP client send it).
-    let sign_next = async {
-        tokio::task::yield_now().await;
-        ctx.relay.sign(next.path().to_owned())
-    };
-    let (answer, after) = tokio::join!(biased; answer, sign_next);
-    *next = after;
-    let answer = answer?;
-    if answer.status() == StatusCode::NO_CONTENT {
-        return Ok(None);
-    }
-    match connection_id(&answer) {
-        Some(id) => Ok(Some((id, answer))),
-        None => Err(CallError::Refused {
-            status: answer.status(),
-            reason: "a listen answer without a valid connection id".to_owned(),
-        }),
-    }
-}
-
-/// Starts the task of one connection handed over by a `listen`, within `max_connections`.
-fn spawn_tunnel(ctx: &Arc<Ctx>, port: &str, target: &str, id: ConnId, download: Response) {
-    let span = info_span!("conn", conn = %id, port = %port);
-    let permit = ctx.slots.clone().try_acquire_owned();
-    let task_ctx = ctx.clone();
-    let target = target.to_owned();
-    ctx.tasks.spawn(
-        async move {
-            let Ok(_permit) = permit else {
-                warn!("too many open tunnels (max_connections); refusing");
-                refuse(&task_ctx, id).await;
-                return;
-            };
-            serve_connection(&task_ctx, id, &target, download).await;
-        }
-        .instrument(span),
-    );
-}
-
-/// Tells the relay that this connection cannot be served (`refuse`).
-async fn refuse(ctx: &Ctx, id: ConnId) {
-    let request = ctx.relay.post(&refuse_path(ctx.config.name.as_str(), id));
-    let answer = call(
-        request,
-        &[StatusCode::NO_CONTENT],
-        REFUSE_REQUEST_TIMEOUT,
-        &ctx.shutdown,
-    );
-    if let Err(e) = answer.await {
-        debug!(error = %e, "could not report the refusal to the relay");
-    }
-}
-
-/// Connects to the local service, then carries the tunnel: `download` (the `listen` answer)
-/// brings the upstream, and the `downstream` upload, which tells the relay that the connection
-/// is taken, starts at once.
-async fn serve_connection(ctx: &Arc<Ctx>, id: ConnId, target: &str, download: Response) {
-    let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target));
-    // The `downstream` is signed while the TCP handshake is under way: the connect is polled
-    // (and its SYN sent) first.
-    let sign = async {
-        ctx.relay
-            .sign(downstream_path(ctx.config.name.as_str(), id))
-    };
-    let opening = async { tokio::join!(biased; connect, sign) };
-    let (connected, upload) = tokio::select! {
-        () = ctx.shutdown.cancelled() => return,
-        r = opening => r,
-    };
-    let stream = match connected {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(%target, error = %e, "cannot connect to the local service");
-            return refuse(ctx, id).await;
-        }
-        Err(_) => {
-            warn!(%target, timeout = ?ctx.config.connect_timeout, "connecting to the local service timed out");
-            return refuse(ctx, id).await;
+/// A new channel for `port`: its `listen` and `downstream` (not sent before it is polled);
+/// `None` if the random source fails.
+fn open_channel(ctx: &Ctx, port: &Name) -> Option<Channel> {
+    let id = match ChannelId::random() {
+        Ok(id) => id,
+        Err(e) => {
+            error!(error = %e, "no channel id: the random source failed");
+            return None;
         }
     };
-    let _ = stream.set_nodelay(true);
-    // Until the tunnel is open, any way out is a failure: the service then sees a reset, not a
-    // client that connected and said nothing.
-    let socket = LocalSocket::new(stream);
-    debug!("tunnel open");
-    tunnel::carry(
+    let name = ctx.config.name.as_str();
+    let listen = ctx
+        .relay
+        .post(&listen_path(name, port.as_str()))
+        .header(CHANNEL_ID_HEADER, id.to_string());
+    let upload = ctx.relay.sign(downstream_path(name, id));
+    Some(Channel::open(
         &ctx.relay,
+        id,
+        listen,
         upload,
-        std::future::ready(Some(download)),
-        socket,
         ctx.config.heartbeat_interval,
-        &ctx.shutdown,
-    )
-    .await;
+    ))
+}
+
+/// Serves the connections the relay gives `channel`, one after the other, until it breaks or
+/// the pool has idle channels enough (then it is retired). `channel` is counted idle.
+async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
+    let mut given_already = false;
+    loop {
+        let given = if given_already {
+            Ok(())
+        } else {
+            channel.idle(&ctx.shutdown).await
+        };
+        given_already = false;
+        pool.idle.fetch_sub(1, Ordering::AcqRel);
+        pool.short.notify_one();
+        match given {
+            Ok(()) => {}
+            Err(ChannelError::Cancelled) => return,
+            Err(e) if e.is_front_problem() => {
+                warn!(error = %e, "channel closed");
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "channel closed");
+                return;
+            }
+        }
+        let Ok(_permit) = ctx.slots.clone().try_acquire_owned() else {
+            warn!("too many open tunnels (max_connections); refusing");
+            channel.refuse("the server is at its max_connections").await;
+            return;
+        };
+        let target = pool.target.as_str();
+        let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target));
+        let connected = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            r = connect => r,
+        };
+        let stream = match connected {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(%target, error = %e, "cannot connect to the local service");
+                channel.refuse(&format!("{target}: {e}")).await;
+                return;
+            }
+            Err(_) => {
+                warn!(%target, timeout = ?ctx.config.connect_timeout, "connecting to the local service timed out");
+                channel
+                    .refuse(&format!(
+                        "{target}: no answer within {:?}",
+                        ctx.config.connect_timeout
+                    ))
+                    .await;
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        // Until it is carried, any way out is a failure: the service then sees a reset, not a
+        // client that connected and said nothing.
+        let Some(started) = channel.start(LocalSocket::new(stream)) else {
+            return;
+        };
+        debug!("connection open");
+        match channel.carry(started, false, &ctx.shutdown).await {
+            Ok(()) => debug!("connection closed"),
+            Err(ChannelError::Cancelled) => return,
+            Err(e) if e.is_front_problem() => {
+                warn!(error = %e, "connection aborted");
+                return;
+            }
+            Err(e) => {
+                info!(error = %e, "connection aborted");
+                return;
+            }
+        }
+        // Idle again: kept unless the pool has idle channels enough (twice `listen_pool`, so
+        // that connections one after another reuse channels instead of opening new ones).
+        pool.idle.fetch_add(1, Ordering::AcqRel);
+        if pool.idle.load(Ordering::Acquire) > 2 * ctx.config.listen_pool {
+            // The relay may have given it a connection just before: then it serves that one.
+            given_already = channel.retire(&ctx.shutdown).await;
+            if !given_already {
+                pool.idle.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+        }
+    }
 }

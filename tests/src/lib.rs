@@ -308,10 +308,14 @@ impl Setup {
 pub struct RelayHandle {
     /// Its address.
     pub addr: SocketAddr,
-    /// Number of connections it holds state for.
-    pub connections: tokio::sync::watch::Receiver<usize>,
-    /// Number of `listen` requests waiting at it.
-    pub listens: tokio::sync::watch::Receiver<usize>,
+    /// Number of channels it holds.
+    pub channels: tokio::sync::watch::Receiver<usize>,
+    /// Number of channels opened so far.
+    pub channels_opened: tokio::sync::watch::Receiver<u64>,
+    /// Number of tunnels (connections in progress).
+    pub tunnels: tokio::sync::watch::Receiver<usize>,
+    /// Number of server channels ready for a connection.
+    pub ready_server_channels: tokio::sync::watch::Receiver<usize>,
     /// The program.
     pub component: Component,
 }
@@ -330,7 +334,13 @@ pub fn start_relay(
             .and_then(|l| ptth_relay::run(l, config, token).map_err(|e| e.to_string()));
         match started {
             Ok(relay) => {
-                let _ = tx.send(Ok((relay.connections(), relay.listens())));
+                let watches = (
+                    relay.channels(),
+                    relay.channels_opened(),
+                    relay.tunnels(),
+                    relay.ready_server_channels(),
+                );
+                let _ = tx.send(Ok(watches));
                 relay.await;
             }
             Err(e) => {
@@ -338,45 +348,51 @@ pub fn start_relay(
             }
         }
     });
-    let (connections, listens) = rx
+    let (channels, channels_opened, tunnels, ready_server_channels) = rx
         .recv_timeout(Duration::from_secs(10))
         .context("relay did not start")?
         .map_err(anyhow::Error::msg)?;
     Ok(RelayHandle {
         addr,
-        connections,
-        listens,
+        channels,
+        channels_opened,
+        tunnels,
+        ready_server_channels,
         component,
     })
 }
 
 impl RelayHandle {
-    /// Waits until at least `n` listens are waiting at the relay.
-    pub async fn wait_listens(&self, n: usize) {
-        let mut l = self.listens.clone();
-        let _ = l.wait_for(|c| *c >= n).await;
-    }
-
-    /// Waits until the relay holds no connection state.
-    pub async fn wait_no_connections(&self) {
-        let mut c = self.connections.clone();
-        let _ = c.wait_for(|c| *c == 0).await;
-    }
-
-    /// Waits at most `limit` until the relay holds no connection state; fails the test with
+    /// Waits at most `limit` until no tunnel is in progress at the relay; fails the test with
     /// `what` otherwise.
-    pub async fn expect_no_connections(&self, limit: Duration, what: &str) {
-        tokio::time::timeout(limit, self.wait_no_connections())
+    pub async fn expect_no_tunnels(&self, limit: Duration, what: &str) {
+        let mut t = self.tunnels.clone();
+        tokio::time::timeout(limit, t.wait_for(|n| *n == 0))
             .await
-            .expect(what);
+            .expect(what)
+            .expect("relay running");
     }
 
-    /// Waits at most `limit` until at least `n` listens wait at the relay; fails the test
-    /// with `what` otherwise.
-    pub async fn expect_listens(&self, n: usize, limit: Duration, what: &str) {
-        tokio::time::timeout(limit, self.wait_listens(n))
+    /// Waits at most `limit` until at least `n` server channels are ready at the relay;
+    /// fails the test with `what` otherwise.
+    pub async fn expect_server_channels(&self, n: usize, limit: Duration, what: &str) {
+        let mut r = self.ready_server_channels.clone();
+        tokio::time::timeout(limit, r.wait_for(|c| *c >= n))
             .await
-            .expect(what);
+            .expect(what)
+            .expect("relay running");
+    }
+
+    /// Waits at most `limit` until the relay holds exactly `n` channels; fails the test with
+    /// `what` otherwise.
+    pub async fn expect_channels(&self, n: usize, limit: Duration, what: &str) {
+        let mut c = self.channels.clone();
+        if tokio::time::timeout(limit, c.wait_for(|c| *c == n))
+            .await
+            .is_err()
+        {
+            panic!("{what}: {} channels, not {n}", *c.borrow());
+        }
     }
 }
 
@@ -501,6 +517,38 @@ pub async fn transfer_each_way(local: SocketAddr, len: usize, seed: u64) {
     assert_eq!(hasher.finalize(), want, "SHA-256 differs");
 }
 
+/// A request body written by hand: each chunk sent on its sender goes out as it comes, an
+/// `Err` fails the body, and dropping the sender ends it.
+#[derive(Debug)]
+pub struct HandBody {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+}
+
+impl HandBody {
+    /// A body and the sender that writes it.
+    pub fn channel() -> (
+        tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+        reqwest::Body,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        (tx, reqwest::Body::wrap(Self { rx }))
+    }
+}
+
+impl http_body::Body for HandBody {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::io::Result<http_body::Frame<bytes::Bytes>>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| c.map(http_body::Frame::data)))
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -562,7 +610,7 @@ pub struct World {
 }
 
 impl World {
-    /// Starts everything and waits until the server proxy's listens are at the relay.
+    /// Starts everything and waits until the server proxy's channels are ready at the relay.
     pub async fn start(opts: WorldOptions) -> anyhow::Result<Self> {
         let mut setup = Setup::new()?;
         setup.relay_extra = opts.relay_extra.clone();
@@ -578,9 +626,10 @@ impl World {
             let config = setup.server_config(relay.addr, &ports, &opts.server_extra)?;
             let want = config.listen_pool * config.ports.len();
             let server = start_server(config, setup.server_key.clone());
-            tokio::time::timeout(Duration::from_secs(20), relay.wait_listens(want))
+            let mut ready = relay.ready_server_channels.clone();
+            tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|n| *n >= want))
                 .await
-                .context("server proxy did not start listening")?;
+                .context("server proxy did not open its channels")??;
             Some(server)
         };
         let forwards: Vec<(&str, &str)> = opts
@@ -593,7 +642,16 @@ impl World {
             _ => setup.bob_key.clone(),
         };
         let config = setup.proxy_config(relay.addr, &opts.client, &forwards, &opts.proxy_extra)?;
+        let want = *relay.channels.borrow() + forwards.len();
         let (proxy, forwards) = start_proxy(config, key)?;
+        // The client proxy's channels too, one per forward (without a server, the relay
+        // refuses them).
+        if server.is_some() {
+            let mut channels = relay.channels.clone();
+            tokio::time::timeout(Duration::from_secs(20), channels.wait_for(|n| *n >= want))
+                .await
+                .context("client proxy did not open its channels")??;
+        }
         Ok(Self {
             setup,
             relay,

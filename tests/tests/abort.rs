@@ -95,7 +95,7 @@ async fn expect_closed(r: &mut tokio::net::tcp::OwnedReadHalf) {
 
 async fn expect_state_freed(w: &World) {
     w.relay
-        .expect_no_connections(PROPAGATION, "relay still holds the connection's state")
+        .expect_no_tunnels(PROPAGATION, "relay still holds the connection's state")
         .await;
 }
 
@@ -314,7 +314,7 @@ async fn client_proxy_killed_closes_the_service() {
             "the service must see an abort, not a clean end"
         );
         w.relay
-            .expect_no_connections(PROPAGATION, "relay still holds the connection's state")
+            .expect_no_tunnels(PROPAGATION, "relay still holds the connection's state")
             .await;
     })
     .await;
@@ -350,15 +350,19 @@ async fn relay_restart_while_server_waits_then_new_connection_works() {
         )
         .expect("restart relay");
         relay
-            .expect_listens(
+            .expect_server_channels(
                 2,
                 Duration::from_secs(10),
                 "server proxy came back by itself",
             )
             .await;
-        assert_eq!(
-            round_trip(forwards[0], b"after").await.expect("after"),
-            b"after"
+        let after = round_trip(forwards[0], b"after").await;
+        assert!(
+            after.as_ref().is_ok_and(|a| a == b"after"),
+            "{after:?}\nclient proxy:\n{}\nserver proxy:\n{}\nrelay:\n{}",
+            proxy.logs().text(),
+            server.as_ref().map(|s| s.logs().text()).unwrap_or_default(),
+            relay.component.logs().text()
         );
         drop((server, proxy));
     })
@@ -370,19 +374,20 @@ async fn killed_server_is_offline_at_once() {
     within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let mut w = World::start(WorldOptions::echo(echo)).await.expect("world");
-        // One connection first: a listen was just answered, and the port's grace (kept while
-        // a server re-issues its listen) must end when the server's listens die.
+        // One connection first: the server's channels have carried a connection.
         assert_eq!(
             round_trip(w.local(), b"hi").await.expect("round trip"),
             b"hi"
         );
-        w.relay.wait_listens(2).await;
+        w.relay
+            .expect_server_channels(2, PROPAGATION, "server channels ready again")
+            .await;
         w.server.take().expect("server").kill();
-        // The relay notices the dropped long-polls without waiting for them to time out.
-        let mut listens = w.relay.listens.clone();
-        tokio::time::timeout(PROPAGATION, listens.wait_for(|n| *n == 0))
+        // The relay notices the dropped channels without waiting for them to time out.
+        let mut ready = w.relay.ready_server_channels.clone();
+        tokio::time::timeout(PROPAGATION, ready.wait_for(|n| *n == 0))
             .await
-            .expect("relay still counts the dead server's listens")
+            .expect("relay still counts the dead server's channels")
             .expect("watch");
         // A connect is refused as "server offline" at once, not queued until accept_timeout.
         let url =
@@ -397,8 +402,8 @@ async fn killed_server_is_offline_at_once() {
             alice
                 .post(&ptth_common::protocol::connect_path("db", "echo"))
                 .header(
-                    ptth_common::protocol::CONNECTION_ID_HEADER,
-                    ptth_common::protocol::ConnId::random()
+                    ptth_common::protocol::CHANNEL_ID_HEADER,
+                    ptth_common::protocol::ChannelId::random()
                         .expect("id")
                         .to_string(),
                 )

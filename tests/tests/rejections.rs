@@ -7,8 +7,9 @@ use std::time::Duration;
 use ptth_common::auth::{SIGNATURE, SIGNATURE_INPUT, Signer, unix_now};
 use ptth_common::client::{RelayClient, http_client, http_client_builder};
 use ptth_common::config::RelayUrl;
+use ptth_common::frame::{self, Item};
 use ptth_common::keys::PrivateKey;
-use ptth_common::protocol::{self, CONNECTION_ID_HEADER};
+use ptth_common::protocol::{self, CHANNEL_ID_HEADER, ChannelId};
 use ptth_tests::*;
 use reqwest::StatusCode;
 use tokio::io::AsyncReadExt;
@@ -95,7 +96,7 @@ async fn connect_failures_close_the_socket_with_a_clear_log_line() {
             "db",
             "dead",
             quick,
-            &["status=502", "could not connect to its target"],
+            &["connect to db/dead failed", "could not reach its target"],
         )
         .await;
         connect_fails(
@@ -108,15 +109,14 @@ async fn connect_failures_close_the_socket_with_a_clear_log_line() {
         )
         .await;
 
-        // A server that listens on `slow` but never accepts: the relay gives up after
-        // accept_timeout (1 s here).
+        // A server channel on `slow` that never answers the connection it is given: the relay
+        // gives up after accept_timeout (1 s here).
         let db = relay_client(w.relay.addr, &w.setup.server_key);
-        let path = protocol::listen_path("db", "slow");
-        let listen = tokio::spawn(async move { db.post(&path).send().await });
-        // The server proxy keeps at most listen_pool (2) listens on each of its two ports, so
-        // a fifth waiting listen can only be this one.
+        let slow = HandChannel::server(&db, "slow").await;
+        // The server proxy keeps listen_pool (2) channels on each of its two ports, so a fifth
+        // ready channel can only be this one.
         w.relay
-            .expect_listens(2 * 2 + 1, Duration::from_secs(10), "listen registered")
+            .expect_server_channels(2 * 2 + 1, Duration::from_secs(10), "channel ready")
             .await;
         connect_fails(
             &w,
@@ -124,45 +124,20 @@ async fn connect_failures_close_the_socket_with_a_clear_log_line() {
             "db",
             "slow",
             Duration::from_secs(4),
-            &["status=504", "did not take the connection in time"],
+            &[
+                "connect to db/slow failed",
+                "did not take the connection in time",
+            ],
         )
         .await;
-        let offered = listen.await.expect("join").expect("listen answer");
-        assert_eq!(offered.status(), StatusCode::OK);
-        assert!(offered.headers().contains_key(CONNECTION_ID_HEADER));
-
-        // A connect whose upstream never comes (something in front of the client holds it
-        // back): the answer says so.
-        let db = relay_client(w.relay.addr, &w.setup.server_key);
-        let path = protocol::listen_path("db", "slow");
-        let listen = tokio::spawn(async move { db.post(&path).send().await });
-        w.relay
-            .expect_listens(2 * 2 + 1, Duration::from_secs(10), "listen registered")
-            .await;
-        let alice = relay_client(w.relay.addr, &w.setup.alice_key);
-        let r = alice
-            .post(&protocol::connect_path("db", "slow"))
-            .header(CONNECTION_ID_HEADER, fresh_id())
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(
-            status_and_text(r).await,
-            (
-                StatusCode::GATEWAY_TIMEOUT,
-                "your upstream did not reach the relay: a reverse proxy on the way holds \
-                 request bodies back (nginx: proxy_request_buffering off)"
-                    .to_owned()
-            )
-        );
-        drop(listen.await.expect("join").expect("listen answer"));
+        drop(slow);
     })
     .await;
 }
 
-/// A connection ID for a hand-made `connect`, as a client chooses one.
+/// A channel ID for a hand-made `connect` or `listen`, as an endpoint chooses one.
 fn fresh_id() -> String {
-    protocol::ConnId::random().expect("id").to_string()
+    ChannelId::random().expect("id").to_string()
 }
 
 fn plain_http() -> reqwest::Client {
@@ -172,11 +147,9 @@ fn plain_http() -> reqwest::Client {
         .expect("client")
 }
 
-async fn world_with_short_listens() -> World {
+async fn echo_world() -> World {
     let echo = echo_service().await.expect("echo");
-    let mut opts = WorldOptions::echo(echo);
-    opts.relay_extra = "listen_timeout = \"1s\"".into();
-    World::start(opts).await.expect("world")
+    World::start(WorldOptions::echo(echo)).await.expect("world")
 }
 
 async fn status_and_text(r: reqwest::Response) -> (StatusCode, String) {
@@ -191,9 +164,7 @@ async fn signatures_must_name_a_configured_authority() {
         let mut opts = WorldOptions::echo(closed_port().expect("port"));
         opts.ports.clear();
         opts.relay_extra =
-            "authorities = [\"relay.test\", \"Relay.Test:8443\", \"other.test:443\"]\n\
-             listen_timeout = \"1s\""
-                .into();
+            "authorities = [\"relay.test\", \"Relay.Test:8443\", \"other.test:443\"]".into();
         let w = World::start(opts).await.expect("world");
         let signer = Signer::new(w.setup.server_key.clone());
         let path = protocol::listen_path("db", "echo");
@@ -203,6 +174,7 @@ async fn signatures_must_name_a_configured_authority() {
             http.post(format!("http://{}{}", w.relay.addr, path))
                 .header(SIGNATURE_INPUT, h.input)
                 .header(SIGNATURE, h.signature)
+                .header(CHANNEL_ID_HEADER, fresh_id())
                 .send()
         };
         // Names are compared lowercased; `other.test:443` also stands for `other.test`.
@@ -213,7 +185,7 @@ async fn signatures_must_name_a_configured_authority() {
             "other.test:443",
         ] {
             let r = send(named.into()).await.expect("send");
-            assert_eq!(r.status(), StatusCode::NO_CONTENT, "signed for {named}");
+            assert_eq!(r.status(), StatusCode::OK, "signed for {named}");
         }
         // Signed for the address the request really went to, which is not a configured name.
         for other in [
@@ -237,7 +209,7 @@ async fn signatures_must_name_a_configured_authority() {
 #[tokio::test]
 async fn unknown_key_and_bad_signature_get_the_same_401() {
     within(LIMIT, async {
-        let w = world_with_short_listens().await;
+        let w = echo_world().await;
         let stranger = relay_client(w.relay.addr, &PrivateKey::generate().expect("key"));
         let unknown = stranger
             .post(&protocol::connect_path("db", "echo"))
@@ -290,7 +262,7 @@ async fn unknown_key_and_bad_signature_get_the_same_401() {
 #[tokio::test]
 async fn replayed_and_stale_requests_are_refused() {
     within(LIMIT, async {
-        let w = world_with_short_listens().await;
+        let w = echo_world().await;
         let path = protocol::connect_path("web", "x");
         let signer = Signer::new(w.setup.alice_key.clone());
         let authority = w.relay.addr.to_string();
@@ -301,7 +273,7 @@ async fn replayed_and_stale_requests_are_refused() {
             http.post(&url)
                 .header(SIGNATURE_INPUT, &h.input)
                 .header(SIGNATURE, &h.signature)
-                .header(CONNECTION_ID_HEADER, fresh_id())
+                .header(CHANNEL_ID_HEADER, fresh_id())
                 .send()
         };
         let first = send(&h).await.expect("send");
@@ -335,7 +307,7 @@ async fn replayed_and_stale_requests_are_refused() {
 #[tokio::test]
 async fn keys_may_only_act_as_themselves() {
     within(LIMIT, async {
-        let w = world_with_short_listens().await;
+        let w = echo_world().await;
         let db = relay_client(w.relay.addr, &w.setup.server_key);
         let alice = relay_client(w.relay.addr, &w.setup.alice_key);
         let bob = relay_client(w.relay.addr, &w.setup.bob_key);
@@ -382,258 +354,331 @@ async fn keys_may_only_act_as_themselves() {
     .await;
 }
 
+/// A channel opened by hand: the answer to its `connect` or `listen` (its download), the
+/// writer of its upload's body and the upload's answer to come.
+struct HandChannel {
+    id: ChannelId,
+    download: reqwest::Response,
+    upload: Option<tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>>,
+    uploaded: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+    /// Download bytes read but not yet decoded.
+    pending: bytes::Bytes,
+    frames: frame::Decoder,
+}
+
+impl HandChannel {
+    /// A channel of `db` for connections to `port`: `listen` and `downstream`.
+    async fn server(db: &RelayClient, port: &str) -> Self {
+        let id = ChannelId::random().expect("id");
+        let download = db
+            .post(&protocol::listen_path("db", port))
+            .header(CHANNEL_ID_HEADER, id.to_string());
+        Self::open(db, id, download, protocol::downstream_path("db", id)).await
+    }
+
+    /// A channel of a client for connections to `server/port`: `connect` and `upstream`.
+    async fn client(client: &RelayClient, server: &str, port: &str) -> Self {
+        let id = ChannelId::random().expect("id");
+        let download = client
+            .post(&protocol::connect_path(server, port))
+            .header(CHANNEL_ID_HEADER, id.to_string());
+        Self::open(client, id, download, protocol::upstream_path(server, id)).await
+    }
+
+    async fn open(
+        relay: &RelayClient,
+        id: ChannelId,
+        download: reqwest::RequestBuilder,
+        upload_path: String,
+    ) -> Self {
+        let (upload, body) = HandBody::channel();
+        let request = relay.post(&upload_path).body(body);
+        let uploaded = tokio::spawn(request.send());
+        // Something to send, so that nothing on the way holds the request's head back.
+        upload
+            .send(Ok(frame::heartbeat()))
+            .await
+            .expect("upload open");
+        let download = download.send().await.expect("download");
+        assert_eq!(download.status(), StatusCode::OK, "channel opened");
+        assert_eq!(
+            download.headers()[CHANNEL_ID_HEADER].to_str().expect("id"),
+            id.to_string()
+        );
+        let mut channel = Self {
+            id,
+            download,
+            upload: Some(upload),
+            uploaded,
+            pending: bytes::Bytes::new(),
+            frames: frame::Decoder::new(),
+        };
+        assert_eq!(
+            channel.next().await,
+            Some(Item::Attached),
+            "upload attached"
+        );
+        channel
+    }
+
+    /// Sends frames on the upload.
+    async fn send(&self, frames: &[bytes::Bytes]) {
+        let mut all = bytes::BytesMut::new();
+        for f in frames {
+            all.extend_from_slice(f);
+        }
+        let upload = self.upload.as_ref().expect("upload open");
+        upload.send(Ok(all.freeze())).await.expect("upload open");
+    }
+
+    /// The next item of the download, heartbeats left out; `None` once it has ended or failed.
+    async fn next(&mut self) -> Option<Item> {
+        loop {
+            while let Some(item) = self.frames.decode(&mut self.pending).expect("valid frames") {
+                if item != Item::Heartbeat {
+                    return Some(item);
+                }
+            }
+            self.pending = self.download.chunk().await.ok()??;
+        }
+    }
+
+    /// Ends the upload's body and returns the status of its answer.
+    async fn finish(&mut self) -> StatusCode {
+        drop(self.upload.take());
+        (&mut self.uploaded)
+            .await
+            .expect("join")
+            .expect("upload answer")
+            .status()
+    }
+}
+
 #[tokio::test]
-async fn connection_ids_belong_to_their_owners_and_are_single_use() {
+async fn channel_ids_belong_to_their_owners_and_are_single_use() {
     within(LIMIT, async {
-        // Default listen_timeout: the hand-made listen below must still wait when the
-        // connect arrives, however loaded the machine.
-        let echo = echo_service().await.expect("echo");
-        let w = World::start(WorldOptions::echo(echo)).await.expect("world");
+        let w = echo_world().await;
         let addr = w.relay.addr;
         let db = relay_client(addr, &w.setup.server_key);
         let web = relay_client(addr, &w.setup.web_key);
         let alice = relay_client(addr, &w.setup.alice_key);
         let bob = relay_client(addr, &w.setup.bob_key);
-        let (id, connect, listened) = offer_by_hand(&w, &db, &alice).await;
+        let mine = HandChannel::client(&alice, "db", "echo").await;
+        let id = mine.id;
 
-        // Another server cannot take or refuse it, under either name; nor can a client.
+        // The ID is alice's: another channel with it is refused, by whoever opens it.
+        let r = alice
+            .post(&protocol::connect_path("db", "echo"))
+            .header(CHANNEL_ID_HEADER, id.to_string())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(
+            status_and_text(r).await,
+            (StatusCode::CONFLICT, "channel id in use".to_owned())
+        );
+        // Its upload is alice's alone, and taken once.
+        for (who, server, what) in [
+            (&bob, "db", "another client"),
+            (&db, "db", "a server"),
+            (&alice, "web", "another server's path"),
+            (&alice, "db", "a second upload"),
+        ] {
+            let r = who
+                .post(&protocol::upstream_path(server, id))
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{what}");
+        }
+        // A server's channel: its upload is the server's, under its own name only.
+        let theirs = HandChannel::server(&db, "raw").await;
+        let sid = theirs.id;
         for (who, name, want) in [
             (&web, "web", StatusCode::NOT_FOUND),
             (&web, "db", StatusCode::FORBIDDEN),
             (&alice, "db", StatusCode::FORBIDDEN),
+            (&db, "db", StatusCode::NOT_FOUND),
         ] {
-            for path in [
-                protocol::downstream_path(name, id),
-                protocol::refuse_path(name, id),
-            ] {
-                let r = who.post(&path).send().await.expect("send");
-                assert_eq!(r.status(), want, "{path}");
-            }
-        }
-        // The ID is the client's: another connect with it is refused.
-        let r = alice
-            .post(&protocol::connect_path("db", "raw"))
-            .header(CONNECTION_ID_HEADER, id.to_string())
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status(), StatusCode::CONFLICT);
-
-        // The server takes it (its downstream arrives), and the connect is answered.
-        let d = db.clone();
-        let downstream = tokio::spawn(async move {
-            d.post(&protocol::downstream_path("db", id))
-                .body(ptth_common::frame::end().to_vec())
+            let r = who
+                .post(&protocol::downstream_path(name, sid))
                 .send()
                 .await
-        });
-        let connected = connect.await.expect("join").expect("connect");
-        assert_eq!(connected.status(), StatusCode::OK);
-        assert_eq!(
-            connected.headers()[CONNECTION_ID_HEADER]
-                .to_str()
-                .expect("h"),
-            id.to_string()
-        );
-
-        // Single use: a second answer, accepting or refusing, is refused.
-        for path in [
-            protocol::downstream_path("db", id),
-            protocol::refuse_path("db", id),
-        ] {
-            let r = db.post(&path).send().await.expect("send");
-            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+                .expect("send");
+            assert_eq!(r.status(), want, "downstream of {name} by another");
         }
-        // Foreign client: 404 for upstream; the owner's server cannot send upstream either.
-        let r = bob
-            .post(&protocol::upstream_path("db", id))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        // A client channel's ID is no server's channel, and malformed IDs are nobody's.
         let r = db
-            .post(&protocol::upstream_path("db", id))
+            .post(&protocol::downstream_path("db", id))
             .send()
             .await
             .expect("send");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        // A malformed ID is 404 too.
         let r = alice
-            .post("/v1/servers/db/connections/not-an-id/upstream")
+            .post("/v1/servers/db/channels/not-an-id/upstream")
             .send()
             .await
             .expect("send");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        drop((listened, connected));
-        downstream.abort();
+        drop((mine, theirs));
     })
     .await;
 }
 
 #[tokio::test]
-async fn connects_need_a_connection_id() {
+async fn channels_need_a_channel_id() {
     within(LIMIT, async {
-        let w = world_with_short_listens().await;
+        let w = echo_world().await;
         let alice = relay_client(w.relay.addr, &w.setup.alice_key);
+        let db = relay_client(w.relay.addr, &w.setup.server_key);
         for id in [
             None,
             Some("not-an-id"),
             Some("0123456789ABCDEF0123456789ABCDEF"),
         ] {
-            let mut request = alice.post(&protocol::connect_path("db", "echo"));
-            if let Some(id) = id {
-                request = request.header(CONNECTION_ID_HEADER, id);
+            for mut request in [
+                alice.post(&protocol::connect_path("db", "echo")),
+                db.post(&protocol::listen_path("db", "echo")),
+            ] {
+                if let Some(id) = id {
+                    request = request.header(CHANNEL_ID_HEADER, id);
+                }
+                let (status, text) = status_and_text(request.send().await.expect("send")).await;
+                assert_eq!(
+                    (status, text.as_str()),
+                    (StatusCode::BAD_REQUEST, "missing or malformed channel id"),
+                    "{id:?}"
+                );
             }
-            let (status, text) = status_and_text(request.send().await.expect("send")).await;
-            assert_eq!(
-                (status, text.as_str()),
-                (
-                    StatusCode::BAD_REQUEST,
-                    "missing or malformed connection id"
-                ),
-                "{id:?}"
-            );
         }
     })
     .await;
 }
 
-/// A `listen` by `db` on port `raw` and a `connect` by `alice` to it, by hand: the connection
-/// ID alice chose, her connect still waiting for its answer, and the listen's answer (whose
-/// body is the upstream; dropping it aborts the connection).
-async fn offer_by_hand(
-    w: &World,
-    db: &RelayClient,
-    alice: &RelayClient,
-) -> (
-    protocol::ConnId,
-    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
-    reqwest::Response,
-) {
-    let l = db.clone();
-    let listen =
-        tokio::spawn(async move { l.post(&protocol::listen_path("db", "raw")).send().await });
-    // The server proxy keeps 2 listens on `echo`: a third waiting listen is this one.
-    w.relay
-        .expect_listens(3, Duration::from_secs(10), "listen registered")
-        .await;
-    let id = protocol::ConnId::random().expect("id");
-    let connect = alice
-        .post(&protocol::connect_path("db", "raw"))
-        .header(CONNECTION_ID_HEADER, id.to_string());
-    let connect = tokio::spawn(connect.send());
-    let offered = listen.await.expect("join").expect("listen");
-    assert_eq!(offered.status(), StatusCode::OK);
-    let given: protocol::ConnId = offered.headers()[CONNECTION_ID_HEADER]
-        .to_str()
-        .expect("header")
-        .parse()
-        .expect("id");
-    assert_eq!(given, id, "the listen was given the client's ID");
-    (id, connect, offered)
-}
-
-/// The items of a whole download body: heartbeats left out.
-fn items(body: &[u8]) -> Vec<ptth_common::frame::Item> {
-    let mut decoder = ptth_common::frame::Decoder::new();
-    let mut chunk = bytes::Bytes::copy_from_slice(body);
-    let mut out = Vec::new();
-    while let Some(item) = decoder.decode(&mut chunk).expect("valid frames") {
-        if item != ptth_common::frame::Item::Heartbeat {
-            out.push(item);
+#[tokio::test]
+async fn a_connection_between_two_channels_by_hand() {
+    within(LIMIT, async {
+        let w = echo_world().await;
+        let db = relay_client(w.relay.addr, &w.setup.server_key);
+        let alice = relay_client(w.relay.addr, &w.setup.alice_key);
+        let mut server = HandChannel::server(&db, "raw").await;
+        let mut client = HandChannel::client(&alice, "db", "raw").await;
+        // Two connections in a row on the same two channels.
+        for round in 0..2u8 {
+            client
+                .send(&[frame::open(), frame::data(&[b'c', round])])
+                .await;
+            assert_eq!(server.next().await, Some(Item::Open), "round {round}");
+            assert_eq!(
+                server.next().await,
+                Some(Item::Data(bytes::Bytes::from(vec![b'c', round])))
+            );
+            server
+                .send(&[frame::open(), frame::data(&[b's', round]), frame::end()])
+                .await;
+            assert_eq!(client.next().await, Some(Item::Open));
+            assert_eq!(
+                client.next().await,
+                Some(Item::Data(bytes::Bytes::from(vec![b's', round])))
+            );
+            assert_eq!(client.next().await, Some(Item::End));
+            client.send(&[frame::end()]).await;
+            assert_eq!(server.next().await, Some(Item::End));
+            w.relay
+                .expect_no_tunnels(Duration::from_secs(5), "connection over")
+                .await;
         }
-    }
-    out
+        // Retired: END while idle, then the end of the body, is a clean end.
+        client.send(&[frame::end()]).await;
+        assert_eq!(client.finish().await, StatusCode::OK);
+        server.send(&[frame::end()]).await;
+        assert_eq!(server.finish().await, StatusCode::OK);
+    })
+    .await;
 }
 
 #[tokio::test]
-async fn relay_treats_uploads_without_end_or_with_bad_frames_as_aborts() {
+async fn relay_treats_uploads_out_of_protocol_as_aborts() {
     within(LIMIT, async {
-        use ptth_common::frame::{self, Item};
-        let echo = echo_service().await.expect("echo");
-        let w = World::start(WorldOptions::echo(echo)).await.expect("world");
+        let w = echo_world().await;
         let db = relay_client(w.relay.addr, &w.setup.server_key);
         let alice = relay_client(w.relay.addr, &w.setup.alice_key);
-        let mut attached_in_upload = frame::data(b"hi").to_vec();
-        attached_in_upload.extend_from_slice(&frame::attached());
-        attached_in_upload.extend_from_slice(&frame::end());
-        let mut after_end = frame::end().to_vec();
-        after_end.extend_from_slice(&frame::heartbeat());
-        let mut clean = frame::data(b"hi").to_vec();
-        clean.extend_from_slice(&frame::end());
-        let cases: [(&str, Vec<u8>, StatusCode); 5] = [
-            ("no END", frame::data(b"hi").to_vec(), StatusCode::GONE),
+        let cut = bytes::Bytes::from_static(&[frame::TYPE_DATA, 0, 0, 0, 9, 1]);
+        let cases: [(&str, Vec<bytes::Bytes>, bool); 5] = [
+            ("DATA before OPEN", vec![frame::data(b"hi")], false),
+            ("FAILED from a client", vec![frame::failed("no")], false),
+            ("no END", vec![frame::open(), frame::data(b"hi")], true),
+            ("cut inside a frame", vec![frame::open(), cut], true),
             (
-                "cut inside a frame",
-                vec![frame::TYPE_DATA, 0, 0, 0, 9, 1],
-                StatusCode::GONE,
+                "ATTACHED",
+                vec![frame::open(), frame::data(b"hi"), frame::attached()],
+                true,
             ),
-            ("ATTACHED", attached_in_upload, StatusCode::GONE),
-            ("bytes after END", after_end, StatusCode::GONE),
-            ("well formed", clean, StatusCode::OK),
         ];
-        for (what, downstream_body, want) in cases {
-            let (id, connect, listened) = offer_by_hand(&w, &db, &alice).await;
-            let d = db.clone();
-            let downstream = tokio::spawn(async move {
-                d.post(&protocol::downstream_path("db", id))
-                    .body(downstream_body)
-                    .send()
-                    .await
-            });
-            let a = alice.clone();
-            let upstream = tokio::spawn(async move {
-                a.post(&protocol::upstream_path("db", id))
-                    .body(frame::end().to_vec())
-                    .send()
-                    .await
-            });
-            let connected = connect.await.expect("join");
-            let downstream = downstream.await.expect("join").expect("downstream");
-            assert_eq!(downstream.status(), want, "downstream: {what}");
-            // The client's download fails rather than ending, unless the upload was clean (an
-            // upload that fails at once may fail the answer before its headers have gone).
-            let body = match connected {
-                Ok(r) if r.status() == StatusCode::OK => r.bytes().await.map(drop),
-                Ok(r) => panic!("connect: {what}: {}", r.status()),
-                Err(e) => Err(e),
-            };
-            assert_eq!(body.is_ok(), want == StatusCode::OK, "connect body: {what}");
-            let upstream = upstream.await.expect("join").expect("upstream");
-            if want == StatusCode::OK {
-                assert_eq!(upstream.status(), StatusCode::OK, "upstream: {what}");
-                // The server's download: the client's END, and ATTACHED (before or after it).
-                let got = listened.bytes().await.expect("listen body");
-                let mut got = items(&got);
-                got.sort_by_key(|i| matches!(i, Item::End));
-                assert_eq!(got, [Item::Attached, Item::End], "listen body");
+        for (what, upload, opens) in cases {
+            let mut server = HandChannel::server(&db, "raw").await;
+            let mut client = HandChannel::client(&alice, "db", "raw").await;
+            client.send(&upload).await;
+            // The client's channel ends: its upload is answered 410, its download fails, and
+            // nothing of the connection reaches it.
+            assert_eq!(client.finish().await, StatusCode::GONE, "upload: {what}");
+            while let Some(item) = client.next().await {
+                assert_eq!(
+                    item,
+                    Item::Attached,
+                    "{what}: the client's download went on"
+                );
+            }
+            if opens {
+                // Joined with the server's channel, which ends too (it may have seen the
+                // connection open, and what came before the bad frame).
+                while let Some(item) = server.next().await {
+                    assert!(
+                        matches!(item, Item::Open | Item::Data(_)),
+                        "{what}: {item:?} on the server's download"
+                    );
+                }
+                assert_eq!(server.finish().await, StatusCode::GONE, "server: {what}");
             } else {
-                drop(listened);
+                // Never joined: the server's channel lives on, and is retired cleanly.
+                server.send(&[frame::end()]).await;
+                assert_eq!(server.next().await, None, "{what}");
+                assert_eq!(server.finish().await, StatusCode::OK, "server: {what}");
             }
             w.relay
-                .expect_no_connections(Duration::from_secs(5), "relay frees the connection")
+                .expect_no_tunnels(Duration::from_secs(5), "the relay frees the tunnel")
                 .await;
         }
     })
     .await;
 }
 
-/// With `extra` in relay.toml, one open tunnel blocks the next connect with `refusal`.
+/// With `extra` in relay.toml, the client proxy's channel takes the one place: another
+/// `connect` is refused with `refusal`.
 async fn connection_limit_is_enforced(extra: &str, refusal: &str) {
     within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
         let mut opts = WorldOptions::echo(echo);
-        // The server proxy keeps 2 listens on `echo`; allow 2 per port and 1 connection.
+        // The server proxy keeps 2 idle channels on `echo`; allow 2 per port and 1 client
+        // channel: the client proxy's.
         opts.relay_extra = format!("max_listens_per_port = 2\n{extra}");
         let w = World::start(opts).await.expect("world");
         let db = relay_client(w.relay.addr, &w.setup.server_key);
         let r = db
             .post(&protocol::listen_path("db", "echo"))
+            .header(CHANNEL_ID_HEADER, fresh_id())
             .send()
             .await
             .expect("send");
-        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-        // One tunnel open: the next connect is refused with 503, and works again after.
+        assert_eq!(
+            status_and_text(r).await,
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many idle channels on this port".to_owned()
+            )
+        );
+        // A connection open: another channel is refused with 503, and the one channel carries
+        // the next connection after.
         let mut first = TcpStream::connect(w.local()).await.expect("connect");
         tokio::io::AsyncWriteExt::write_all(&mut first, b"a")
             .await
@@ -643,7 +688,7 @@ async fn connection_limit_is_enforced(extra: &str, refusal: &str) {
         let alice = relay_client(w.relay.addr, &w.setup.alice_key);
         let r = alice
             .post(&protocol::connect_path("db", "echo"))
-            .header(CONNECTION_ID_HEADER, fresh_id())
+            .header(CHANNEL_ID_HEADER, fresh_id())
             .send()
             .await
             .expect("send");
@@ -651,24 +696,39 @@ async fn connection_limit_is_enforced(extra: &str, refusal: &str) {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(text, refusal);
         drop(first);
-        w.relay
-            .expect_no_connections(Duration::from_secs(5), "freed")
-            .await;
-        assert_eq!(round_trip(w.local(), b"again").await.expect("rt"), b"again");
+        // Once the client proxy's channel has closed, its place is free.
+        let World {
+            relay,
+            proxy,
+            server,
+            ..
+        } = w;
+        proxy.stop().await;
+        let ready = relay.ready_server_channels.clone();
+        let mut channels = relay.channels.clone();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            channels.wait_for(|n| *n == *ready.borrow()),
+        )
+        .await
+        .expect("the proxy's channel closed")
+        .expect("relay running");
+        let mine = HandChannel::client(&alice, "db", "echo").await;
+        drop((mine, server));
     })
     .await;
 }
 
 #[tokio::test]
 async fn relay_limits_are_enforced() {
-    connection_limit_is_enforced("max_connections = 1", "relay at connection limit").await;
+    connection_limit_is_enforced("max_connections = 1", "relay at channel limit").await;
 }
 
 #[tokio::test]
 async fn per_client_connection_limit_is_enforced() {
     connection_limit_is_enforced(
         "max_connections_per_client = 1",
-        "too many connections for this client",
+        "too many channels for this client",
     )
     .await;
 }

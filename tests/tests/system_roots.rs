@@ -40,7 +40,7 @@ fn system_roots_are_trusted_by_default() {
                 setup.server_key.clone(),
             );
             relay
-                .expect_listens(
+                .expect_server_channels(
                     2,
                     Duration::from_secs(20),
                     "server proxy trusts the relay's certificate",

@@ -16,7 +16,7 @@ async fn sixty_four_mib_each_way_sha256_equal() {
         let w = World::start(WorldOptions::echo(echo)).await.expect("world");
         transfer_each_way(w.local(), 64 << 20, 7).await;
         w.relay
-            .expect_no_connections(Duration::from_secs(5), "relay frees the connection's state")
+            .expect_no_tunnels(Duration::from_secs(5), "relay frees the connection's state")
             .await;
     })
     .await;
@@ -35,7 +35,7 @@ async fn hundred_concurrent_connections() {
             t.await.expect("task");
         }
         w.relay
-            .expect_no_connections(Duration::from_secs(5), "relay frees every connection")
+            .expect_no_tunnels(Duration::from_secs(5), "relay frees every connection")
             .await;
     })
     .await;
@@ -105,7 +105,7 @@ async fn service_half_close_still_receives_whole_upstream() {
         let got = task.await.expect("service");
         assert!(got == upstream, "upstream differs ({} bytes)", got.len());
         w.relay
-            .expect_no_connections(Duration::from_secs(5), "relay frees the connection's state")
+            .expect_no_tunnels(Duration::from_secs(5), "relay frees the connection's state")
             .await;
     })
     .await;
@@ -162,7 +162,7 @@ async fn relay_closes_a_silent_connection_after_idle_timeout() {
             "closed before idle_timeout"
         );
         w.relay
-            .expect_no_connections(Duration::from_secs(5), "relay frees the connection's state")
+            .expect_no_tunnels(Duration::from_secs(5), "relay frees the connection's state")
             .await;
     })
     .await;
@@ -179,7 +179,7 @@ async fn clean_closes_are_never_reported_as_aborts() {
             assert!(got == data, "round trip {i}");
         }
         w.relay
-            .expect_no_connections(Duration::from_secs(5), "relay frees every connection")
+            .expect_no_tunnels(Duration::from_secs(5), "relay frees every connection")
             .await;
         let server = w.server.as_ref().expect("server");
         for (who, logs) in [
@@ -214,7 +214,7 @@ async fn h2c_carries_every_tunnel_of_a_proxy_on_one_connection() {
             .expect("server config");
         let server = start_server(server_config, setup.server_key.clone());
         relay
-            .expect_listens(2, Duration::from_secs(20), "server proxy listens over h2c")
+            .expect_server_channels(2, Duration::from_secs(20), "server proxy listens over h2c")
             .await;
         let counter = CountingForwarder::start(relay.addr)
             .await
@@ -250,7 +250,7 @@ async fn h2c_carries_every_tunnel_of_a_proxy_on_one_connection() {
             "the server proxy used more than one connection"
         );
         relay
-            .expect_no_connections(Duration::from_secs(5), "relay frees every connection")
+            .expect_no_tunnels(Duration::from_secs(5), "relay frees every connection")
             .await;
         for (who, logs) in [
             ("client proxy", proxy.logs()),

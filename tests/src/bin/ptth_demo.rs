@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
 
     let token = CancellationToken::new();
     let relay = ptth_relay::run(relay_listener, relay_config, token.child_token())?;
-    let mut listens = relay.listens();
+    let mut ready = relay.ready_server_channels();
     let server = ptth_server::run(server_config.clone(), server_key, token.child_token())?;
     let proxy = ptth_proxy::run(
         vec![forward_listener],
@@ -111,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let proved = async {
         tokio::time::timeout(
             Duration::from_secs(10),
-            listens.wait_for(|n| *n >= server_config.listen_pool),
+            ready.wait_for(|n| *n >= server_config.listen_pool),
         )
         .await
         .context("the server proxy did not reach the relay in 10 s")??;

@@ -71,11 +71,6 @@ pub(super) fn errors(log: &str, access: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether an access log entry is a `listen` answered with `code`.
-pub(super) fn answered_listen(line: &str, code: u16) -> bool {
-    line.contains("/listen\"") && status(line) == Some(code)
-}
-
 /// Warnings Caddy 2.6 logs at every start with the test configuration.
 const START_WARNINGS: &[&str] = &[
     "Caddyfile input is not formatted",

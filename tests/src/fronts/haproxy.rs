@@ -56,11 +56,6 @@ pub(super) fn errors(log: &str, probe: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether a request log line is a `listen` answered with `status`.
-pub(super) fn answered_listen(line: &str, status: u16) -> bool {
-    parse_httplog(line).is_some_and(|h| h.status == status && h.request.contains("/listen "))
-}
-
 /// One request of HAProxy's `option httplog` format:
 /// `client:port [date] frontend backend/server Treq/Tw/Tc/Tr/Ta status bytes cookie cookie
 /// termination conns queues "request"`.

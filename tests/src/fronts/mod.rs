@@ -83,19 +83,6 @@ impl Front {
             FrontKind::Haproxy => haproxy::errors(&self.log(), PROBE_PATH),
         }
     }
-
-    /// How many `listen` long-polls the front logged as answered with `status`.
-    pub fn listen_answers(&self, status: u16) -> usize {
-        let answered = match self.kind {
-            FrontKind::Nginx | FrontKind::NginxBuffering => nginx::answered_listen,
-            FrontKind::Caddy => caddy::answered_listen,
-            FrontKind::Haproxy => haproxy::answered_listen,
-        };
-        self.access_log()
-            .lines()
-            .filter(|l| answered(l, status))
-            .count()
-    }
 }
 
 impl Drop for Front {

@@ -91,11 +91,6 @@ pub(super) fn errors(log: &str, error_log: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether an access log line is a `listen` answered with `status`.
-pub(super) fn answered_listen(line: &str, status: u16) -> bool {
-    line.contains("/listen HTTP/") && line.contains(&format!("\" {status} "))
-}
-
 fn problem(line: &str) -> bool {
     let l = line.to_ascii_lowercase();
     [

@@ -1,0 +1,542 @@
+//! Channels at the relay, and the tunnels that join them.
+//!
+//! An endpoint's **channel** is a pair of long-lived requests under an ID the endpoint chose: a
+//! client's `connect` (its download) and `upstream` (its upload), or a server's `listen` and
+//! `downstream`. A channel carries one connection at a time, and then the next. For each
+//! connection the relay joins a client channel with a server channel of the same port in a
+//! [`Tunnel`]: each channel's upload is lent to the other channel's download, from the upload's
+//! `OPEN` to its `END`, and given back (see `pipe.rs`).
+//!
+//! Here: the channel and what its download is told, the tunnel, and the table of channels with
+//! its limits and the reaper that frees each entry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use ptth_common::config::Name;
+use ptth_common::protocol::ChannelId;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Which endpoint a channel belongs to, by its index in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// A client's channel (`connect` and `upstream`).
+    Client(usize),
+    /// A server's channel (`listen` and `downstream`).
+    Server,
+}
+
+/// What a channel's download is told, in order.
+#[derive(Debug)]
+pub(crate) enum ToDownload {
+    /// The channel's own upload has arrived: send `ATTACHED`.
+    Attached,
+    /// A client's connection has been asked for: unless the server's answer comes before this
+    /// time, the connection fails.
+    Pending(Instant),
+    /// The other channel's upload, for one direction of a connection.
+    Feed(Feed),
+    /// The connection could not be made: send `FAILED` with this reason, and end.
+    Fail(String),
+    /// The endpoint retired the channel: end.
+    Retired,
+}
+
+/// One channel's upload lent to the other channel's download, for one direction of a
+/// connection: from its `OPEN` frame to its `END`.
+#[derive(Debug)]
+pub(crate) struct Feed {
+    /// What followed the `OPEN` frame in the chunk that held it (not yet checked).
+    pub after_open: Bytes,
+    /// The upload's request body.
+    pub body: axum::body::Body,
+    /// Where the body goes back at the `END`, with whatever followed it.
+    pub back: oneshot::Sender<Returned>,
+    /// The connection.
+    pub tunnel: Arc<Tunnel>,
+}
+
+/// An upload given back after its `END`.
+#[derive(Debug)]
+pub(crate) struct Returned {
+    /// The request body, to be read on by the upload's handler.
+    pub body: axum::body::Body,
+    /// What followed the `END` frame in the chunk that held it.
+    pub rest: Bytes,
+}
+
+/// A channel (see the module documentation).
+#[derive(Debug)]
+pub(crate) struct Channel {
+    /// The ID its endpoint chose.
+    pub id: ChannelId,
+    /// Whose it is.
+    pub side: Side,
+    /// The server it belongs to (a server's) or leads to (a client's), by index.
+    pub server: usize,
+    /// The port it serves or leads to.
+    pub port: Name,
+    /// Cancelled when the channel ends, for whatever reason: its download then ends with an
+    /// error, and its upload is answered `410`.
+    pub cancel: CancellationToken,
+    to_download: mpsc::Sender<ToDownload>,
+    upload_taken: AtomicBool,
+    /// The connection it carries now.
+    tunnel: Mutex<Option<Arc<Tunnel>>>,
+    started: Instant,
+    activity_ms: AtomicU64,
+}
+
+/// How many messages a download's inbox holds; a channel gets at most four in a row
+/// (`ATTACHED`, pending, a feed, a failure or its retirement) before its download has read
+/// them.
+const INBOX: usize = 4;
+
+impl Channel {
+    /// A new channel, and the inbox its download reads.
+    pub fn new(
+        id: ChannelId,
+        side: Side,
+        server: usize,
+        port: Name,
+        cancel: CancellationToken,
+    ) -> (Arc<Self>, mpsc::Receiver<ToDownload>) {
+        let (to_download, inbox) = mpsc::channel(INBOX);
+        let channel = Arc::new(Self {
+            id,
+            side,
+            server,
+            port,
+            cancel,
+            to_download,
+            upload_taken: AtomicBool::new(false),
+            tunnel: Mutex::new(None),
+            started: Instant::now(),
+            activity_ms: AtomicU64::new(0),
+        });
+        (channel, inbox)
+    }
+
+    /// Whether it is a server's channel.
+    pub fn is_server(&self) -> bool {
+        self.side == Side::Server
+    }
+
+    /// Tells the download; `false` if the download is gone or its inbox is full (which only a
+    /// misbehaving endpoint causes).
+    pub fn tell(&self, message: ToDownload) -> bool {
+        self.to_download.try_send(message).is_ok()
+    }
+
+    /// Claims the upload, once.
+    pub fn take_upload(&self) -> bool {
+        !self.upload_taken.swap(true, Ordering::AcqRel)
+    }
+
+    /// The connection it carries now, if any.
+    pub fn tunnel(&self) -> Option<Arc<Tunnel>> {
+        self.tunnel.lock().clone()
+    }
+
+    /// Records that bytes crossed the channel.
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When bytes last crossed.
+    fn last_activity(&self) -> Instant {
+        self.started + Duration::from_millis(self.activity_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// One connection: a client channel joined with a server channel until both directions have
+/// ended (`END` each way), or until it fails, which ends both channels.
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    /// The client's channel.
+    pub client: Arc<Channel>,
+    /// The server's channel.
+    pub server: Arc<Channel>,
+    /// Directions that have ended cleanly.
+    ended: AtomicU8,
+    /// Whether the server has answered (`OPEN` or `FAILED`).
+    answered: AtomicBool,
+    /// Cancelled once both directions have ended.
+    finished: CancellationToken,
+    /// The table's count of tunnels, decremented when this one is dropped.
+    count: Arc<watch::Sender<usize>>,
+}
+
+impl Tunnel {
+    /// Joins `client` and `server` for a connection; `None` if either carries one already.
+    pub fn join(
+        client: &Arc<Channel>,
+        server: &Arc<Channel>,
+        count: &Arc<watch::Sender<usize>>,
+    ) -> Option<Arc<Self>> {
+        let mut client_slot = client.tunnel.lock();
+        let mut server_slot = server.tunnel.lock();
+        if client_slot.is_some() || server_slot.is_some() {
+            return None;
+        }
+        count.send_modify(|n| *n += 1);
+        let tunnel = Arc::new(Self {
+            client: client.clone(),
+            server: server.clone(),
+            ended: AtomicU8::new(0),
+            answered: AtomicBool::new(false),
+            finished: CancellationToken::new(),
+            count: count.clone(),
+        });
+        *client_slot = Some(tunnel.clone());
+        *server_slot = Some(tunnel.clone());
+        Some(tunnel)
+    }
+
+    /// Records the server's answer, once: `false` if it had answered already.
+    pub fn answer(&self) -> bool {
+        !self.answered.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the server has answered.
+    pub fn is_answered(&self) -> bool {
+        self.answered.load(Ordering::Acquire)
+    }
+
+    /// One direction has ended cleanly; after both, the channels are free again.
+    pub fn direction_ended(&self) {
+        if self.ended.fetch_add(1, Ordering::AcqRel) + 1 == 2 {
+            self.release();
+            self.finished.cancel();
+        }
+    }
+
+    /// Resolves once both directions have ended.
+    pub async fn finished(&self) {
+        self.finished.cancelled().await
+    }
+
+    /// The connection failed: both channels end.
+    pub fn fail(&self) {
+        self.release();
+        self.client.cancel.cancel();
+        self.server.cancel.cancel();
+    }
+
+    /// Frees both channels of this tunnel.
+    fn release(&self) {
+        for channel in [&self.client, &self.server] {
+            let mut slot = channel.tunnel.lock();
+            if slot.as_ref().is_some_and(|t| std::ptr::eq(&**t, self)) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.count.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// An upload waiting for its channel's download request; it leaves the table's list of waiters
+/// however its wait ends (found, timed out, or its request gone).
+struct EarlyWaiter<'a> {
+    early: &'a Mutex<HashMap<ChannelId, oneshot::Sender<Arc<Channel>>>>,
+    id: ChannelId,
+    found: Option<oneshot::Receiver<Arc<Channel>>>,
+}
+
+impl Drop for EarlyWaiter<'_> {
+    fn drop(&mut self) {
+        // Closed first, so that the entry is known to be this waiter's and not a new one's.
+        drop(self.found.take());
+        let mut early = self.early.lock();
+        if early.get(&self.id).is_some_and(|tx| tx.is_closed()) {
+            early.remove(&self.id);
+        }
+    }
+}
+
+/// Uploads that may wait for their channel at once, however low `max_connections`: the
+/// upload of a channel the relay refused waits out its time, and must not stop others.
+const MIN_EARLY: usize = 1024;
+
+/// Why the table refused a new channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TableRefusal {
+    /// `max_connections` client channels.
+    RelayFull,
+    /// `max_connections_per_client`.
+    ClientFull,
+    /// The endpoint chose an ID that the relay holds already.
+    IdInUse,
+}
+
+/// The relay's channels by ID, within their limits, and the count of tunnels.
+#[derive(Debug)]
+pub(crate) struct Channels {
+    map: Mutex<HashMap<ChannelId, Arc<Channel>>>,
+    /// Client channels, all clients together.
+    clients: AtomicUsize,
+    /// Client channels per client (index as in the configuration).
+    per_client: Vec<AtomicUsize>,
+    max: usize,
+    max_per_client: usize,
+    /// Channels held, observable from outside (tests, the embedding program).
+    count: watch::Sender<usize>,
+    /// Channels opened so far, observable from outside.
+    opened: watch::Sender<u64>,
+    /// Tunnels (connections in progress), observable from outside.
+    pub tunnels: Arc<watch::Sender<usize>>,
+    /// Uploads that arrived before their channel's download request, each waiting for it (at
+    /// most `max`, or [`MIN_EARLY`]).
+    early: Mutex<HashMap<ChannelId, oneshot::Sender<Arc<Channel>>>>,
+}
+
+impl Channels {
+    /// An empty table for `clients` clients, with at most `max` client channels, and
+    /// `max_per_client` per client.
+    pub fn new(clients: usize, max: usize, max_per_client: usize) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            clients: AtomicUsize::new(0),
+            per_client: (0..clients).map(|_| AtomicUsize::new(0)).collect(),
+            max,
+            max_per_client,
+            count: watch::Sender::new(0),
+            opened: watch::Sender::new(0),
+            tunnels: Arc::new(watch::Sender::new(0)),
+            early: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The channel `id`, if the relay holds it.
+    #[cfg(test)]
+    pub fn get(&self, id: ChannelId) -> Option<Arc<Channel>> {
+        self.map.lock().get(&id).cloned()
+    }
+
+    /// The channel `id`, waiting at most `limit` for its download request if it has not come
+    /// yet (an upload sent at once beside it may overtake it). `None` if it does not come, or if
+    /// too many wait already, or another waits for the same ID.
+    pub async fn find_or_wait(&self, id: ChannelId, limit: Duration) -> Option<Arc<Channel>> {
+        let mut waiter = {
+            let map = self.map.lock();
+            if let Some(c) = map.get(&id) {
+                return Some(c.clone());
+            }
+            let mut early = self.early.lock();
+            if early.len() >= self.max.max(MIN_EARLY) || early.contains_key(&id) {
+                return None;
+            }
+            let (tx, rx) = oneshot::channel();
+            early.insert(id, tx);
+            EarlyWaiter {
+                early: &self.early,
+                id,
+                found: Some(rx),
+            }
+        };
+        let found = waiter.found.as_mut()?;
+        tokio::time::timeout(limit, found).await.ok()?.ok()
+    }
+
+    /// Adds a channel unless its ID is in use or, for a client's, a limit is reached; hands it
+    /// to an upload waiting for it.
+    pub fn insert(&self, channel: Arc<Channel>) -> Result<(), TableRefusal> {
+        let mut map = self.map.lock();
+        if map.contains_key(&channel.id) {
+            return Err(TableRefusal::IdInUse);
+        }
+        if let Side::Client(client) = channel.side {
+            if self.clients.load(Ordering::Relaxed) >= self.max {
+                return Err(TableRefusal::RelayFull);
+            }
+            let per_client = &self.per_client[client];
+            if per_client.load(Ordering::Relaxed) >= self.max_per_client {
+                return Err(TableRefusal::ClientFull);
+            }
+            per_client.fetch_add(1, Ordering::Relaxed);
+            self.clients.fetch_add(1, Ordering::Relaxed);
+        }
+        map.insert(channel.id, channel.clone());
+        self.count.send_replace(map.len());
+        self.opened.send_modify(|n| *n += 1);
+        if let Some(waiter) = self.early.lock().remove(&channel.id) {
+            let _ = waiter.send(channel);
+        }
+        Ok(())
+    }
+
+    /// Forgets the channel `id`.
+    pub fn remove(&self, id: ChannelId) {
+        let mut map = self.map.lock();
+        if let Some(c) = map.remove(&id)
+            && let Side::Client(client) = c.side
+        {
+            self.per_client[client].fetch_sub(1, Ordering::Relaxed);
+            self.clients.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.count.send_replace(map.len());
+    }
+
+    /// Watches the number of channels held.
+    pub fn count(&self) -> watch::Receiver<usize> {
+        self.count.subscribe()
+    }
+
+    /// Watches the number of channels opened so far.
+    pub fn opened(&self) -> watch::Receiver<u64> {
+        self.opened.subscribe()
+    }
+
+    /// Frees `channel` once it ends: when it is cancelled, or when it stays idle past `idle`
+    /// (no bytes, heartbeats included). A connection it carries then fails.
+    pub async fn reap(&self, channel: &Channel, idle: Duration) {
+        channel.touch();
+        loop {
+            let deadline = channel.last_activity() + idle;
+            tokio::select! {
+                () = channel.cancel.cancelled() => break,
+                () = tokio::time::sleep_until(deadline) => {
+                    if channel.last_activity() + idle <= Instant::now() {
+                        tracing::info!(idle_timeout = ?idle, "closing idle channel");
+                        break;
+                    }
+                }
+            }
+        }
+        channel.cancel.cancel();
+        if let Some(tunnel) = channel.tunnel() {
+            tunnel.fail();
+        }
+        self.remove(channel.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel(side: Side) -> Arc<Channel> {
+        Channel::new(
+            ChannelId::random().expect("id"),
+            side,
+            0,
+            Name::try_from("pg".to_owned()).expect("name"),
+            CancellationToken::new(),
+        )
+        .0
+    }
+
+    #[test]
+    fn a_tunnel_joins_free_channels_only_and_frees_them_when_both_directions_end() {
+        let count = Arc::new(watch::Sender::new(0));
+        let (c, s) = (channel(Side::Client(0)), channel(Side::Server));
+        let t = Tunnel::join(&c, &s, &count).expect("joined");
+        assert_eq!(*count.borrow(), 1);
+        assert!(Tunnel::join(&c, &channel(Side::Server), &count).is_none());
+        assert!(t.answer(), "first answer");
+        assert!(!t.answer(), "second answer");
+        t.direction_ended();
+        assert!(c.tunnel().is_some() && s.tunnel().is_some());
+        t.direction_ended();
+        assert!(c.tunnel().is_none() && s.tunnel().is_none());
+        assert!(t.finished.is_cancelled());
+        assert!(!c.cancel.is_cancelled() && !s.cancel.is_cancelled());
+        drop(t);
+        assert_eq!(*count.borrow(), 0);
+        // A failed one ends both channels.
+        let t = Tunnel::join(&c, &s, &count).expect("joined again");
+        t.fail();
+        assert!(c.cancel.is_cancelled() && s.cancel.is_cancelled());
+        assert!(c.tunnel().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_upload_may_wait_for_its_channel() {
+        let table = Channels::new(1, 10, 10);
+        let c = channel(Side::Client(0));
+        let (waited, ()) = tokio::join!(table.find_or_wait(c.id, Duration::from_secs(10)), async {
+            tokio::task::yield_now().await;
+            table.insert(c.clone()).expect("insert");
+        });
+        assert_eq!(waited.map(|w| w.id), Some(c.id));
+        // One that never comes: nothing, and no waiter left behind.
+        let other = ChannelId::random().expect("id");
+        assert!(
+            table
+                .find_or_wait(other, Duration::from_millis(10))
+                .await
+                .is_none()
+        );
+        assert!(table.early.lock().is_empty());
+        assert_eq!(table.insert(c), Err(TableRefusal::IdInUse));
+    }
+
+    #[test]
+    fn the_table_limits_client_channels_and_counts_all() {
+        let table = Channels::new(2, 3, 2);
+        let count = table.count();
+        let a = channel(Side::Client(0));
+        table.insert(a.clone()).expect("a");
+        table.insert(channel(Side::Client(0))).expect("b");
+        assert_eq!(
+            table.insert(channel(Side::Client(0))),
+            Err(TableRefusal::ClientFull)
+        );
+        table
+            .insert(channel(Side::Client(1)))
+            .expect("another client");
+        assert_eq!(
+            table.insert(channel(Side::Client(1))),
+            Err(TableRefusal::RelayFull)
+        );
+        // Server channels are bounded per port elsewhere.
+        table.insert(channel(Side::Server)).expect("server");
+        assert_eq!(*count.borrow(), 4);
+        assert!(table.get(a.id).is_some());
+        table.remove(a.id);
+        assert!(table.get(a.id).is_none());
+        assert_eq!(*count.borrow(), 3);
+        table
+            .insert(channel(Side::Client(0)))
+            .expect("room again for client 0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reaper_frees_idle_and_cancelled_channels_and_fails_their_tunnel() {
+        let table = Channels::new(1, 10, 10);
+        let idle = Duration::from_secs(60);
+        let (c, s) = (channel(Side::Client(0)), channel(Side::Server));
+        table.insert(c.clone()).expect("c");
+        table.insert(s.clone()).expect("s");
+        let t = Tunnel::join(&c, &s, &table.tunnels).expect("joined");
+        let mut count = table.count();
+        s.cancel.cancel();
+        table.reap(&s, idle).await;
+        assert_eq!(*count.borrow_and_update(), 1);
+        assert!(
+            c.cancel.is_cancelled(),
+            "the tunnel failed with its server channel"
+        );
+        drop(t);
+        assert_eq!(*table.tunnels.borrow(), 0);
+        let lone = channel(Side::Client(0));
+        table.insert(lone.clone()).expect("lone");
+        // Paused time advances to the idle deadline once everything waits.
+        table.reap(&lone, idle).await;
+        assert!(lone.cancel.is_cancelled());
+        table.reap(&c, idle).await;
+        assert_eq!(*count.borrow(), 0);
+    }
+}

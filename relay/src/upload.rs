@@ -1,0 +1,232 @@
+//! A channel's upload at the relay: the body of `upstream` or `downstream`, read by its
+//! request's handler for as long as the channel lives.
+//!
+//! While the channel is idle the relay reads the upload itself: heartbeats, or `END` to retire
+//! the channel (unless, for a server's channel, the relay has just given it a connection,
+//! which the server then serves). A client's `OPEN` asks for a connection: the relay joins the channel with a
+//! server channel of its port (`state.rs`) and lends the upload, from that `OPEN`, to the
+//! server channel's download, which gives it back at the upload's `END`. A server's `OPEN`
+//! answers the connection it was given and lends its upload to the client's download the same
+//! way; its `FAILED` refuses it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use ptth_common::frame::{Decoder, Item};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::channel::{Channel, Feed, ToDownload, Tunnel};
+use crate::state::{Offer, Shared};
+
+/// Why an upload ended.
+#[derive(Debug)]
+pub(crate) enum UploadEnd {
+    /// The endpoint retired its idle channel (`END` while idle, then, once the download has
+    /// ended, the end of the body).
+    Retired,
+    /// The channel ended otherwise: an abort, a failure, a protocol error, or shutdown.
+    Closed,
+}
+
+/// An upload read by the relay while its channel is idle.
+struct Reader {
+    body: axum::body::Body,
+    /// What is left of the last chunk.
+    pending: Bytes,
+    frames: Decoder,
+}
+
+impl Reader {
+    fn new(body: axum::body::Body, pending: Bytes) -> Self {
+        Self {
+            body,
+            pending,
+            frames: Decoder::new(),
+        }
+    }
+
+    /// The next item; `None` at the end of the body.
+    async fn next(&mut self) -> Result<Option<Item>, String> {
+        loop {
+            if let Some(item) = self
+                .frames
+                .decode(&mut self.pending)
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(Some(item));
+            }
+            match self.body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.pending = data;
+                    }
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => {
+                    self.frames.finish().map_err(|e| e.to_string())?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Reads the upload of `channel` until the channel ends.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    channel: Arc<Channel>,
+    body: axum::body::Body,
+) -> UploadEnd {
+    let mut reader = Reader::new(body, Bytes::new());
+    let end = tokio::select! {
+        biased;
+        () = channel.cancel.cancelled() => UploadEnd::Closed,
+        end = serve(&shared, &channel, &mut reader) => end,
+    };
+    // The channel is over with its upload. (A retired channel's download has ended already:
+    // it was told before.)
+    if let Some(tunnel) = channel.tunnel() {
+        tunnel.fail();
+    }
+    channel.cancel.cancel();
+    end
+}
+
+/// The upload's life: idle, connections, idle again.
+async fn serve(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -> UploadEnd {
+    // Tell the endpoint, on its download, that its upload is here.
+    if !channel.tell(ToDownload::Attached) {
+        return UploadEnd::Closed;
+    }
+    if channel.is_server() {
+        shared.ready(channel);
+    }
+    loop {
+        let item = match reader.next().await {
+            Ok(Some(item)) => item,
+            Ok(None) => {
+                debug!(channel = %channel.id, "upload ended without END");
+                return UploadEnd::Closed;
+            }
+            Err(e) => {
+                debug!(channel = %channel.id, error = %e, "upload failed");
+                return UploadEnd::Closed;
+            }
+        };
+        channel.touch();
+        let busy = channel.tunnel();
+        let next = match (item, busy, channel.is_server()) {
+            (Item::Heartbeat, _, _) => continue,
+            (Item::End, None, _) => {
+                // A server channel the relay has just given a connection is not retired: the
+                // server serves that connection.
+                if channel.is_server() && !shared.retire(channel) {
+                    continue;
+                }
+                channel.tell(ToDownload::Retired);
+                // The endpoint, seeing its download end, ends its upload.
+                return match reader.next().await {
+                    Ok(None) => UploadEnd::Retired,
+                    _ => UploadEnd::Closed,
+                };
+            }
+            (Item::End, Some(tunnel), true) if !tunnel.is_answered() => continue,
+            (Item::Open, None, false) => connect(shared, channel, reader).await,
+            (Item::Open, Some(tunnel), true) if tunnel.answer() => {
+                let lent = lend(channel, reader, &tunnel.client, &tunnel).await;
+                // Ready again once the whole connection has ended.
+                match lent {
+                    Ok(()) => finish(shared, channel, reader, &tunnel).await,
+                    Err(()) => Err(()),
+                }
+            }
+            (Item::Failed(reason), Some(tunnel), true) if tunnel.answer() => {
+                debug!(channel = %channel.id, %reason, "server refused a connection");
+                let reason = format!("the server could not reach its target ({reason})");
+                tunnel.client.tell(ToDownload::Fail(reason));
+                return UploadEnd::Closed;
+            }
+            (item, busy, server) => {
+                debug!(channel = %channel.id, ?item, busy = busy.is_some(), server, "unexpected frame in an upload");
+                Err(())
+            }
+        };
+        if next.is_err() {
+            return UploadEnd::Closed;
+        }
+    }
+}
+
+/// A client's `OPEN`: its connection is joined with a server channel (at once, or once one is
+/// ready), and the upload is lent to that channel's download until its `END`.
+async fn connect(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -> Result<(), ()> {
+    // The server must answer within accept_timeout; the client's download enforces it.
+    let deadline = Instant::now() + shared.config.accept_timeout;
+    if !channel.tell(ToDownload::Pending(deadline)) {
+        return Err(());
+    }
+    let tunnel = match shared.offer(channel) {
+        Ok(Offer::Joined(tunnel)) => tunnel,
+        Ok(Offer::Waiting(rx)) => rx.await.map_err(|_| ())?,
+        Err(refusal) => {
+            debug!(channel = %channel.id, reason = refusal.reason(), "connection refused");
+            channel.tell(ToDownload::Fail(refusal.reason().to_owned()));
+            return Err(());
+        }
+    };
+    lend(channel, reader, &tunnel.server, &tunnel).await
+}
+
+/// Lends the upload, from the `OPEN` just read, to `to`'s download, and takes it back at its
+/// `END`.
+async fn lend(
+    channel: &Channel,
+    reader: &mut Reader,
+    to: &Channel,
+    tunnel: &Arc<Tunnel>,
+) -> Result<(), ()> {
+    let (back, returned) = oneshot::channel();
+    let body = std::mem::take(&mut reader.body);
+    let feed = Feed {
+        after_open: std::mem::take(&mut reader.pending),
+        body,
+        back,
+        tunnel: tunnel.clone(),
+    };
+    if !to.tell(ToDownload::Feed(feed)) {
+        debug!(channel = %channel.id, "the other channel's download is gone");
+        tunnel.fail();
+        return Err(());
+    }
+    // Dropped without an answer: the download failed, and the tunnel with it.
+    let returned = returned.await.map_err(|_| ())?;
+    *reader = Reader::new(returned.body, returned.rest);
+    Ok(())
+}
+
+/// A server channel whose downstream has ended waits, reading its idle upload, for the upstream
+/// to end too; then it is ready for the next connection.
+async fn finish(
+    shared: &Shared,
+    channel: &Arc<Channel>,
+    reader: &mut Reader,
+    tunnel: &Tunnel,
+) -> Result<(), ()> {
+    loop {
+        // Biased: the server may retire the channel (`END`) as soon as it has seen the whole
+        // connection end, and the tunnel has finished by then.
+        tokio::select! {
+            biased;
+            () = tunnel.finished() => break,
+            item = reader.next() => match item {
+                Ok(Some(Item::Heartbeat)) => channel.touch(),
+                _ => return Err(()),
+            },
+        }
+    }
+    shared.ready(channel);
+    Ok(())
+}
