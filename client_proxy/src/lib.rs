@@ -385,10 +385,12 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
             return;
         }
         debug!("connection closed");
-        // Idle again: kept unless the pool has idle channels enough.
-        if pool.idle_count() >= MAX_IDLE_CHANNELS {
+        // Idle again: kept unless the pool has idle channels enough, or the channel has carried
+        // many bytes.
+        if channel.worn() || pool.idle_count() >= MAX_IDLE_CHANNELS {
             // The relay never gives a client's channel a connection.
             channel.retire(&ctx.shutdown).await;
+            pool.short.notify_one();
             return;
         }
         next = First::Idle(pool.wait_idle());

@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -54,6 +55,10 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(7);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a channel being given up (refused or retired) may take to say so to the relay.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes a channel uploads before it is better retired once idle: its upload is one request
+/// body for all its connections, and some fronts cap a request body's size (Cloudflare's free
+/// plans at 100 MB).
+const WORN_AFTER: u64 = 64 << 20;
 
 /// What to check when uploads do not reach the relay.
 const BUFFERING_ADVICE: &str = "a reverse proxy between here and the relay is holding \
@@ -154,6 +159,8 @@ pub struct Channel {
     commands: mpsc::Sender<Command>,
     /// Told each time the upload body has sent `END`.
     upload_ended: Arc<Notify>,
+    /// Bytes the upload body has sent so far.
+    uploaded: Arc<AtomicU64>,
     /// Fails the upload body.
     cancel: CancellationToken,
 }
@@ -183,7 +190,14 @@ impl Channel {
         let cancel = CancellationToken::new();
         let (commands, inbox) = mpsc::channel(1);
         let upload_ended = Arc::new(Notify::new());
-        let body = UploadBody::new(inbox, upload_ended.clone(), heartbeat, cancel.clone());
+        let uploaded = Arc::new(AtomicU64::new(0));
+        let body = UploadBody::new(
+            inbox,
+            upload_ended.clone(),
+            uploaded.clone(),
+            heartbeat,
+            cancel.clone(),
+        );
         let upload = relay
             .post_signed(upload)
             .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
@@ -198,6 +212,7 @@ impl Channel {
             },
             commands,
             upload_ended,
+            uploaded,
             cancel,
         }
     }
@@ -205,6 +220,12 @@ impl Channel {
     /// The channel's ID.
     pub fn id(&self) -> ChannelId {
         self.id
+    }
+
+    /// Whether the channel has uploaded enough bytes that it is better retired once idle
+    /// (some fronts cap the size of a request body, which the upload is).
+    pub fn worn(&self) -> bool {
+        self.uploaded.load(Ordering::Relaxed) > WORN_AFTER
     }
 
     /// Waits for the relay's answer to the download request: the channel is then open (`Ok`),
@@ -635,6 +656,8 @@ struct UploadBody {
     state: UploadState,
     /// Told when `END` has gone out.
     ended: Arc<Notify>,
+    /// Counts the bytes of the `DATA` frames sent.
+    uploaded: Arc<AtomicU64>,
     buf: BytesMut,
     /// How much the next read may take.
     read_size: usize,
@@ -659,6 +682,7 @@ impl UploadBody {
     fn new(
         inbox: mpsc::Receiver<Command>,
         ended: Arc<Notify>,
+        uploaded: Arc<AtomicU64>,
         interval: Duration,
         cancel: CancellationToken,
     ) -> Self {
@@ -669,6 +693,7 @@ impl UploadBody {
             inbox,
             state: UploadState::Idle,
             ended,
+            uploaded,
             buf: BytesMut::new(),
             read_size: FIRST_READ,
             heartbeat: Box::pin(tokio::time::sleep_until(now)),
@@ -762,6 +787,7 @@ impl UploadBody {
                 }
                 Ok(n) => {
                     open.announce = false;
+                    self.uploaded.fetch_add(n as u64, Ordering::Relaxed);
                     if n <= SMALL_READ {
                         // Copy a small read out and keep the buffer for the next one.
                         let mut small = BytesMut::with_capacity(self.buf.len());

@@ -333,11 +333,9 @@ fn front_problem(status: StatusCode) -> String {
             "it cannot reach the relay: is ptth_relay running at the address it proxies to?"
         }
         504 => {
-            "it timed out waiting for the relay: its timeouts must exceed the relay's \
-             listen_timeout and heartbeat_interval (nginx proxy_read_timeout, HAProxy timeout \
-             server), and it must pass request bodies on as they come (a tunnel is answered \
-             only once both ends' uploads have reached the relay; nginx: \
-             proxy_request_buffering off)"
+            "it timed out waiting for the relay: its timeouts must exceed heartbeat_interval \
+             (nginx proxy_read_timeout, HAProxy timeout server), and it must pass request \
+             bodies on as they come (nginx: proxy_request_buffering off)"
         }
         404 | 405 => "it does not pass /v1/ through to the relay unchanged",
         _ => "check its configuration (docs/deploy.md)",

@@ -200,6 +200,12 @@ async fn serve(relay: Relay) {
         tls = tls.is_some(),
         "relay listening"
     );
+    if config.listen_timeout.is_some() {
+        warn!(
+            "listen_timeout in relay.toml is no longer used (a server's channels are answered at \
+             once and kept open by heartbeats); remove it"
+        );
+    }
     if config.authorities.is_empty() {
         if local.ip().is_loopback() {
             debug!("no `authorities` configured: signatures are checked against the Host header");

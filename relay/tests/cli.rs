@@ -71,6 +71,22 @@ fn sigint_exits_cleanly() {
 }
 
 #[test]
+fn an_older_config_with_listen_timeout_starts_with_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        "listen = \"127.0.0.1:0\"\nlisten_timeout = \"25s\"\n",
+    );
+    let mut relay = Running::start(support::config_command(BIN, &config));
+    let line = relay.wait_for_line("listen_timeout");
+    assert!(
+        line.contains("WARN") && line.contains("no longer used"),
+        "{line}"
+    );
+    relay.exits_cleanly_on("TERM", "relay shutting down");
+}
+
+#[test]
 fn rust_log_is_honoured_and_log_level_wins() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "listen = \"127.0.0.1:0\"\n");

@@ -284,11 +284,12 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
         // Idle again: kept unless the pool has idle channels enough (twice `listen_pool`, so
         // that connections one after another reuse channels instead of opening new ones).
         pool.idle.fetch_add(1, Ordering::AcqRel);
-        if pool.idle.load(Ordering::Acquire) > 2 * ctx.config.listen_pool {
+        if channel.worn() || pool.idle.load(Ordering::Acquire) > 2 * ctx.config.listen_pool {
             // The relay may have given it a connection just before: then it serves that one.
             given_already = channel.retire(&ctx.shutdown).await;
             if !given_already {
                 pool.idle.fetch_sub(1, Ordering::AcqRel);
+                pool.short.notify_one();
                 return;
             }
         }

@@ -36,35 +36,33 @@ pub struct RelayConfig {
     /// Private key (PEM) of `tls_cert`.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
-    /// A connection with no bytes (heartbeats included) for this long is closed.
+    /// A channel with no bytes (heartbeats included) for this long is closed.
     #[serde(
         default = "default_idle_timeout",
         deserialize_with = "positive_duration"
     )]
     pub idle_timeout: Duration,
-    /// Heartbeat period on a `connect` or `listen` answer still waiting for its other half.
+    /// Heartbeat period on a channel's download while it has nothing else to send.
     #[serde(default = "default_heartbeat", deserialize_with = "positive_duration")]
     pub heartbeat_interval: Duration,
-    /// A `listen` with nothing to hand out is answered empty after this long.
-    #[serde(
-        default = "default_listen_timeout",
-        deserialize_with = "relay_wait_duration"
-    )]
-    pub listen_timeout: Duration,
-    /// A `connect` whose server has not sent its `downstream` (nor `refuse`) within this long is
-    /// answered 504.
+    /// No longer used: channels are answered at once and kept open by heartbeats. Accepted so
+    /// that older configuration files still load (the relay warns).
+    #[serde(default, with = "humantime_serde")]
+    pub listen_timeout: Option<Duration>,
+    /// How long a client's connection may wait for a server channel and the server's answer
+    /// (then it fails), and how long an upload may wait for its channel's download request.
     #[serde(
         default = "default_accept_timeout",
         deserialize_with = "relay_wait_duration"
     )]
     pub accept_timeout: Duration,
-    /// Most connections (pending or open) at once; more are answered 503.
+    /// Most client channels (idle or carrying a connection) at once; more are answered 503.
     #[serde(
         default = "default_max_connections",
         deserialize_with = "positive_usize"
     )]
     pub max_connections: usize,
-    /// Most connections (pending or open) of one client at once; more are answered 503.
+    /// Most client channels of one client at once; more are answered 503.
     #[serde(
         default = "default_max_connections_per_client",
         deserialize_with = "positive_usize"
@@ -86,7 +84,7 @@ pub struct RelayConfig {
     /// Most nonces remembered for replay protection; past that, requests get 503.
     #[serde(default = "default_max_nonces", deserialize_with = "positive_usize")]
     pub max_nonces: usize,
-    /// Most `listen` requests waiting at once per server and port; more get 429.
+    /// Most idle server channels (`listen`s) at once per server and port; more get 429.
     #[serde(default = "default_max_listens", deserialize_with = "positive_usize")]
     pub max_listens_per_port: usize,
     /// Servers.
@@ -102,9 +100,6 @@ fn default_listen() -> SocketAddr {
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(60)
-}
-fn default_listen_timeout() -> Duration {
-    Duration::from_secs(25)
 }
 fn default_accept_timeout() -> Duration {
     Duration::from_secs(10)
@@ -125,7 +120,7 @@ fn default_max_listens() -> usize {
     64
 }
 
-/// `listen_timeout` and `accept_timeout`: the proxies wait at most 90 s for these answers.
+/// `accept_timeout`: at most 60 s.
 fn relay_wait_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let v = positive_duration(d)?;
     if v > Duration::from_secs(60) {
