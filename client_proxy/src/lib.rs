@@ -43,7 +43,7 @@ use ptth_common::channel::{Channel, ChannelError, LocalSocket};
 use ptth_common::client::{Backoff, CallError, RelayClient, SetupError, http_client};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
-use ptth_common::protocol::{CHANNEL_ID_HEADER, ChannelId, connect_path, upstream_path};
+use ptth_common::protocol::{connect_path, upstream_path};
 use reqwest::StatusCode;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
@@ -232,32 +232,22 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, pool: Arc<Pool>) {
 /// A new channel for `fwd`: its `connect` and `upstream` (not sent before it is polled);
 /// `None` if the random source fails.
 fn open_channel(ctx: &Ctx, fwd: &Forward) -> Option<Channel> {
-    let id = match ChannelId::random() {
-        Ok(id) => id,
-        Err(e) => {
-            error!(error = %e, "no channel id: the random source failed");
-            return None;
-        }
-    };
-    let connect = ctx
-        .relay
-        .post(&connect_path(fwd.server.as_str(), fwd.port.as_str()))
-        .header(CHANNEL_ID_HEADER, id.to_string());
-    let upload = ctx.relay.sign(upstream_path(fwd.server.as_str(), id));
-    Some(Channel::open(
+    let (server, port) = (fwd.server.as_str(), fwd.port.as_str());
+    let opened = Channel::open(
         &ctx.relay,
-        id,
-        connect,
-        upload,
+        &connect_path(server, port),
+        |id| upstream_path(server, id),
         ctx.config.heartbeat_interval,
-    ))
+    );
+    opened
+        .inspect_err(|e| error!(error = %e, "no channel id: the random source failed"))
+        .ok()
 }
 
 /// Keeps [`READY_CHANNELS`] idle channels open for the forward, retrying with backoff while the
 /// relay refuses them.
 async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
     let mut backoff = Backoff::new(Duration::from_secs(10));
-    let mut failing = false;
     // One connection first, then every channel shares it (HTTP/2).
     tokio::select! {
         () = ctx.shutdown.cancelled() => return,
@@ -289,11 +279,7 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
         };
         match opened {
             Ok(()) => {
-                if failing {
-                    info!("connected to the relay again");
-                }
-                failing = false;
-                backoff.reset();
+                backoff.succeeded();
                 spawn_channel(&ctx, &pool, channel, First::Idle(idle));
             }
             Err(ChannelError::Cancelled) => return,
@@ -307,17 +293,10 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
                     spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
                 }
                 drop(idle);
-                let delay = backoff.next_delay();
                 let (server, port) = (&pool.fwd.server, &pool.fwd.port);
-                if failing {
-                    debug!(retry_in = ?delay, "no channel to {server}/{port}: {problem}");
-                } else {
-                    warn!(retry_in = ?delay, "no channel to {server}/{port}: {problem}");
-                    failing = true;
-                }
-                tokio::select! {
-                    () = ctx.shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
+                let problem = format!("no channel to {server}/{port}: {problem}");
+                if !backoff.retry_after(&problem, &ctx.shutdown).await {
+                    return;
                 }
             }
         }

@@ -24,16 +24,16 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
 use parking_lot::{Mutex, MutexGuard};
-use reqwest::{RequestBuilder, Response, StatusCode};
+use reqwest::{Response, StatusCode};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::client::{self, CallError, RelayClient, Signed, channel_id};
+use crate::client::{self, CallError, RelayClient, channel_id};
 use crate::frame::{self, Decoder, FrameError, Item};
-use crate::protocol::{ChannelId, TUNNEL_CONTENT_TYPE};
+use crate::protocol::{CHANNEL_ID_HEADER, ChannelId, TUNNEL_CONTENT_TYPE};
 
 /// The first read of a burst from the local socket: a small buffer, since most messages are
 /// small. Each read that fills its buffer doubles the next one, up to [`MAX_READ`]; an idle
@@ -174,19 +174,23 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
-    /// Opens the channel `id`: its download request (`connect` or `listen`, with the channel ID
-    /// header) and its upload (`upload`, signed for `upstream` or `downstream`) go out together
-    /// as soon as the channel is polled ([`Channel::ready`] or [`Channel::carry`]). Heartbeats
-    /// every `heartbeat` of silence; the relay is taken for dead after three heartbeat
-    /// intervals (at least 45 s) of silence, since the heartbeats we receive come from the far
-    /// endpoint, whose interval may be longer.
+    /// Opens a channel under a fresh ID: its download request (a POST to `download_path`,
+    /// `connect` or `listen`, with the ID in its header) and its upload (a POST to
+    /// `upload_path(id)`, `upstream` or `downstream`) go out together as soon as the channel is
+    /// polled ([`Channel::ready`] or [`Channel::carry`]). Heartbeats every `heartbeat` of
+    /// silence; the relay is taken for dead after three heartbeat intervals (at least 45 s) of
+    /// silence, since the heartbeats we receive come from the far endpoint, whose interval may
+    /// be longer. Fails only if the random source does.
     pub fn open(
         relay: &RelayClient,
-        id: ChannelId,
-        download: RequestBuilder,
-        upload: Signed,
+        download_path: &str,
+        upload_path: impl FnOnce(ChannelId) -> String,
         heartbeat: Duration,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
+        let id = ChannelId::random()?;
+        let download = relay
+            .post(download_path)
+            .header(CHANNEL_ID_HEADER, id.to_string());
         let cancel = CancellationToken::new();
         let (commands, inbox) = mpsc::channel(1);
         let upload_ended = Arc::new(Notify::new());
@@ -199,12 +203,12 @@ impl Channel {
             cancel.clone(),
         );
         let upload = relay
-            .post_signed(upload)
+            .post(&upload_path(id))
             .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
             .body(reqwest::Body::wrap(body))
             .send();
         let answer = download.send();
-        Self {
+        Ok(Self {
             id,
             download: Download::new(Box::pin(answer), (heartbeat * 3).max(MIN_DEAD_AFTER)),
             upload: UploadRequest {
@@ -214,7 +218,7 @@ impl Channel {
             upload_ended,
             uploaded,
             cancel,
-        }
+        })
     }
 
     /// The channel's ID.

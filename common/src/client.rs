@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::{RequestBuilder, Response, StatusCode};
-use tokio_util::sync::CancellationToken;
 
-use crate::auth::{SIGNATURE, SIGNATURE_INPUT, SignedHeaders, Signer};
+use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
 use crate::protocol::{CHANNEL_ID_HEADER, ChannelId, RELAY_ANSWER_HEADER};
@@ -112,27 +111,6 @@ pub fn http_client_builder(ca_file: Option<&Path>) -> Result<reqwest::ClientBuil
         .no_proxy())
 }
 
-/// How long a signature made ahead of time ([`RelayClient::sign`]) is used before it is made
-/// again: well inside the 60 s for which the relay accepts it, with room for clock skew and for
-/// the time the request takes to arrive.
-const SIGNED_FRESH_FOR: Duration = Duration::from_secs(30);
-
-/// A call to a protocol path, signed ahead of time ([`RelayClient::sign`]), so that the
-/// signing is not on the way of the call that needs it; [`RelayClient::post_signed`] sends it.
-#[derive(Debug, Clone)]
-pub struct Signed {
-    path: String,
-    headers: SignedHeaders,
-    at: Instant,
-}
-
-impl Signed {
-    /// The protocol path it is signed for.
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-}
-
 /// A relay endpoint plus the key that signs every call to it.
 #[derive(Debug, Clone)]
 pub struct RelayClient {
@@ -206,40 +184,17 @@ impl RelayClient {
 
     /// A POST to a protocol path, signed now.
     pub fn post(&self, path: &str) -> RequestBuilder {
-        self.post_signed(self.sign(path.to_owned()))
-    }
-
-    /// Signs a POST to the protocol path `path` now, for [`RelayClient::post_signed`] to send
-    /// later.
-    pub fn sign(&self, path: String) -> Signed {
-        Signed {
-            headers: self.signer.sign("POST", &self.authority, &path),
-            path,
-            at: Instant::now(),
-        }
-    }
-
-    /// A POST with a signature made ahead of time, or made again now if it is no longer
-    /// fresh (older than 30 s).
-    pub fn post_signed(&self, signed: Signed) -> RequestBuilder {
-        let signed = if signed.at.elapsed() < SIGNED_FRESH_FOR {
-            signed
-        } else {
-            self.sign(signed.path)
-        };
+        let h = self.signer.sign("POST", &self.authority, path);
         self.http
-            .post(self.url.join(&signed.path))
-            .header(SIGNATURE_INPUT, signed.headers.input)
-            .header(SIGNATURE, signed.headers.signature)
+            .post(self.url.join(path))
+            .header(SIGNATURE_INPUT, h.input)
+            .header(SIGNATURE, h.signature)
     }
 }
 
 /// Why a call to the relay did not get the answer it needed.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
-    /// The program is shutting down.
-    #[error("cancelled by shutdown")]
-    Cancelled,
     /// No answer headers within the time allowed.
     #[error("the relay did not answer within {0:?}")]
     Timeout(Duration),
@@ -259,29 +214,9 @@ pub enum CallError {
     },
 }
 
-/// Sends `request` (made by [`RelayClient::post`]) and waits at most `limit` for the answer's
-/// headers, then checks the answer: it must have one of the `expected` statuses and come from
-/// the relay itself (it carries `ptth-relay`, which a reverse proxy's own 502 or 413 does not);
-/// a refusal's reason is read from the body. Fails with [`CallError::Cancelled`] as soon as
-/// `shutdown` fires.
-pub async fn call(
-    request: RequestBuilder,
-    expected: &[StatusCode],
-    limit: Duration,
-    shutdown: &CancellationToken,
-) -> Result<Response, CallError> {
-    let sent = tokio::select! {
-        () = shutdown.cancelled() => return Err(CallError::Cancelled),
-        r = tokio::time::timeout(limit, request.send()) => r,
-    };
-    match sent {
-        Ok(answer) => check(answer, expected).await,
-        Err(_) => Err(CallError::Timeout(limit)),
-    }
-}
-
 /// The answer to a call, if it is one of the `expected` statuses and came from the relay
-/// itself (see [`call`]). A refusal's reason is read from the body (bounded).
+/// itself: it carries `ptth-relay`, which a reverse proxy's own 502 or 413 does not. A
+/// refusal's reason is read from the body (bounded).
 pub(crate) async fn check(
     answer: reqwest::Result<Response>,
     expected: &[StatusCode],
@@ -366,11 +301,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Backoff schedule for retrying calls to the relay: doubles from 100 ms up to `max`, with
-/// jitter.
+/// jitter; with the logging of a run of failures.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next: Duration,
     max: Duration,
+    /// Whether the last call failed.
+    failing: bool,
 }
 
 impl Backoff {
@@ -379,7 +316,38 @@ impl Backoff {
         Self {
             next: Duration::from_millis(100).min(max),
             max,
+            failing: false,
         }
+    }
+
+    /// A call failed with `problem`: logs it (a warning the first time in a run, at debug
+    /// level after) and waits the next delay. `false` if `shutdown` fired meanwhile.
+    pub async fn retry_after(
+        &mut self,
+        problem: &(dyn std::fmt::Display + Sync),
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        let delay = self.next_delay();
+        if self.failing {
+            tracing::debug!(retry_in = ?delay, "{problem}");
+        } else {
+            tracing::warn!(retry_in = ?delay, "{problem}");
+            self.failing = true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// A call succeeded: back to the first delay, and, after failures, logs
+    /// `connected to the relay again`.
+    pub fn succeeded(&mut self) {
+        if self.failing {
+            tracing::info!("connected to the relay again");
+        }
+        self.failing = false;
+        self.reset();
     }
 
     /// The next delay (with up to 25% random jitter subtracted), doubling the one after.

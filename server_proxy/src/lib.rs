@@ -38,7 +38,7 @@ use ptth_common::channel::{Channel, ChannelError, LocalSocket};
 use ptth_common::client::{Backoff, RelayClient, SetupError, http_client};
 use ptth_common::config::{Name, ServerConfig, Target};
 use ptth_common::keys::PrivateKey;
-use ptth_common::protocol::{CHANNEL_ID_HEADER, ChannelId, downstream_path, listen_path};
+use ptth_common::protocol::{downstream_path, listen_path};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -131,7 +131,6 @@ async fn serve(ctx: Arc<Ctx>) {
 /// cannot be reached or refuses them.
 async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
     let mut backoff = Backoff::new(ctx.config.max_backoff);
-    let mut failing = false;
     let mut need_warm_up = true;
     loop {
         while pool.idle.load(Ordering::Acquire) >= ctx.config.listen_pool {
@@ -153,12 +152,8 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
         };
         match opened {
             Ok(channel) => {
-                if failing {
-                    info!("connected to the relay again");
-                }
-                failing = false;
                 need_warm_up = false;
-                backoff.reset();
+                backoff.succeeded();
                 pool.idle.fetch_add(1, Ordering::AcqRel);
                 let span = info_span!("channel", channel = %channel.id());
                 ctx.tasks
@@ -167,16 +162,8 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
             Err(ChannelError::Cancelled) => return,
             Err(problem) => {
                 need_warm_up = true;
-                let delay = backoff.next_delay();
-                if failing {
-                    debug!(retry_in = ?delay, "{problem}");
-                } else {
-                    warn!(retry_in = ?delay, "{problem}");
-                    failing = true;
-                }
-                tokio::select! {
-                    () = ctx.shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
+                if !backoff.retry_after(&problem, &ctx.shutdown).await {
+                    return;
                 }
             }
         }
@@ -186,26 +173,16 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
 /// A new channel for `port`: its `listen` and `downstream` (not sent before it is polled);
 /// `None` if the random source fails.
 fn open_channel(ctx: &Ctx, port: &Name) -> Option<Channel> {
-    let id = match ChannelId::random() {
-        Ok(id) => id,
-        Err(e) => {
-            error!(error = %e, "no channel id: the random source failed");
-            return None;
-        }
-    };
     let name = ctx.config.name.as_str();
-    let listen = ctx
-        .relay
-        .post(&listen_path(name, port.as_str()))
-        .header(CHANNEL_ID_HEADER, id.to_string());
-    let upload = ctx.relay.sign(downstream_path(name, id));
-    Some(Channel::open(
+    let opened = Channel::open(
         &ctx.relay,
-        id,
-        listen,
-        upload,
+        &listen_path(name, port.as_str()),
+        |id| downstream_path(name, id),
         ctx.config.heartbeat_interval,
-    ))
+    );
+    opened
+        .inspect_err(|e| error!(error = %e, "no channel id: the random source failed"))
+        .ok()
 }
 
 /// Serves the connections the relay gives `channel`, one after the other, until it breaks or
