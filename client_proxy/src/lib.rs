@@ -331,7 +331,7 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
                         Ok(handoff) => Ok(handoff),
                         Err(_) => return,
                     },
-                    e = channel.idle(&ctx.shutdown) => Err(e),
+                    e = Box::pin(channel.idle(&ctx.shutdown)) => Err(e),
                 };
                 match broke {
                     Ok(handoff) => handoff,
@@ -356,7 +356,9 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
         let Some(started) = channel.start(socket) else {
             return;
         };
-        let carried = channel.carry(started, true, &ctx.shutdown).await;
+        // Boxed, as the idle wait above: a task's future is as large as the largest it awaits
+        // in place, for as long as the task lives.
+        let carried = Box::pin(channel.carry(started, true, &ctx.shutdown)).await;
         drop(permit);
         if let Err(e) = carried {
             report(&pool.fwd, &e);

@@ -27,12 +27,13 @@ use parking_lot::{Mutex, MutexGuard};
 use reqwest::{Response, StatusCode};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, CallError, RelayClient, channel_id};
 use crate::frame::{self, Decoder, FrameError, Item};
+use crate::mailbox::Mailbox;
 use crate::protocol::{CHANNEL_ID_HEADER, ChannelId, TUNNEL_CONTENT_TYPE};
 
 /// The first read of a burst from the local socket: a small buffer, since most messages are
@@ -155,14 +156,32 @@ pub struct Channel {
     download: Download,
     /// The upload request in flight; the relay answers it only once the channel has ended.
     upload: UploadRequest,
-    /// Tells the upload body what to do.
-    commands: mpsc::Sender<Command>,
+    /// What it shares with its upload body.
+    link: Arc<UploadLink>,
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.link.cancel();
+    }
+}
+
+/// What a channel and its upload body share.
+#[derive(Debug)]
+struct UploadLink {
+    /// Tells the upload body what to do; closing it fails the body.
+    commands: Mailbox<Command>,
     /// Told each time the upload body has sent `END`.
-    upload_ended: Arc<Notify>,
-    /// Bytes the upload body has sent so far.
-    uploaded: Arc<AtomicU64>,
-    /// Fails the upload body.
-    cancel: CancellationToken,
+    ended: Notify,
+    /// Bytes the upload body has sent in `DATA` frames so far.
+    uploaded: AtomicU64,
+}
+
+impl UploadLink {
+    /// Fails the upload body, whatever it is doing.
+    fn cancel(&self) {
+        self.commands.close();
+    }
 }
 
 impl std::fmt::Debug for Channel {
@@ -191,17 +210,12 @@ impl Channel {
         let download = relay
             .post(download_path)
             .header(CHANNEL_ID_HEADER, id.to_string());
-        let cancel = CancellationToken::new();
-        let (commands, inbox) = mpsc::channel(1);
-        let upload_ended = Arc::new(Notify::new());
-        let uploaded = Arc::new(AtomicU64::new(0));
-        let body = UploadBody::new(
-            inbox,
-            upload_ended.clone(),
-            uploaded.clone(),
-            heartbeat,
-            cancel.clone(),
-        );
+        let link = Arc::new(UploadLink {
+            commands: Mailbox::new(1),
+            ended: Notify::new(),
+            uploaded: AtomicU64::new(0),
+        });
+        let body = UploadBody::new(link.clone(), heartbeat);
         let upload = relay
             .post(&upload_path(id))
             .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
@@ -214,10 +228,7 @@ impl Channel {
             upload: UploadRequest {
                 answer: Some(Box::pin(upload)),
             },
-            commands,
-            upload_ended,
-            uploaded,
-            cancel,
+            link,
         })
     }
 
@@ -229,7 +240,7 @@ impl Channel {
     /// Whether the channel has uploaded enough bytes that it is better retired once idle
     /// (some fronts cap the size of a request body, which the upload is).
     pub fn worn(&self) -> bool {
-        self.uploaded.load(Ordering::Relaxed) > WORN_AFTER
+        self.link.uploaded.load(Ordering::Relaxed) > WORN_AFTER
     }
 
     /// Waits for the relay's answer to the download request: the channel is then open (`Ok`),
@@ -253,7 +264,7 @@ impl Channel {
                 e = self.upload.ended() => upload_failed = Some(e),
             }
         };
-        let answer = client::check(answer, &[StatusCode::OK]).await?;
+        let answer = Box::pin(client::check(answer, &[StatusCode::OK])).await?;
         if channel_id(&answer) != Some(self.id) {
             return Err(CallError::Refused {
                 status: answer.status(),
@@ -296,7 +307,7 @@ impl Channel {
         let stream = Arc::new(socket.0.take()?);
         let local_failed = Arc::new(LocalFailed::default());
         let command = Command::Start(stream.clone(), local_failed.clone());
-        if self.commands.try_send(command).is_err() {
+        if self.link.commands.send(command).is_err() {
             reset(&stream);
             return None;
         }
@@ -316,7 +327,11 @@ impl Channel {
         client: bool,
         shutdown: &CancellationToken,
     ) -> Result<(), ChannelError> {
-        if let Err(e) = self.ready(shutdown).await {
+        // Boxed (the rare, large parts of this future are): a carried connection holds this
+        // future for as long as it lasts.
+        if self.download.answer.is_some()
+            && let Err(e) = Box::pin(self.ready(shutdown)).await
+        {
             reset(&started.stream);
             return Err(self.fail(e));
         }
@@ -352,7 +367,7 @@ impl Channel {
             }
         };
         let upstream = async {
-            self.upload_ended.notified().await;
+            self.link.ended.notified().await;
             Ok::<(), ChannelError>(())
         };
         let upload = self.upload.ended();
@@ -370,7 +385,7 @@ impl Channel {
                     // The relay closes a channel's upload and download at once: a reason on
                     // the download says more than the upload's answer.
                     ChannelError::Remote(_) | ChannelError::Closed => {
-                        self.reason().await.unwrap_or(e)
+                        Box::pin(self.reason()).await.unwrap_or(e)
                     }
                     e => e,
                 };
@@ -393,21 +408,22 @@ impl Channel {
     /// channel ends.
     pub async fn refuse(mut self, reason: &str) {
         if self
+            .link
             .commands
-            .try_send(Command::Refuse(reason.to_owned()))
+            .send(Command::Refuse(reason.to_owned()))
             .is_ok()
         {
             let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.upload.ended()).await;
         }
-        self.cancel.cancel();
+        self.link.cancel();
     }
 
     /// Retires the idle channel: `END` on its upload; the relay ends the download, and then
     /// the upload ends too. Returns `true` if, instead, a connection comes for this server
     /// channel (the relay had given it one just before): serve it as after [`Channel::idle`].
     pub async fn retire(&mut self, shutdown: &CancellationToken) -> bool {
-        if self.commands.try_send(Command::Retire).is_err() {
-            self.cancel.cancel();
+        if self.link.commands.send(Command::Retire).is_err() {
+            self.link.cancel();
             return false;
         }
         let verdict = tokio::select! {
@@ -417,18 +433,18 @@ impl Channel {
         match verdict {
             Some(Ok(Item::Open)) => return true,
             // The download ended cleanly: retired. The upload ends too, and is answered.
-            Some(Err(ChannelError::Closed)) if self.commands.try_send(Command::Finish).is_ok() => {
+            Some(Err(ChannelError::Closed)) if self.link.commands.send(Command::Finish).is_ok() => {
                 let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.upload.ended()).await;
             }
             _ => {}
         }
-        self.cancel.cancel();
+        self.link.cancel();
         false
     }
 
     /// The channel breaks with `e`: its upload fails too.
     fn fail(&mut self, e: ChannelError) -> ChannelError {
-        self.cancel.cancel();
+        self.link.cancel();
         if !self.download.attached && !matches!(e, ChannelError::Cancelled) {
             return match e {
                 ChannelError::Remote(why) => ChannelError::BrokeBeforeAttached(why),
@@ -457,7 +473,8 @@ impl UploadRequest {
         };
         let answer = answer.await;
         self.answer = None;
-        match client::check(answer, &[StatusCode::OK]).await {
+        // Boxed: checked once, at the end, and this future is part of every channel's.
+        match Box::pin(client::check(answer, &[StatusCode::OK])).await {
             Ok(_) => ChannelError::Closed,
             Err(e) => ChannelError::Remote(e.to_string()),
         }
@@ -656,12 +673,8 @@ struct Open {
 /// socket's bytes as they come, then `END` at EOF. No bytes are copied: each read lands after a
 /// reserved header and is split off as one frame. An idle body holds no buffer.
 struct UploadBody {
-    inbox: mpsc::Receiver<Command>,
+    link: Arc<UploadLink>,
     state: UploadState,
-    /// Told when `END` has gone out.
-    ended: Arc<Notify>,
-    /// Counts the bytes of the `DATA` frames sent.
-    uploaded: Arc<AtomicU64>,
     buf: BytesMut,
     /// How much the next read may take.
     read_size: usize,
@@ -671,7 +684,13 @@ struct UploadBody {
     /// When the last frame was sent.
     sent_at: Instant,
     interval: Duration,
-    cancel: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Drop for UploadBody {
+    fn drop(&mut self) {
+        // Gone: the channel's commands can no longer be carried out.
+        self.link.commands.close_and_clear();
+    }
 }
 
 impl std::fmt::Debug for UploadBody {
@@ -681,29 +700,19 @@ impl std::fmt::Debug for UploadBody {
 }
 
 impl UploadBody {
-    /// A body taking its commands from `inbox`, telling `ended` when it sends `END`, sending
-    /// heartbeats every `interval` of silence, failing once `cancel` fires.
-    fn new(
-        inbox: mpsc::Receiver<Command>,
-        ended: Arc<Notify>,
-        uploaded: Arc<AtomicU64>,
-        interval: Duration,
-        cancel: CancellationToken,
-    ) -> Self {
+    /// The upload body of `link`'s channel, sending heartbeats every `interval` of silence.
+    fn new(link: Arc<UploadLink>, interval: Duration) -> Self {
         // The first heartbeat goes out at once, so that the request's head does not wait for
         // the body's first bytes anywhere on the way.
         let now = Instant::now();
         Self {
-            inbox,
+            link,
             state: UploadState::Idle,
-            ended,
-            uploaded,
             buf: BytesMut::new(),
             read_size: FIRST_READ,
             heartbeat: Box::pin(tokio::time::sleep_until(now)),
             sent_at: now.checked_sub(interval).unwrap_or(now),
             interval,
-            cancel: Box::pin(cancel.cancelled_owned()),
         }
     }
 
@@ -743,7 +752,7 @@ impl UploadBody {
                 self.state = UploadState::Idle;
                 self.read_size = FIRST_READ;
                 self.sent();
-                self.ended.notify_one();
+                self.link.ended.notify_one();
                 Poll::Ready(Some(Ok(Frame::data(f))))
             }
             Read::Failed(e) => Poll::Ready(Some(Err(e))),
@@ -791,7 +800,7 @@ impl UploadBody {
                 }
                 Ok(n) => {
                     open.announce = false;
-                    self.uploaded.fetch_add(n as u64, Ordering::Relaxed);
+                    self.link.uploaded.fetch_add(n as u64, Ordering::Relaxed);
                     if n <= SMALL_READ {
                         // Copy a small read out and keep the buffer for the next one.
                         let mut small = BytesMut::with_capacity(self.buf.len());
@@ -846,17 +855,27 @@ impl Body for UploadBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if this.cancel.as_mut().poll(cx).is_ready() {
-            this.state = UploadState::Done;
-            return Poll::Ready(Some(Err("channel cancelled".into())));
+        if matches!(this.state, UploadState::Done) {
+            return Poll::Ready(None);
         }
-        match this.state {
-            UploadState::Done => return Poll::Ready(None),
-            UploadState::Open(_) => return this.poll_open(cx),
-            UploadState::Idle => {}
+        // Commands come to an idle body only; a closed mailbox fails the body, whatever it does.
+        let command = match this.link.commands.poll_recv(cx) {
+            Poll::Ready(None) => {
+                this.state = UploadState::Done;
+                return Poll::Ready(Some(Err("channel cancelled".into())));
+            }
+            Poll::Ready(Some(command)) => Some(command),
+            Poll::Pending => None,
+        };
+        if let UploadState::Open(_) = this.state {
+            if command.is_some() {
+                this.state = UploadState::Done;
+                return Poll::Ready(Some(Err("a command while carrying a connection".into())));
+            }
+            return this.poll_open(cx);
         }
-        match this.inbox.poll_recv(cx) {
-            Poll::Ready(Some(Command::Start(stream, local_failed))) => {
+        match command {
+            Some(Command::Start(stream, local_failed)) => {
                 this.state = UploadState::Open(Open {
                     stream,
                     local_failed,
@@ -864,23 +883,19 @@ impl Body for UploadBody {
                 });
                 return this.poll_open(cx);
             }
-            Poll::Ready(Some(Command::Refuse(reason))) => {
+            Some(Command::Refuse(reason)) => {
                 this.state = UploadState::Done;
                 return Poll::Ready(Some(Ok(Frame::data(frame::failed(&reason)))));
             }
-            Poll::Ready(Some(Command::Retire)) => {
+            Some(Command::Retire) => {
                 this.sent();
                 return Poll::Ready(Some(Ok(Frame::data(frame::end()))));
             }
-            Poll::Ready(Some(Command::Finish)) => {
+            Some(Command::Finish) => {
                 this.state = UploadState::Done;
                 return Poll::Ready(None);
             }
-            Poll::Ready(None) => {
-                this.state = UploadState::Done;
-                return Poll::Ready(Some(Err("channel dropped".into())));
-            }
-            Poll::Pending => {}
+            None => {}
         }
         ready!(this.poll_heartbeat(cx));
         Poll::Ready(Some(Ok(Frame::data(frame::heartbeat()))))

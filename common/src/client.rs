@@ -230,9 +230,11 @@ pub(crate) async fn check(
     if expected.contains(&status) {
         return Ok(answer);
     }
+    // Boxed: reading the reason takes a large future, which every channel would otherwise
+    // carry inline for its whole life while waiting for its upload's answer.
     Err(CallError::Refused {
         status,
-        reason: reason(answer).await,
+        reason: Box::pin(reason(answer)).await,
     })
 }
 

@@ -19,6 +19,7 @@
 //! * [`keys`]: key files and public key encoding.
 //! * [`config`]: the three TOML configuration files.
 //! * [`cli`]: logging, signals, error reports and key commands for the binaries.
+//! * [`mailbox`]: the small queue each channel is told what to do through.
 //! * With the `endpoint` feature (what the two endpoints use, and the relay does not):
 //!   [`client`], the signed HTTP client to the relay, and [`channel`], an endpoint's channel,
 //!   which carries connections between a local TCP socket and the relay
@@ -57,6 +58,7 @@ pub mod client;
 pub mod config;
 pub mod frame;
 pub mod keys;
+pub mod mailbox;
 pub mod protocol;
 
 use std::time::Duration;

@@ -247,7 +247,6 @@ mod tests {
                 ptth_common::config::Name::try_from("pg".to_owned()).expect("name"),
                 CancellationToken::new(),
             )
-            .0
         };
         let db = channel(Side::Server, 0);
         assert!(servers_channel(Some(db.clone()), 0).is_ok());

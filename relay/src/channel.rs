@@ -13,13 +13,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use ptth_common::config::Name;
+use ptth_common::mailbox::Mailbox;
 use ptth_common::protocol::ChannelId;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -85,7 +87,8 @@ pub(crate) struct Channel {
     /// Cancelled when the channel ends, for whatever reason: its download then ends with an
     /// error, and its upload is answered `410`.
     pub cancel: CancellationToken,
-    to_download: mpsc::Sender<ToDownload>,
+    /// What its download is told.
+    inbox: Mailbox<ToDownload>,
     upload_taken: AtomicBool,
     /// The connection it carries now.
     tunnel: Mutex<Option<Arc<Tunnel>>>,
@@ -99,28 +102,26 @@ pub(crate) struct Channel {
 const INBOX: usize = 4;
 
 impl Channel {
-    /// A new channel, and the inbox its download reads.
+    /// A new channel.
     pub fn new(
         id: ChannelId,
         side: Side,
         server: usize,
         port: Name,
         cancel: CancellationToken,
-    ) -> (Arc<Self>, mpsc::Receiver<ToDownload>) {
-        let (to_download, inbox) = mpsc::channel(INBOX);
-        let channel = Arc::new(Self {
+    ) -> Arc<Self> {
+        Arc::new(Self {
             id,
             side,
             server,
             port,
             cancel,
-            to_download,
+            inbox: Mailbox::new(INBOX),
             upload_taken: AtomicBool::new(false),
             tunnel: Mutex::new(None),
             started: Instant::now(),
             activity_ms: AtomicU64::new(0),
-        });
-        (channel, inbox)
+        })
     }
 
     /// Whether it is a server's channel.
@@ -131,7 +132,21 @@ impl Channel {
     /// Tells the download; `false` if the download is gone or its inbox is full (which only a
     /// misbehaving endpoint causes).
     pub fn tell(&self, message: ToDownload) -> bool {
-        self.to_download.try_send(message).is_ok()
+        self.inbox.send(message).is_ok()
+    }
+
+    /// The next message for the download; when there is none, the download is woken when one
+    /// comes. (Pending for good once the download has gone.)
+    pub fn poll_message(&self, cx: &mut Context<'_>) -> Poll<ToDownload> {
+        match self.inbox.poll_recv(cx) {
+            Poll::Ready(Some(message)) => Poll::Ready(message),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The download has gone: later messages are refused, and those unread dropped.
+    pub fn close_inbox(&self) {
+        self.inbox.close_and_clear();
     }
 
     /// Claims the upload, once.
@@ -435,7 +450,6 @@ mod tests {
             Name::try_from("pg".to_owned()).expect("name"),
             CancellationToken::new(),
         )
-        .0
     }
 
     #[test]
@@ -460,6 +474,33 @@ mod tests {
         t.fail();
         assert!(c.cancel.is_cancelled() && s.cancel.is_cancelled());
         assert!(c.tunnel().is_none());
+    }
+
+    #[test]
+    fn a_download_reads_its_inbox_in_order_and_a_full_or_closed_inbox_refuses() {
+        let c = channel(Side::Client(0));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(c.poll_message(&mut cx).is_pending());
+        assert!(c.tell(ToDownload::Attached));
+        assert!(c.tell(ToDownload::Fail("one".into())));
+        assert!(c.tell(ToDownload::Retired));
+        assert!(c.tell(ToDownload::Fail("two".into())));
+        assert!(!c.tell(ToDownload::Retired), "full");
+        assert!(matches!(
+            c.poll_message(&mut cx),
+            Poll::Ready(ToDownload::Attached)
+        ));
+        assert!(matches!(c.poll_message(&mut cx), Poll::Ready(ToDownload::Fail(r)) if r == "one"));
+        assert!(matches!(
+            c.poll_message(&mut cx),
+            Poll::Ready(ToDownload::Retired)
+        ));
+        c.close_inbox();
+        assert!(
+            c.poll_message(&mut cx).is_pending(),
+            "unread messages dropped"
+        );
+        assert!(!c.tell(ToDownload::Attached), "closed");
     }
 
     #[tokio::test]

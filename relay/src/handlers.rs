@@ -160,7 +160,7 @@ pub(crate) async fn listen(
     if shared.shutdown.is_cancelled() {
         return Err(SHUTTING_DOWN);
     }
-    let (channel, inbox) = Channel::new(
+    let channel = Channel::new(
         id,
         Side::Server,
         server,
@@ -174,7 +174,7 @@ pub(crate) async fn listen(
     }
     let span = info_span!("channel", channel = %id, server = %shared.server_names[server], port = %channel.port);
     spawn_reaper(&shared, channel.clone(), span);
-    let body = PipeBody::new(channel, inbox, shared.config.heartbeat_interval);
+    let body = PipeBody::new(channel, shared.config.heartbeat_interval);
     Ok(streaming_response(body, id))
 }
 
@@ -198,7 +198,7 @@ pub(crate) async fn connect(
         return Err(ApiError(StatusCode::BAD_REQUEST, "invalid port name"));
     };
     shared.port_status(server_index, &port)?;
-    let (channel, inbox) = Channel::new(
+    let channel = Channel::new(
         id,
         Side::Client(client),
         server_index,
@@ -214,7 +214,7 @@ pub(crate) async fn connect(
         .unwrap_or_default();
     let span = info_span!("channel", channel = %id, client = %shared.client_names[client], %client_ip, %server, port = %channel.port);
     spawn_reaper(&shared, channel.clone(), span);
-    let body = PipeBody::new(channel, inbox, shared.config.heartbeat_interval);
+    let body = PipeBody::new(channel, shared.config.heartbeat_interval);
     Ok(streaming_response(body, id))
 }
 

@@ -14,7 +14,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use ptth_common::frame;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -50,7 +49,6 @@ struct Streaming {
 /// The body of a download answer (see the module documentation).
 pub(crate) struct PipeBody {
     channel: Arc<Channel>,
-    inbox: mpsc::Receiver<ToDownload>,
     state: State,
     /// `ATTACHED` is due, at the next frame boundary.
     attach: bool,
@@ -70,17 +68,11 @@ impl std::fmt::Debug for PipeBody {
 }
 
 impl PipeBody {
-    /// The download of `channel`, reading what it is told from `inbox`, with a heartbeat every
-    /// `interval` of idleness.
-    pub(crate) fn new(
-        channel: Arc<Channel>,
-        inbox: mpsc::Receiver<ToDownload>,
-        interval: Duration,
-    ) -> Self {
+    /// The download of `channel`, with a heartbeat every `interval` of idleness.
+    pub(crate) fn new(channel: Arc<Channel>, interval: Duration) -> Self {
         let cancel = Box::pin(channel.cancel.clone().cancelled_owned());
         Self {
             channel,
-            inbox,
             state: State::Idle,
             attach: false,
             deadline: None,
@@ -102,7 +94,7 @@ impl PipeBody {
 
     /// Reads the inbox; `Err` on a message that cannot come now (a relay bug).
     fn read_inbox(&mut self, cx: &mut Context<'_>) -> Result<(), &'static str> {
-        while let Poll::Ready(Some(message)) = self.inbox.poll_recv(cx) {
+        while let Poll::Ready(message) = self.channel.poll_message(cx) {
             match message {
                 ToDownload::Attached => self.attach = true,
                 ToDownload::Pending(at) => {
@@ -268,6 +260,7 @@ impl Body for PipeBody {
 
 impl Drop for PipeBody {
     fn drop(&mut self) {
+        self.channel.close_inbox();
         // Dropped before the end: the endpoint's download went away, so the channel is broken.
         if !matches!(self.state, State::Done) {
             if let Some(tunnel) = self.channel.tunnel() {

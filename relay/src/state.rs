@@ -332,7 +332,6 @@ mod tests {
             name(port),
             s.shutdown.child_token(),
         )
-        .0
     }
 
     /// A server channel of `db` on `port`, counted and ready.

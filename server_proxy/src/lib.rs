@@ -193,7 +193,9 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
         let given = if given_already {
             Ok(())
         } else {
-            channel.idle(&ctx.shutdown).await
+            // Boxed, as `carry` below: a task's future is as large as the largest it awaits in
+            // place, for as long as the task lives.
+            Box::pin(channel.idle(&ctx.shutdown)).await
         };
         given_already = false;
         pool.idle.fetch_sub(1, Ordering::AcqRel);
@@ -246,7 +248,7 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
             return;
         };
         debug!("connection open");
-        match channel.carry(started, false, &ctx.shutdown).await {
+        match Box::pin(channel.carry(started, false, &ctx.shutdown)).await {
             Ok(()) => debug!("connection closed"),
             Err(ChannelError::Cancelled) => return,
             Err(e) if e.is_front_problem() => {
