@@ -38,13 +38,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::StatusCode;
 use parking_lot::Mutex;
 use ptth_common::channel::{Channel, ChannelError, LocalSocket};
-use ptth_common::client::{Backoff, CallError, RelayClient, SetupError, http_client};
+use ptth_common::client::{Backoff, CallError, RelayClient, SetupError};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{connect_path, upstream_path};
-use reqwest::StatusCode;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -73,8 +73,7 @@ pub fn run(
             listeners: listeners.len(),
         });
     }
-    let http = http_client(&config.relay_url, config.ca_file.as_deref())?;
-    let relay = RelayClient::new(http, config.relay_url.clone(), key);
+    let relay = RelayClient::new(config.relay_url.clone(), config.ca_file.as_deref(), key)?;
     let forwards = listeners
         .into_iter()
         .zip(config.forwards.iter().cloned())

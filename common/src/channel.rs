@@ -22,16 +22,18 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http_body::{Body, Frame};
+use http_body_util::BodyExt;
 use parking_lot::{Mutex, MutexGuard};
-use reqwest::{Response, StatusCode};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{self, CallError, RelayClient, channel_id};
+use crate::client::{self, BoxError, CallError, RelayClient, Response, channel_id};
 use crate::frame::{self, Decoder, FrameError, Item};
 use crate::mailbox::Mailbox;
 use crate::protocol::{CHANNEL_ID_HEADER, ChannelId, TUNNEL_CONTENT_TYPE};
@@ -148,7 +150,7 @@ pub struct Started {
 }
 
 /// Future of an HTTP answer.
-type Answer = Pin<Box<dyn Future<Output = reqwest::Result<Response>> + Send>>;
+type Answer = Pin<Box<dyn Future<Output = Result<Response, CallError>> + Send>>;
 
 /// An endpoint's channel (see the module documentation).
 pub struct Channel {
@@ -207,24 +209,28 @@ impl Channel {
         heartbeat: Duration,
     ) -> std::io::Result<Self> {
         let id = ChannelId::random()?;
-        let download = relay
-            .post(download_path)
-            .header(CHANNEL_ID_HEADER, id.to_string());
+        let id_header = HeaderValue::try_from(id.to_string()).map_err(std::io::Error::other)?;
+        let download = relay.post(
+            download_path,
+            (HeaderName::from_static(CHANNEL_ID_HEADER), id_header),
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        );
         let link = Arc::new(UploadLink {
             commands: Mailbox::new(1),
             ended: Notify::new(),
             uploaded: AtomicU64::new(0),
         });
         let body = UploadBody::new(link.clone(), heartbeat);
-        let upload = relay
-            .post(&upload_path(id))
-            .header(reqwest::header::CONTENT_TYPE, TUNNEL_CONTENT_TYPE)
-            .body(reqwest::Body::wrap(body))
-            .send();
-        let answer = download.send();
+        let upload = relay.post(
+            &upload_path(id),
+            (CONTENT_TYPE, HeaderValue::from_static(TUNNEL_CONTENT_TYPE)),
+            body.boxed(),
+        );
         Ok(Self {
             id,
-            download: Download::new(Box::pin(answer), (heartbeat * 3).max(MIN_DEAD_AFTER)),
+            download: Download::new(Box::pin(download), (heartbeat * 3).max(MIN_DEAD_AFTER)),
             upload: UploadRequest {
                 answer: Some(Box::pin(upload)),
             },
@@ -490,7 +496,7 @@ impl UploadRequest {
 struct Download {
     /// The answer, until it has come.
     answer: Option<Answer>,
-    body: Option<reqwest::Body>,
+    body: Option<hyper::body::Incoming>,
     /// What is left of the last chunk.
     pending: Bytes,
     frames: Decoder,
@@ -525,7 +531,7 @@ impl Download {
     fn opened(&mut self, answer: Response) {
         let now = Instant::now();
         self.answer = None;
-        self.body = Some(http::Response::from(answer).into_body());
+        self.body = Some(answer.into_body());
         self.heard = now;
         self.attach_deadline = now + ATTACH_TIMEOUT;
         self.silence
@@ -550,7 +556,7 @@ impl Download {
             };
             let next = tokio::select! {
                 biased;
-                f = http_body_util::BodyExt::frame(body) => Some(f),
+                f = body.frame() => Some(f),
                 () = &mut self.silence => None,
             };
             let Some(next) = next else {
@@ -585,9 +591,6 @@ impl Download {
         }
     }
 }
-
-/// Error type of [`UploadBody`].
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Whether writing to the local socket has failed, kept in step with those writes.
 ///

@@ -1,18 +1,46 @@
-//! The endpoints' HTTP client to the relay (feature `endpoint`): one `reqwest` client (rustls
-//! with the `ring` provider, system roots plus an optional private CA), request signing, the
-//! checks every answer goes through, and the reconnect backoff.
+//! The endpoints' HTTP client to the relay (feature `endpoint`): hyper's connection API with
+//! rustls (the `ring` provider, system roots plus an optional private CA), request signing,
+//! the checks every answer goes through, and the reconnect backoff.
+//!
+//! Every request shares one HTTP/2 connection when the relay speaks HTTP/2 (`h2c://`, or TLS
+//! where ALPN picks `h2`); over HTTP/1.1 each request has a connection of its own, since every
+//! request of a channel lasts as long as the channel. A general-purpose client (reqwest, over
+//! hyper-util's pool) keeps its redirect, retry and pool state beside each request in flight:
+//! about 7.5 KB for each channel's upload, whose answer comes only when the channel ends,
+//! and half of a tunnel's memory budget (docs/benchmarks.md).
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-use reqwest::{RequestBuilder, Response, StatusCode};
+use bytes::Bytes;
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::{Request, StatusCode, Uri};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
 use crate::protocol::{CHANNEL_ID_HEADER, ChannelId, RELAY_ANSWER_HEADER};
+
+/// The error type of request bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of a request to the relay.
+pub type RequestBody = BoxBody<Bytes, BoxError>;
+
+/// An answer from the relay (or from a front in its place).
+pub type Response = http::Response<hyper::body::Incoming>;
+
+/// Longest wait for a connection to the relay: TCP, TLS and the HTTP handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why `ptth_server` or `ptth_proxy` cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +71,9 @@ pub enum SetupError {
     },
 }
 
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SetupError> {
+/// The TLS client settings for the relay: system roots plus `ca_file`, ALPN `h2` then
+/// `http/1.1`.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SetupError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {
@@ -79,117 +109,257 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SetupError
     Ok(config)
 }
 
-/// Builds the HTTP client used for every call to `relay`, trusting `ca_file` beside the system
-/// roots, and speaking HTTP/2 from the start when the URL says `h2c://`. No total timeout is
-/// set: tunnel requests live as long as their TCP connection.
-pub fn http_client(
-    relay: &RelayUrl,
-    ca_file: Option<&Path>,
-) -> Result<reqwest::Client, SetupError> {
-    let mut builder = http_client_builder(ca_file)?;
-    if relay.h2c() {
-        builder = builder.http2_prior_knowledge();
-    }
-    builder
-        .build()
-        .map_err(|e| SetupError::Client(e.to_string()))
-}
-
-/// The builder behind [`http_client`] (without `h2c`), for callers that need one more setting.
-pub fn http_client_builder(ca_file: Option<&Path>) -> Result<reqwest::ClientBuilder, SetupError> {
-    Ok(reqwest::Client::builder()
-        .tls_backend_preconfigured(tls_config(ca_file)?)
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(50))
-        .http2_initial_stream_window_size(Some(1024 * 1024))
-        .http2_max_frame_size(Some(64 * 1024))
-        .http2_initial_connection_window_size(Some(16 * 1024 * 1024))
-        .http2_keep_alive_interval(Some(Duration::from_secs(20)))
-        .http2_keep_alive_timeout(Duration::from_secs(20))
-        .http2_keep_alive_while_idle(true)
-        .no_proxy())
-}
-
-/// A relay endpoint plus the key that signs every call to it.
+/// A relay endpoint, its connection, and the key that signs every call to it. Cheap to clone:
+/// clones share the connection.
 #[derive(Debug, Clone)]
 pub struct RelayClient {
-    http: reqwest::Client,
-    url: RelayUrl,
-    authority: String,
-    signer: Signer,
-    warm: Arc<tokio::sync::Mutex<Option<WarmUp>>>,
-    /// Number of warm-up attempts made so far.
-    warm_attempts: Arc<AtomicU64>,
+    inner: Arc<Inner>,
 }
 
-/// The last warm-up.
-#[derive(Debug)]
-struct WarmUp {
-    /// Its number, counting attempts from 1.
-    attempt: u64,
-    /// When it ended.
-    at: Instant,
-    outcome: Result<(), String>,
+struct Inner {
+    url: RelayUrl,
+    /// The signed `@authority`, sent as `Host` over HTTP/1.1.
+    authority: String,
+    /// Where to dial: host (an IP address without brackets, or a name) and port.
+    host: String,
+    port: u16,
+    /// For `https://`: the TLS settings and the name the certificate must carry.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    signer: Signer,
+    /// The connection every request shares when the relay speaks HTTP/2.
+    shared: tokio::sync::Mutex<Shared>,
+    /// The relay speaks HTTP/1.1 only (`http://`, or TLS where ALPN picked `http/1.1`): each
+    /// request dials a connection of its own.
+    http1: AtomicBool,
+    /// Attempts to open the shared connection so far.
+    attempts: AtomicU64,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayClient")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shared HTTP/2 connection, or how the last attempt to open it failed.
+#[derive(Debug, Default)]
+struct Shared {
+    sender: Option<http2::SendRequest<RequestBody>>,
+    /// The last failed attempt: its number, counting from 1, and its error.
+    failure: Option<(u64, String)>,
+}
+
+/// A connection ready for a request.
+enum Sender {
+    Http1(http1::SendRequest<RequestBody>),
+    Http2(http2::SendRequest<RequestBody>),
 }
 
 impl RelayClient {
-    /// A client for `url` signing with `key`.
-    pub fn new(http: reqwest::Client, url: RelayUrl, key: PrivateKey) -> Self {
-        let authority = url.authority();
-        Self {
-            http,
-            url,
-            authority,
-            signer: Signer::new(key),
-            warm: Arc::default(),
-            warm_attempts: Arc::default(),
+    /// A client for `url`, trusting `ca_file` beside the system roots for `https://`, signing
+    /// with `key`. Nothing is dialled before the first request.
+    pub fn new(url: RelayUrl, ca_file: Option<&Path>, key: PrivateKey) -> Result<Self, SetupError> {
+        let (host, port, https) = url.dial_address();
+        let tls = if https {
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| SetupError::Client(format!("relay host {host}: {e}")))?;
+            let connector = TlsConnector::from(Arc::new(tls_config(ca_file)?));
+            Some((connector, name))
+        } else {
+            None
+        };
+        let http1 = !https && !url.h2c();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                authority: url.authority(),
+                url,
+                host,
+                port,
+                tls,
+                signer: Signer::new(key),
+                shared: tokio::sync::Mutex::default(),
+                http1: AtomicBool::new(http1),
+                attempts: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Opens (or confirms) the connection to the relay, so that requests sent at once
+    /// afterwards share one HTTP/2 connection, and so that a relay out of reach is reported
+    /// once. Callers that waited while an attempt failed share its outcome rather than
+    /// queueing one attempt each.
+    pub async fn warm_up(&self) -> Result<(), String> {
+        match Box::pin(self.connection()).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
         }
     }
 
-    /// Opens (or confirms) the pooled connection to the relay with one cheap unsigned request
-    /// (the relay answers 404), so that requests sent at once afterwards share one HTTP/2
-    /// connection instead of racing to open one each. Calls are serialised: callers that
-    /// waited while an attempt was made share its outcome, success or failure, rather than
-    /// queueing one attempt each; a success less than a second old is reused by anyone. Any
-    /// HTTP answer counts as success.
-    pub async fn warm_up(&self) -> Result<(), String> {
-        let attempts_before = self.warm_attempts.load(Ordering::Acquire);
-        let mut last = self.warm.lock().await;
-        if let Some(w) = &*last {
-            let made_while_waiting = w.attempt > attempts_before;
-            let fresh_success = w.outcome.is_ok() && w.at.elapsed() < Duration::from_secs(1);
-            if made_while_waiting || fresh_success {
-                return w.outcome.clone();
+    /// A POST to a protocol path, signed now, with one `header` beside the signature and
+    /// `body`; sent when first polled. Resolves to the answer's head (its body streams on).
+    pub fn post(
+        &self,
+        path: &str,
+        header: (HeaderName, HeaderValue),
+        body: RequestBody,
+    ) -> impl Future<Output = Result<Response, CallError>> + Send + 'static {
+        let signed = self.inner.signer.sign("POST", &self.inner.authority, path);
+        let client = self.clone();
+        let path = path.to_owned();
+        async move {
+            let unreachable = |e: hyper::Error| CallError::Unreachable(error_chain(&e));
+            let signature_input = HeaderValue::try_from(signed.input)
+                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            let signature = HeaderValue::try_from(signed.signature)
+                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            let request = |absolute: bool| -> Result<Request<RequestBody>, CallError> {
+                // HTTP/2 takes the authority from the URI; HTTP/1.1 from `Host`.
+                let uri: Uri = if absolute {
+                    client.inner.url.join(&path).as_str().parse()
+                } else {
+                    path.parse()
+                }
+                .map_err(|e: http::uri::InvalidUri| CallError::Unreachable(e.to_string()))?;
+                let mut builder = Request::post(uri)
+                    .header(SIGNATURE_INPUT, signature_input.clone())
+                    .header(SIGNATURE, signature.clone())
+                    .header(header.0.clone(), header.1.clone());
+                if !absolute {
+                    builder = builder.header(HOST, client.inner.authority.as_str());
+                }
+                builder
+                    .body(body)
+                    .map_err(|e| CallError::Unreachable(e.to_string()))
+            };
+            match Box::pin(client.connection()).await? {
+                Sender::Http1(mut sender) => {
+                    let request = request(false)?;
+                    sender.ready().await.map_err(unreachable)?;
+                    sender.send_request(request).await.map_err(unreachable)
+                }
+                Sender::Http2(mut sender) => {
+                    let request = request(true)?;
+                    sender.send_request(request).await.map_err(unreachable)
+                }
             }
         }
-        let r = self
-            .http
-            .get(self.url.join("/v1/"))
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await;
-        let outcome = match r {
-            Ok(_) => Ok(()),
-            Err(e) => Err(CallError::Unreachable(error_chain(&e)).to_string()),
-        };
-        let attempt = self.warm_attempts.fetch_add(1, Ordering::AcqRel) + 1;
-        *last = Some(WarmUp {
-            attempt,
-            at: Instant::now(),
-            outcome: outcome.clone(),
-        });
-        outcome
     }
 
-    /// A POST to a protocol path, signed now.
-    pub fn post(&self, path: &str) -> RequestBuilder {
-        let h = self.signer.sign("POST", &self.authority, path);
-        self.http
-            .post(self.url.join(path))
-            .header(SIGNATURE_INPUT, h.input)
-            .header(SIGNATURE, h.signature)
+    /// A connection for one request: the shared HTTP/2 connection (opened now if there is
+    /// none), or a new HTTP/1.1 connection.
+    async fn connection(&self) -> Result<Sender, CallError> {
+        if self.inner.http1.load(Ordering::Acquire) {
+            return Box::pin(self.dial()).await;
+        }
+        let attempts_before = self.inner.attempts.load(Ordering::Acquire);
+        let mut shared = self.inner.shared.lock().await;
+        if let Some(sender) = &shared.sender
+            && !sender.is_closed()
+        {
+            return Ok(Sender::Http2(sender.clone()));
+        }
+        if let Some((attempt, e)) = &shared.failure
+            && *attempt > attempts_before
+        {
+            return Err(CallError::Unreachable(e.clone()));
+        }
+        let dialled = Box::pin(self.dial()).await;
+        let attempt = self.inner.attempts.fetch_add(1, Ordering::AcqRel) + 1;
+        match dialled {
+            Ok(Sender::Http2(sender)) => {
+                shared.sender = Some(sender.clone());
+                shared.failure = None;
+                Ok(Sender::Http2(sender))
+            }
+            Ok(Sender::Http1(sender)) => {
+                // TLS chose HTTP/1.1: so will every later connection.
+                self.inner.http1.store(true, Ordering::Release);
+                Ok(Sender::Http1(sender))
+            }
+            Err(CallError::Unreachable(e)) => {
+                shared.failure = Some((attempt, e.clone()));
+                Err(CallError::Unreachable(e))
+            }
+            Err(e) => Err(e),
+        }
     }
+
+    /// Dials a new connection to the relay, within [`CONNECT_TIMEOUT`]. Its driver runs in a
+    /// task of its own, which ends with the connection.
+    async fn dial(&self) -> Result<Sender, CallError> {
+        let inner = &self.inner;
+        let unreachable = |e: &dyn std::error::Error| CallError::Unreachable(error_chain(e));
+        let dial = async {
+            let tcp = TcpStream::connect((inner.host.as_str(), inner.port))
+                .await
+                .map_err(|e| unreachable(&e))?;
+            let _ = tcp.set_nodelay(true);
+            match &inner.tls {
+                None if inner.url.h2c() => http2_handshake(tcp).await,
+                None => http1_handshake(tcp).await,
+                Some((connector, name)) => {
+                    let tls = connector
+                        .connect(name.clone(), tcp)
+                        .await
+                        .map_err(|e| unreachable(&e))?;
+                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        http2_handshake(tls).await
+                    } else {
+                        http1_handshake(tls).await
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Unreachable(format!(
+                "no connection within {CONNECT_TIMEOUT:?}"
+            ))),
+        }
+    }
+}
+
+/// An HTTP/1.1 connection over `io`, its driver spawned.
+async fn http1_handshake<T>(io: T) -> Result<Sender, CallError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| CallError::Unreachable(error_chain(&e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %error_chain(&e), "HTTP/1.1 connection to the relay ended");
+        }
+    });
+    Ok(Sender::Http1(sender))
+}
+
+/// An HTTP/2 connection over `io`, its driver spawned: large windows and frames for bulk
+/// transfers, and pings that find a dead relay within 40 s even when idle.
+async fn http2_handshake<T>(io: T) -> Result<Sender, CallError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_frame_size(64 * 1024)
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| CallError::Unreachable(error_chain(&e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %error_chain(&e), "HTTP/2 connection to the relay ended");
+        }
+    });
+    Ok(Sender::Http2(sender))
 }
 
 /// Why a call to the relay did not get the answer it needed.
@@ -218,10 +388,10 @@ pub enum CallError {
 /// itself: it carries `ptth-relay`, which a reverse proxy's own 502 or 413 does not. A
 /// refusal's reason is read from the body (bounded).
 pub(crate) async fn check(
-    answer: reqwest::Result<Response>,
+    answer: Result<Response, CallError>,
     expected: &[StatusCode],
 ) -> Result<Response, CallError> {
-    let answer = answer.map_err(|e| CallError::Unreachable(error_chain(&e)))?;
+    let answer = answer?;
     let status = answer.status();
     // Checked first: a front that answers 200 to anything must not pass for the relay.
     if !answer.headers().contains_key(RELAY_ANSWER_HEADER) {
@@ -250,12 +420,17 @@ pub fn channel_id(answer: &Response) -> Option<ChannelId> {
 }
 
 /// Reads the plain-text reason a relay put in an error answer (bounded in size and time).
-async fn reason(mut answer: Response) -> String {
+async fn reason(answer: Response) -> String {
     const MAX: usize = 512;
+    let mut body = answer.into_body();
     let mut out = Vec::new();
     while out.len() < MAX {
-        match tokio::time::timeout(Duration::from_secs(2), answer.chunk()).await {
-            Ok(Ok(Some(c))) => out.extend_from_slice(&c[..c.len().min(MAX - out.len())]),
+        match tokio::time::timeout(Duration::from_secs(2), body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(c) = frame.into_data() {
+                    out.extend_from_slice(&c[..c.len().min(MAX - out.len())]);
+                }
+            }
             _ => break,
         }
     }
@@ -280,7 +455,7 @@ fn front_problem(status: StatusCode) -> String {
     format!("a reverse proxy in front of the relay answered {status}: {hint}")
 }
 
-/// The error and its sources on one line (reqwest hides the useful part in the sources), with
+/// The error and its sources on one line (hyper hides the useful part in the sources), with
 /// advice when TLS did not trust the relay.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

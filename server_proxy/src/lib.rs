@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ptth_common::channel::{Channel, ChannelError, LocalSocket};
-use ptth_common::client::{Backoff, RelayClient, SetupError, http_client};
+use ptth_common::client::{Backoff, RelayClient, SetupError};
 use ptth_common::config::{Name, ServerConfig, Target};
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{downstream_path, listen_path};
@@ -53,8 +53,7 @@ pub fn run(
     key: PrivateKey,
     shutdown: CancellationToken,
 ) -> Result<Server, SetupError> {
-    let http = http_client(&config.relay_url, config.ca_file.as_deref())?;
-    let relay = RelayClient::new(http, config.relay_url.clone(), key);
+    let relay = RelayClient::new(config.relay_url.clone(), config.ca_file.as_deref(), key)?;
     Ok(Server {
         ctx: Arc::new(Ctx {
             relay,

@@ -517,6 +517,48 @@ pub async fn transfer_each_way(local: SocketAddr, len: usize, seed: u64) {
     assert_eq!(hasher.finalize(), want, "SHA-256 differs");
 }
 
+/// A reqwest client builder for tests that call the relay or a front themselves, trusting
+/// `ca` beside the system roots (the TLS settings of the endpoints).
+pub fn http_client_builder(ca: Option<&Path>) -> anyhow::Result<reqwest::ClientBuilder> {
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(ptth_common::client::tls_config(ca)?)
+        .no_proxy())
+}
+
+/// Calls to a relay signed by hand, as the endpoints sign theirs, for tests that speak the
+/// protocol themselves (over reqwest, not the endpoints' client).
+#[derive(Debug, Clone)]
+pub struct SignedClient {
+    http: reqwest::Client,
+    url: ptth_common::config::RelayUrl,
+    signer: ptth_common::auth::Signer,
+}
+
+impl SignedClient {
+    /// Signs with `key` for the relay at `http://{addr}`.
+    pub fn new(addr: SocketAddr, key: &PrivateKey) -> Self {
+        let url = ptth_common::config::RelayUrl::parse(&format!("http://{addr}")).expect("url");
+        let http = http_client_builder(None)
+            .expect("builder")
+            .build()
+            .expect("client");
+        Self {
+            http,
+            url,
+            signer: ptth_common::auth::Signer::new(key.clone()),
+        }
+    }
+
+    /// A POST to a protocol path, signed now.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let signed = self.signer.sign("POST", &self.url.authority(), path);
+        self.http
+            .post(self.url.join(path))
+            .header(ptth_common::auth::SIGNATURE_INPUT, signed.input)
+            .header(ptth_common::auth::SIGNATURE, signed.signature)
+    }
+}
+
 /// A request body written by hand: each chunk sent on its sender goes out as it comes, an
 /// `Err` fails the body, and dropping the sender ends it.
 #[derive(Debug)]

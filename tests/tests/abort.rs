@@ -390,13 +390,7 @@ async fn killed_server_is_offline_at_once() {
             .expect("relay still counts the dead server's channels")
             .expect("watch");
         // A connect is refused as "server offline" at once, not queued until accept_timeout.
-        let url =
-            ptth_common::config::RelayUrl::parse(&format!("http://{}", w.relay.addr)).expect("url");
-        let alice = ptth_common::client::RelayClient::new(
-            ptth_common::client::http_client(&url, None).expect("client"),
-            url,
-            w.setup.alice_key.clone(),
-        );
+        let alice = SignedClient::new(w.relay.addr, &w.setup.alice_key);
         let r = tokio::time::timeout(
             PROPAGATION,
             alice

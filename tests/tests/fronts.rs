@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ptth_common::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
-use ptth_common::client::http_client_builder;
 use ptth_common::protocol::{self, RELAY_ANSWER_HEADER};
 use ptth_tests::fronts::{FrontKind, Pki, start_front};
 use ptth_tests::taps::{CountingForwarder, TlsBridge};

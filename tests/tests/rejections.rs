@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ptth_common::auth::{SIGNATURE, SIGNATURE_INPUT, Signer, unix_now};
-use ptth_common::client::{RelayClient, http_client, http_client_builder};
-use ptth_common::config::RelayUrl;
 use ptth_common::frame::{self, Item};
 use ptth_common::keys::PrivateKey;
 use ptth_common::protocol::{self, CHANNEL_ID_HEADER, ChannelId};
@@ -17,9 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn relay_client(addr: SocketAddr, key: &PrivateKey) -> RelayClient {
-    let url = RelayUrl::parse(&format!("http://{addr}")).expect("url");
-    RelayClient::new(http_client(&url, None).expect("client"), url, key.clone())
+fn relay_client(addr: SocketAddr, key: &PrivateKey) -> SignedClient {
+    SignedClient::new(addr, key)
 }
 
 /// Runs a client proxy on this test's thread (so its logs are captured) forwarding
@@ -368,7 +365,7 @@ struct HandChannel {
 
 impl HandChannel {
     /// A channel of `db` for connections to `port`: `listen` and `downstream`.
-    async fn server(db: &RelayClient, port: &str) -> Self {
+    async fn server(db: &SignedClient, port: &str) -> Self {
         let id = ChannelId::random().expect("id");
         let download = db
             .post(&protocol::listen_path("db", port))
@@ -377,7 +374,7 @@ impl HandChannel {
     }
 
     /// A channel of a client for connections to `server/port`: `connect` and `upstream`.
-    async fn client(client: &RelayClient, server: &str, port: &str) -> Self {
+    async fn client(client: &SignedClient, server: &str, port: &str) -> Self {
         let id = ChannelId::random().expect("id");
         let download = client
             .post(&protocol::connect_path(server, port))
@@ -386,7 +383,7 @@ impl HandChannel {
     }
 
     async fn open(
-        relay: &RelayClient,
+        relay: &SignedClient,
         id: ChannelId,
         download: reqwest::RequestBuilder,
         upload_path: String,

@@ -217,6 +217,22 @@ impl RelayUrl {
         }
     }
 
+    /// Where to dial the relay: its host (an IP address without brackets, or a name), its
+    /// port (the scheme's default when none is given), and whether it speaks TLS.
+    pub fn dial_address(&self) -> (String, u16, bool) {
+        let host = match self.url.host() {
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            Some(host) => host.to_string(),
+            None => String::new(),
+        };
+        let https = self.url.scheme() == "https";
+        let port = self
+            .url
+            .port_or_known_default()
+            .unwrap_or(if https { 443 } else { 80 });
+        (host, port, https)
+    }
+
     /// Joins a protocol path (starting with `/`): the URL to send the request to. (The base
     /// is parsed once; a request's URL is not parsed again.)
     pub fn join(&self, path: &str) -> url::Url {
@@ -250,6 +266,21 @@ impl<'de> Deserialize<'de> for RelayUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_urls_give_the_address_to_dial() {
+        let dial = |s: &str| RelayUrl::parse(s).expect("parse").dial_address();
+        assert_eq!(
+            dial("https://relay.example.com"),
+            ("relay.example.com".into(), 443, true)
+        );
+        assert_eq!(
+            dial("http://127.0.0.1:4000"),
+            ("127.0.0.1".into(), 4000, false)
+        );
+        assert_eq!(dial("h2c://[::1]:4000"), ("::1".into(), 4000, false));
+        assert_eq!(dial("h2c://relay"), ("relay".into(), 80, false));
+    }
 
     #[test]
     fn relay_urls() {
