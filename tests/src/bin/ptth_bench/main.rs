@@ -407,14 +407,18 @@ fn print_table(columns: &[Column], args: &Args) {
     );
     let mut row = String::from("| tunnels held (succeeded of opened at once) |");
     for c in columns {
-        let ok = c.held.map_or(0, |h| h.ok);
-        row.push_str(&format!(" {ok} of {} |", c.tunnels));
+        match c.held {
+            Some(h) => row.push_str(&format!(" {} of {} |", h.ok, c.tunnels)),
+            None => row.push_str(" - |"),
+        }
     }
     println!("{row}");
     let mut row = String::from("| time to open them all (s) |");
     for c in columns {
-        let s = c.held.map_or(f64::NAN, |h| h.opened_in.as_secs_f64());
-        row.push_str(&format!(" {s:.1} |"));
+        match c.held {
+            Some(h) => row.push_str(&format!(" {:.1} |", h.opened_in.as_secs_f64())),
+            None => row.push_str(" - |"),
+        }
     }
     println!("{row}");
     for program in ["ptth_relay", "ptth_server", "ptth_proxy"] {
@@ -429,7 +433,7 @@ fn print_table(columns: &[Column], args: &Args) {
     }
     let mut row = String::from("| peak RSS per held tunnel, all processes (KiB) |");
     for c in columns {
-        if c.stack.is_some() {
+        if c.stack.is_some() && c.held.is_some() {
             let sum: f64 = c.rss_per_tunnel.iter().map(|(_, kib)| kib).sum();
             row.push_str(&format!(" {sum:.1} |"));
         } else {
@@ -439,7 +443,7 @@ fn print_table(columns: &[Column], args: &Args) {
     println!("{row}");
     let mut row = String::from("| CPU seconds per GiB moved, all processes (not nginx) |");
     for c in columns {
-        if c.stack.is_some() {
+        if c.stack.is_some() && c.gib_moved > 0.0 {
             row.push_str(&format!(" {:.2} |", c.cpu_seconds / c.gib_moved));
         } else {
             row.push_str(" - |");
