@@ -73,7 +73,13 @@ pub fn run(
             listeners: listeners.len(),
         });
     }
-    let relay = RelayClient::new(config.relay_url.clone(), config.ca_file.as_deref(), key)?;
+    let tasks = TaskTracker::new();
+    let relay = RelayClient::new(
+        config.relay_url.clone(),
+        config.ca_file.as_deref(),
+        key,
+        tasks.clone(),
+    )?;
     let forwards = listeners
         .into_iter()
         .zip(config.forwards.iter().cloned())
@@ -90,7 +96,7 @@ pub fn run(
             slots: Arc::new(Semaphore::new(config.max_connections)),
             config,
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks,
         }),
     })
 }
@@ -190,6 +196,7 @@ async fn serve(ctx: Arc<Ctx>, forwards: Vec<(TcpListener, SocketAddr, Forward)>)
     }
     ctx.shutdown.cancelled().await;
     info!("proxy shutting down");
+    ctx.relay.close().await;
     ptth_common::drain(&ctx.tasks).await;
 }
 

@@ -346,7 +346,9 @@ impl Channel {
             local_failed,
         } = started;
         let download = &mut self.download;
-        let downstream = async {
+        // The download's bytes go to the socket; the upload reads the socket on its own and
+        // tells when it has sent the socket's end.
+        let from_download = async {
             if client {
                 match download.next().await? {
                     Item::Open => {}
@@ -372,13 +374,13 @@ impl Channel {
                 }
             }
         };
-        let upstream = async {
+        let to_upload = async {
             self.link.ended.notified().await;
             Ok::<(), ChannelError>(())
         };
         let upload = self.upload.ended();
         let result = tokio::select! {
-            r = async { tokio::try_join!(downstream, upstream) } => r.map(drop),
+            r = async { tokio::try_join!(from_download, to_upload) } => r.map(drop),
             e = upload => Err(e),
             e = local_error(&stream, &local_failed) => Err(ChannelError::Local(e)),
             () = shutdown.cancelled() => Err(ChannelError::Cancelled),

@@ -20,11 +20,13 @@ use http::{Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::task::TaskTracker;
 
+use crate::TrackedExecutor;
 use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
@@ -133,6 +135,10 @@ struct Inner {
     http1: AtomicBool,
     /// Attempts to open the shared connection so far.
     attempts: AtomicU64,
+    /// The program's tasks: each connection's driver, and HTTP/2's stream tasks, run there.
+    tasks: TaskTracker,
+    /// Set by [`RelayClient::close`]: no connection is dialled any more.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -159,8 +165,14 @@ enum Sender {
 
 impl RelayClient {
     /// A client for `url`, trusting `ca_file` beside the system roots for `https://`, signing
-    /// with `key`. Nothing is dialled before the first request.
-    pub fn new(url: RelayUrl, ca_file: Option<&Path>, key: PrivateKey) -> Result<Self, SetupError> {
+    /// with `key`, running its connections' tasks on `tasks`. Nothing is dialled before the
+    /// first request.
+    pub fn new(
+        url: RelayUrl,
+        ca_file: Option<&Path>,
+        key: PrivateKey,
+        tasks: TaskTracker,
+    ) -> Result<Self, SetupError> {
         let (host, port, https) = url.dial_address();
         let tls = if https {
             let name = ServerName::try_from(host.clone())
@@ -182,8 +194,18 @@ impl RelayClient {
                 shared: tokio::sync::Mutex::default(),
                 http1: AtomicBool::new(http1),
                 attempts: AtomicU64::new(0),
+                tasks,
+                closed: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Dials no more, and lets go of the shared HTTP/2 connection, which then closes once its
+    /// requests have ended: called at shutdown, so that the connection's tasks end with the
+    /// channels' instead of keeping the program's task tracker waiting.
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.shared.lock().await.sender = None;
     }
 
     /// Opens (or confirms) the connection to the relay, so that requests sent at once
@@ -250,11 +272,17 @@ impl RelayClient {
     /// A connection for one request: the shared HTTP/2 connection (opened now if there is
     /// none), or a new HTTP/1.1 connection.
     async fn connection(&self) -> Result<Sender, CallError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(CallError::Unreachable("the client is shutting down".into()));
+        }
         if self.inner.http1.load(Ordering::Acquire) {
             return Box::pin(self.dial()).await;
         }
         let attempts_before = self.inner.attempts.load(Ordering::Acquire);
         let mut shared = self.inner.shared.lock().await;
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(CallError::Unreachable("the client is shutting down".into()));
+        }
         if let Some(sender) = &shared.sender
             && !sender.is_closed()
         {
@@ -287,7 +315,7 @@ impl RelayClient {
     }
 
     /// Dials a new connection to the relay, within [`CONNECT_TIMEOUT`]. Its driver runs in a
-    /// task of its own, which ends with the connection.
+    /// tracked task of its own, which ends with the connection.
     async fn dial(&self) -> Result<Sender, CallError> {
         let inner = &self.inner;
         let unreachable = |e: &dyn std::error::Error| CallError::Unreachable(error_chain(e));
@@ -297,17 +325,17 @@ impl RelayClient {
                 .map_err(|e| unreachable(&e))?;
             let _ = tcp.set_nodelay(true);
             match &inner.tls {
-                None if inner.url.h2c() => http2_handshake(tcp).await,
-                None => http1_handshake(tcp).await,
+                None if inner.url.h2c() => http2_handshake(tcp, &inner.tasks).await,
+                None => http1_handshake(tcp, &inner.tasks).await,
                 Some((connector, name)) => {
                     let tls = connector
                         .connect(name.clone(), tcp)
                         .await
                         .map_err(|e| unreachable(&e))?;
                     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        http2_handshake(tls).await
+                        http2_handshake(tls, &inner.tasks).await
                     } else {
-                        http1_handshake(tls).await
+                        http1_handshake(tls, &inner.tasks).await
                     }
                 }
             }
@@ -321,15 +349,15 @@ impl RelayClient {
     }
 }
 
-/// An HTTP/1.1 connection over `io`, its driver spawned.
-async fn http1_handshake<T>(io: T) -> Result<Sender, CallError>
+/// An HTTP/1.1 connection over `io`, its driver spawned on `tasks`.
+async fn http1_handshake<T>(io: T, tasks: &TaskTracker) -> Result<Sender, CallError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let (sender, connection) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| CallError::Unreachable(error_chain(&e)))?;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %error_chain(&e), "HTTP/1.1 connection to the relay ended");
         }
@@ -337,13 +365,14 @@ where
     Ok(Sender::Http1(sender))
 }
 
-/// An HTTP/2 connection over `io`, its driver spawned: large windows and frames for bulk
-/// transfers, and pings that find a dead relay within 40 s even when idle.
-async fn http2_handshake<T>(io: T) -> Result<Sender, CallError>
+/// An HTTP/2 connection over `io`, its driver and stream tasks spawned on `tasks`: large
+/// windows and frames for bulk transfers, and pings that find a dead relay within 40 s even
+/// when idle.
+async fn http2_handshake<T>(io: T, tasks: &TaskTracker) -> Result<Sender, CallError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+    let (sender, connection) = http2::Builder::new(TrackedExecutor(tasks.clone()))
         .timer(TokioTimer::new())
         .initial_stream_window_size(1024 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
@@ -354,7 +383,7 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| CallError::Unreachable(error_chain(&e)))?;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %error_chain(&e), "HTTP/2 connection to the relay ended");
         }
@@ -528,7 +557,7 @@ impl Backoff {
     }
 
     /// The next delay (with up to 25% random jitter subtracted), doubling the one after.
-    pub fn next_delay(&mut self) -> Duration {
+    fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(self.max);
         let mut b = [0u8; 1];
@@ -537,7 +566,7 @@ impl Backoff {
     }
 
     /// Back to the first delay after a success.
-    pub fn reset(&mut self) {
+    fn reset(&mut self) {
         self.next = Duration::from_millis(100).min(self.max);
     }
 }

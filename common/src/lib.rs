@@ -83,3 +83,18 @@ pub async fn drain(tracker: &TaskTracker) {
         );
     }
 }
+
+/// Runs hyper's background tasks (connections, HTTP/2 streams) on a program's task tracker,
+/// so that [`drain`] waits for them too.
+#[derive(Debug, Clone)]
+pub struct TrackedExecutor(pub TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}

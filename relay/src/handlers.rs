@@ -14,12 +14,12 @@ use ptth_common::config::Name;
 use ptth_common::protocol::{
     CHANNEL_ID_HEADER, ChannelId, RELAY_ANSWER_HEADER, TUNNEL_CONTENT_TYPE,
 };
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{info_span, warn};
 
 use crate::access::{self, Denied, client_addr};
 use crate::channel::{Channel, Side, TableRefusal};
 use crate::pipe::PipeBody;
-use crate::state::{ListenRefusal, PortRefusal, Shared};
+use crate::state::{ListenRefusal, OpenRefusal, PortRefusal, Shared};
 use crate::upload::{self, UploadEnd};
 
 /// An error answer: a status and a one-line reason in plain text.
@@ -88,6 +88,15 @@ impl From<PortRefusal> for ApiError {
             PortRefusal::ServerOffline | PortRefusal::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, r.reason())
+    }
+}
+
+impl From<OpenRefusal> for ApiError {
+    fn from(r: OpenRefusal) -> Self {
+        match r {
+            OpenRefusal::Table(r) => r.into(),
+            OpenRefusal::Listen(r) => r.into(),
+        }
     }
 }
 
@@ -167,13 +176,8 @@ pub(crate) async fn listen(
         port,
         shared.shutdown.child_token(),
     );
-    shared.channels.insert(channel.clone())?;
-    if let Err(refusal) = shared.add_server_channel(&channel) {
-        shared.channels.remove(id);
-        return Err(refusal.into());
-    }
     let span = info_span!("channel", channel = %id, server = %shared.server_names[server], port = %channel.port);
-    spawn_reaper(&shared, channel.clone(), span);
+    shared.open_channel(&channel, span)?;
     let body = PipeBody::new(channel, shared.config.heartbeat_interval);
     Ok(streaming_response(body, id))
 }
@@ -205,34 +209,17 @@ pub(crate) async fn connect(
         port,
         shared.shutdown.child_token(),
     );
-    if let Err(refusal) = shared.channels.insert(channel.clone()) {
-        warn!(channel = %id, "{}", ApiError::from(refusal).1);
-        return Err(refusal.into());
-    }
     let client_ip = client_addr(&shared, &req)
         .map(|a| a.to_string())
         .unwrap_or_default();
     let span = info_span!("channel", channel = %id, client = %shared.client_names[client], %client_ip, %server, port = %channel.port);
-    spawn_reaper(&shared, channel.clone(), span);
+    if let Err(refusal) = shared.open_channel(&channel, span) {
+        let refusal = ApiError::from(refusal);
+        warn!(channel = %id, "{}", refusal.1);
+        return Err(refusal);
+    }
     let body = PipeBody::new(channel, shared.config.heartbeat_interval);
     Ok(streaming_response(body, id))
-}
-
-/// Starts the task that frees `channel` when it ends (`Channels::reap`), in its span.
-fn spawn_reaper(shared: &Arc<Shared>, channel: Arc<Channel>, span: tracing::Span) {
-    let task_shared = shared.clone();
-    let idle = shared.config.idle_timeout;
-    shared.tasks.spawn(
-        async move {
-            debug!("channel open");
-            task_shared.channels.reap(&channel, idle).await;
-            if channel.is_server() {
-                task_shared.remove_server_channel(&channel);
-            }
-            debug!("channel closed");
-        }
-        .instrument(span),
-    );
 }
 
 /// `POST /v1/servers/{server}/channels/{id}/downstream`: the upload of a server's channel,

@@ -56,12 +56,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
+use ptth_common::TrackedExecutor;
 use ptth_common::config::RelayConfig;
 use ptth_common::protocol::{CONNECT_ROUTE, DOWNSTREAM_ROUTE, LISTEN_ROUTE, UPSTREAM_ROUTE};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -168,20 +168,6 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(DOWNSTREAM_ROUTE, post(handlers::downstream))
         .route(UPSTREAM_ROUTE, post(handlers::upstream))
         .with_state(shared)
-}
-
-/// Runs hyper's background tasks (HTTP/2 streams) on the relay's task tracker.
-#[derive(Debug, Clone)]
-struct TrackedExecutor(TaskTracker);
-
-impl<F> hyper::rt::Executor<F> for TrackedExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        self.0.spawn(fut);
-    }
 }
 
 async fn serve(relay: Relay) {

@@ -13,8 +13,9 @@ use ptth_common::protocol::ChannelId;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug};
 
-use crate::channel::{Channel, Channels, Tunnel};
+use crate::channel::{Channel, Channels, TableRefusal, Tunnel};
 
 /// Who signed a request: a server or a client, by its index in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,15 @@ pub(crate) enum ListenRefusal {
     TooManyPorts,
     /// `max_listens_per_port` idle channels are open on this port already.
     TooManyListens,
+}
+
+/// Why a channel could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenRefusal {
+    /// The channel table refused it.
+    Table(TableRefusal),
+    /// Its port refused a server channel.
+    Listen(ListenRefusal),
 }
 
 /// Why a client cannot have a connection to a port now.
@@ -185,8 +195,41 @@ impl Shared {
         }
     }
 
+    /// Opens `channel`: enters it in the table and, a server's, counts it on its port; then
+    /// starts the task, in `span`, that frees it once it ends (`Channels::reap`).
+    pub fn open_channel(
+        self: &Arc<Self>,
+        channel: &Arc<Channel>,
+        span: tracing::Span,
+    ) -> Result<(), OpenRefusal> {
+        self.channels
+            .insert(channel.clone())
+            .map_err(OpenRefusal::Table)?;
+        if channel.is_server()
+            && let Err(refusal) = self.add_server_channel(channel)
+        {
+            self.channels.remove(channel.id);
+            return Err(OpenRefusal::Listen(refusal));
+        }
+        let shared = self.clone();
+        let channel = channel.clone();
+        let idle = self.config.idle_timeout;
+        self.tasks.spawn(
+            async move {
+                debug!("channel open");
+                shared.channels.reap(&channel, idle).await;
+                if channel.is_server() {
+                    shared.remove_server_channel(&channel);
+                }
+                debug!("channel closed");
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+
     /// Counts a new server channel on its port, within the limits.
-    pub fn add_server_channel(&self, channel: &Channel) -> Result<(), ListenRefusal> {
+    fn add_server_channel(&self, channel: &Channel) -> Result<(), ListenRefusal> {
         let key = (channel.server, channel.port.clone());
         let mut ports = self.ports.lock();
         let full = |ports: &HashMap<PortKey, PortState>| {
@@ -209,7 +252,7 @@ impl Shared {
     }
 
     /// Forgets a server channel that has ended.
-    pub fn remove_server_channel(&self, channel: &Channel) {
+    fn remove_server_channel(&self, channel: &Channel) {
         let mut ports = self.ports.lock();
         let Some(entry) = ports.get_mut(&(channel.server, channel.port.clone())) else {
             return;
@@ -375,6 +418,23 @@ mod tests {
         let t2 = rx.await.expect("tunnel");
         assert_eq!((t2.client.id, t2.server.id), (c2.id, busy.id));
         assert_eq!(*s.ready_server_channels().borrow(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_retired_channel_leaves_the_ready_queue_unless_a_connection_took_it() {
+        let s = shared("");
+        let idle = server_channel(&s, "pg");
+        assert!(s.retire(&idle));
+        assert_eq!(*s.ready_server_channels().borrow(), 0);
+        // Still open, so the port is offered: the next connection waits.
+        let client = new_channel(&s, Side::Client(0), 0, "pg");
+        let Ok(Offer::Waiting(rx)) = s.offer(&client) else {
+            panic!("waiting")
+        };
+        let taken = server_channel(&s, "pg");
+        let tunnel = rx.await.expect("tunnel");
+        assert_eq!(tunnel.server.id, taken.id);
+        assert!(!s.retire(&taken));
     }
 
     #[test]

@@ -53,14 +53,20 @@ pub fn run(
     key: PrivateKey,
     shutdown: CancellationToken,
 ) -> Result<Server, SetupError> {
-    let relay = RelayClient::new(config.relay_url.clone(), config.ca_file.as_deref(), key)?;
+    let tasks = TaskTracker::new();
+    let relay = RelayClient::new(
+        config.relay_url.clone(),
+        config.ca_file.as_deref(),
+        key,
+        tasks.clone(),
+    )?;
     Ok(Server {
         ctx: Arc::new(Ctx {
             relay,
             slots: Arc::new(Semaphore::new(config.max_connections)),
             config,
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks,
         }),
     })
 }
@@ -123,6 +129,7 @@ async fn serve(ctx: Arc<Ctx>) {
     }
     ctx.shutdown.cancelled().await;
     info!("server proxy shutting down");
+    ctx.relay.close().await;
     ptth_common::drain(&ctx.tasks).await;
 }
 
