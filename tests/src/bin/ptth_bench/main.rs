@@ -12,7 +12,7 @@
 mod load;
 mod stack;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -102,7 +102,10 @@ struct Column {
     upstream: Vec<f64>,
     downstream: Vec<f64>,
     parallel: Vec<f64>,
+    /// CPU time of the column's programs over its bulk figures.
     cpu_seconds: f64,
+    /// CPU time of the bench itself (the load and the services) over the same figures.
+    load_cpu_seconds: f64,
     gib_moved: f64,
     held: Option<load::Held>,
     /// Peak RSS per held tunnel of each program, KiB.
@@ -124,6 +127,7 @@ impl Column {
             downstream: Vec::new(),
             parallel: Vec::new(),
             cpu_seconds: 0.0,
+            load_cpu_seconds: 0.0,
             gib_moved: 0.0,
             held: None,
             rss_per_tunnel: Vec::new(),
@@ -277,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
             .filter(|_| args.figures.contains(&Figure::Bulk))
         {
             let before = c.cpu(ticks)?;
+            let load_before = stack::cpu_seconds(Path::new("/proc/self/stat"), ticks)?;
             let up = load::upstream(&mut services, c.ports.sink, 1, bulk)
                 .await
                 .with_context(|| format!("one stream upstream, {}", c.name))?;
@@ -287,6 +292,8 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("8 streams upstream, {}", c.name))?;
             c.cpu_seconds += c.cpu(ticks)? - before;
+            c.load_cpu_seconds +=
+                stack::cpu_seconds(Path::new("/proc/self/stat"), ticks)? - load_before;
             c.gib_moved += 3.0 * bulk as f64 / f64::from(1u32 << 30);
             c.upstream.push(up);
             c.downstream.push(down);
@@ -445,6 +452,15 @@ fn print_table(columns: &[Column], args: &Args) {
     for c in columns {
         if c.stack.is_some() && c.gib_moved > 0.0 {
             row.push_str(&format!(" {:.2} |", c.cpu_seconds / c.gib_moved));
+        } else {
+            row.push_str(" - |");
+        }
+    }
+    println!("{row}");
+    let mut row = String::from("| CPU seconds per GiB moved, the load and the services |");
+    for c in columns {
+        if c.gib_moved > 0.0 {
+            row.push_str(&format!(" {:.2} |", c.load_cpu_seconds / c.gib_moved));
         } else {
             row.push_str(" - |");
         }

@@ -117,14 +117,7 @@ impl Program {
 
     /// CPU time (user and system) used so far, in seconds.
     pub fn cpu_seconds(&self, ticks_per_second: f64) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(self.proc_file("stat"))?;
-        // Fields after the command name, which is in parentheses and may contain spaces.
-        let rest = stat.rsplit_once(')').context("stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after `)`.
-        let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
-            + fields.get(12).context("stime")?.parse::<f64>()?;
-        Ok(ticks / ticks_per_second)
+        cpu_seconds(&self.proc_file("stat"), ticks_per_second)
     }
 
     /// The program's log, for errors.
@@ -431,4 +424,16 @@ impl Stack {
         }
         out
     }
+}
+
+/// CPU time (user and system) of the process whose `/proc/PID/stat` is `stat`, in seconds.
+pub fn cpu_seconds(stat: &Path, ticks_per_second: f64) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(stat)?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after `)`.
+    let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
+        + fields.get(12).context("stime")?.parse::<f64>()?;
+    Ok(ticks / ticks_per_second)
 }
