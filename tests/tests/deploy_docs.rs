@@ -135,7 +135,6 @@ fn every_front_configuration_block_is_marked() {
     let names: BTreeSet<&str> = marked.iter().map(|b| b.name.as_str()).collect();
     let want: BTreeSet<&str> = [
         "nginx-site",
-        "nginx-location",
         "nginx-main",
         "caddy",
         "haproxy",
@@ -182,12 +181,6 @@ async fn nginx_accepts_the_documented_configuration() {
         let key = pki.key.display().to_string();
         assert!(set_directive(&mut site, "ssl_certificate", &cert) > 0);
         assert!(set_directive(&mut site, "ssl_certificate_key", &key) > 0);
-        // The optional upload-window line goes where the page says: into `location /v1/`.
-        let extra = block("nginx-location").text;
-        let anchor = "location /v1/ {\n";
-        let at = site.find(anchor).expect("location /v1/ in the site") + anchor.len();
-        site.insert_str(at, &extra);
-
         // Debian's nginx.conf around it: the page's top-level lines, then an http block
         // including the site, with files in the test folder instead of /var.
         let main = block("nginx-main").text;

@@ -53,6 +53,7 @@ http {{
         ssl_certificate {cert};
         ssl_certificate_key {key};
         http2_max_concurrent_streams {streams};
+        http2_chunk_size 64k;
         keepalive_requests 1000000;
         keepalive_timeout {t}s;
         client_body_timeout {t}s;
@@ -68,6 +69,10 @@ http {{
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             {buffering}
             proxy_buffering off;
+            client_body_buffer_size 1m;
+            proxy_buffer_size 64k;
+            proxy_buffers 4 64k;
+            proxy_busy_buffers_size 64k;
             client_max_body_size 0;
             proxy_read_timeout {t}s;
             proxy_send_timeout {t}s;
