@@ -277,6 +277,10 @@ async fn serve(relay: Relay) {
 /// Serves one TCP connection: its TLS handshake if configured, then HTTP until it ends or
 /// shutdown is requested. A connection that stays silent gets as long to send its first byte
 /// as a TLS client gets for its handshake; shutdown ends either wait at once.
+///
+/// The handshake and the HTTP connection are boxed, each in its own allocation: a connection
+/// over HTTP/1.1 without TLS, for as long as it lasts, then holds only what that needs, rather
+/// than room for the largest of the four (with and without TLS, before and after it).
 async fn serve_connection(
     builder: auto::Builder<TrackedExecutor>,
     stream: TcpStream,
@@ -300,7 +304,7 @@ async fn serve_connection(
             };
             match started {
                 Ok(Ok(n)) if n > 0 => {
-                    serve_http(builder, TokioIo::new(stream), service, shutdown).await
+                    Box::pin(serve_http(builder, TokioIo::new(stream), service, shutdown)).await
                 }
                 Ok(_) => {}
                 Err(_) => debug!("no request within the first-byte timeout"),
@@ -309,10 +313,12 @@ async fn serve_connection(
         Some(tls) => {
             let handshake = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = tokio::time::timeout(FIRST_BYTES_TIMEOUT, tls.accept(stream)) => r,
+                r = tokio::time::timeout(FIRST_BYTES_TIMEOUT, Box::pin(tls.accept(stream))) => r,
             };
             match handshake {
-                Ok(Ok(s)) => serve_http(builder, TokioIo::new(s), service, shutdown).await,
+                Ok(Ok(s)) => {
+                    Box::pin(serve_http(builder, TokioIo::new(s), service, shutdown)).await
+                }
                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                 Err(_) => debug!("TLS handshake timed out"),
             }
