@@ -133,13 +133,7 @@ fn every_front_configuration_block_is_marked() {
     let marked = marked_blocks();
     assert!(!marked.is_empty(), "no marked block in docs/deploy.md");
     let names: BTreeSet<&str> = marked.iter().map(|b| b.name.as_str()).collect();
-    let want: BTreeSet<&str> = [
-        "nginx-site",
-        "nginx-main",
-        "caddy",
-        "haproxy",
-    ]
-    .into();
+    let want: BTreeSet<&str> = ["nginx-site", "nginx-main", "caddy", "haproxy"].into();
     assert_eq!(names, want, "marked blocks");
     assert_eq!(names.len(), marked.len(), "a name is used twice");
     for b in &marked {
