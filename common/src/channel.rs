@@ -262,6 +262,7 @@ impl Channel {
         let mut upload_failed = None;
         let answer = loop {
             tokio::select! {
+                biased;
                 () = shutdown.cancelled() => return Err(ChannelError::Cancelled),
                 r = &mut waiting => match r {
                     Ok(answer) => break answer,
@@ -374,13 +375,13 @@ impl Channel {
                 }
             }
         };
-        let to_upload = async {
+        let upload_sent_end = async {
             self.link.ended.notified().await;
             Ok::<(), ChannelError>(())
         };
         let upload = self.upload.ended();
         let result = tokio::select! {
-            r = async { tokio::try_join!(from_download, to_upload) } => r.map(drop),
+            r = async { tokio::try_join!(from_download, upload_sent_end) } => r.map(drop),
             e = upload => Err(e),
             e = local_error(&stream, &local_failed) => Err(ChannelError::Local(e)),
             () = shutdown.cancelled() => Err(ChannelError::Cancelled),

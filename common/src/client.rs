@@ -6,7 +6,7 @@
 //! where ALPN picks `h2`); over HTTP/1.1 each request has a connection of its own, since every
 //! request of a channel lasts as long as the channel. A general-purpose client (reqwest, over
 //! hyper-util's pool) keeps its redirect, retry and pool state beside each request in flight:
-//! about 7.5 KB for each channel's upload, whose answer comes only when the channel ends,
+//! about 7.6 KB for each channel's upload, whose answer comes only when the channel ends,
 //! and half of a tunnel's memory budget (docs/benchmarks.md).
 
 use std::path::Path;

@@ -143,11 +143,14 @@ impl Component {
         &self.logs
     }
 
-    /// Cancels the component and waits (at most 10 s) for it to return.
-    pub async fn stop(mut self) {
+    /// Cancels the component and waits (at most 10 s) for it to return: whether it did.
+    pub async fn stop(mut self) -> bool {
         self.token.cancel();
-        if let Some(done) = self.done.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
+        match self.done.take() {
+            Some(done) => tokio::time::timeout(Duration::from_secs(10), done)
+                .await
+                .is_ok(),
+            None => true,
         }
     }
 

@@ -320,6 +320,65 @@ async fn client_proxy_killed_closes_the_service() {
     .await;
 }
 
+/// Endpoints shut down with tunnels open reset the tunnels' sockets and end every task they
+/// started, their connections to the relay included, within their shutdown grace: over
+/// HTTP/1.1 (a connection per request) and over h2c (one connection shared by all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_stop_within_their_grace_with_tunnels_open() {
+    within(LIMIT, async {
+        for scheme in ["http", "h2c"] {
+            let echo = echo_service().await.expect("echo");
+            let setup = Setup::new().expect("setup");
+            let relay = setup.start_relay().expect("relay");
+            let url = format!("{scheme}://{}", relay.addr);
+            let server_config = setup
+                .server_config_url(&url, &[("echo", echo.to_string())], "")
+                .expect("server config");
+            let server = start_server(server_config, setup.server_key.clone());
+            relay
+                .expect_server_channels(2, Duration::from_secs(20), "server proxy listens")
+                .await;
+            let proxy_config = setup
+                .proxy_config_url(&url, "alice", &[("db", "echo")], "")
+                .expect("proxy config");
+            let (proxy, addrs) = start_proxy(proxy_config, setup.alice_key.clone()).expect("proxy");
+            let mut held = Vec::new();
+            for i in 0..2u8 {
+                let (mut r, mut w) = TcpStream::connect(addrs[0])
+                    .await
+                    .expect("connect")
+                    .into_split();
+                w.write_all(&[i; 4]).await.expect("write");
+                let mut echoed = [0u8; 4];
+                r.read_exact(&mut echoed).await.expect("echo");
+                assert_eq!(echoed, [i; 4]);
+                held.push((r, w));
+            }
+            let (proxy_logs, server_logs) = (proxy.logs().clone(), server.logs().clone());
+            let (proxy_stopped, server_stopped) = tokio::join!(proxy.stop(), server.stop());
+            for (who, stopped, logs) in [
+                ("client proxy", proxy_stopped, proxy_logs),
+                ("server proxy", server_stopped, server_logs),
+            ] {
+                let text = logs.text();
+                assert!(stopped, "{scheme}: the {who} did not stop:\n{text}");
+                assert!(
+                    text.contains("shutting down"),
+                    "{scheme}: the {who} never began its shutdown:\n{text}"
+                );
+                assert!(
+                    !text.contains("still running after the shutdown grace"),
+                    "{scheme}: the {who} left tasks running:\n{text}"
+                );
+            }
+            for (r, _w) in &mut held {
+                expect_closed(r).await;
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_restart_while_server_waits_then_new_connection_works() {
     within(LIMIT, async {

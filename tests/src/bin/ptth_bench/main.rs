@@ -146,6 +146,11 @@ impl Column {
     }
 }
 
+/// CPU time of the bench's own process so far (the load and the services), in seconds.
+fn load_cpu(ticks: f64) -> anyhow::Result<f64> {
+    stack::cpu_seconds(Path::new("/proc/self/stat"), ticks)
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -281,7 +286,7 @@ async fn main() -> anyhow::Result<()> {
             .filter(|_| args.figures.contains(&Figure::Bulk))
         {
             let before = c.cpu(ticks)?;
-            let load_before = stack::cpu_seconds(Path::new("/proc/self/stat"), ticks)?;
+            let load_before = load_cpu(ticks)?;
             let up = load::upstream(&mut services, c.ports.sink, 1, bulk)
                 .await
                 .with_context(|| format!("one stream upstream, {}", c.name))?;
@@ -292,8 +297,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("8 streams upstream, {}", c.name))?;
             c.cpu_seconds += c.cpu(ticks)? - before;
-            c.load_cpu_seconds +=
-                stack::cpu_seconds(Path::new("/proc/self/stat"), ticks)? - load_before;
+            c.load_cpu_seconds += load_cpu(ticks)? - load_before;
             c.gib_moved += 3.0 * bulk as f64 / f64::from(1u32 << 30);
             c.upstream.push(up);
             c.downstream.push(down);
@@ -438,7 +442,7 @@ fn print_table(columns: &[Column], args: &Args) {
         }
         println!("{row}");
     }
-    let mut row = String::from("| peak RSS per held tunnel, all processes (KiB) |");
+    let mut row = String::from("| peak RSS per held tunnel, all processes (not nginx) (KiB) |");
     for c in columns {
         if c.stack.is_some() && c.held.is_some() {
             let sum: f64 = c.rss_per_tunnel.iter().map(|(_, kib)| kib).sum();
