@@ -772,7 +772,9 @@ impl UploadBody {
     /// What `open`'s socket has: `OPEN` and data frames, `END` at EOF, or a heartbeat when it
     /// has been quiet for an interval.
     fn read(&mut self, open: &mut Open, cx: &mut Context<'_>) -> Read {
-        let prefix: &[u8] = if open.announce { OPEN_FRAME } else { &[] };
+        // `OPEN` goes out just before the connection's first bytes.
+        let open_frame = frame::open();
+        let prefix: &[u8] = if open.announce { &open_frame } else { &[] };
         loop {
             match open.stream.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -800,7 +802,7 @@ impl UploadBody {
                         return Read::End(frame::end());
                     }
                     let mut both = BytesMut::with_capacity(2 * frame::HEADER_LEN);
-                    both.extend_from_slice(OPEN_FRAME);
+                    both.extend_from_slice(&open_frame);
                     both.extend_from_slice(&frame::end());
                     return Read::End(both.freeze());
                 }
@@ -848,9 +850,6 @@ enum Read {
     /// Nothing yet.
     Pending,
 }
-
-/// The `OPEN` frame, to go out just before a connection's first bytes.
-const OPEN_FRAME: &[u8] = &[frame::TYPE_OPEN, 0, 0, 0, 0];
 
 impl Body for UploadBody {
     type Data = Bytes;

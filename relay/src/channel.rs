@@ -161,8 +161,24 @@ impl Channel {
 
     /// Records that bytes crossed the channel.
     pub fn touch(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.touch_at(Instant::now());
+    }
+
+    /// Records that bytes crossed the channel at `now` (one clock read for both channels of a
+    /// tunnel).
+    pub fn touch_at(&self, now: Instant) {
+        let since = now.saturating_duration_since(self.started);
+        let ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
         self.activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Ends the channel and, if it carries a connection, that connection's tunnel, and with
+    /// it the other channel.
+    pub fn close(&self) {
+        if let Some(tunnel) = self.tunnel() {
+            tunnel.fail();
+        }
+        self.cancel.cancel();
     }
 
     /// When bytes last crossed.
@@ -430,10 +446,7 @@ impl Channels {
                 }
             }
         }
-        channel.cancel.cancel();
-        if let Some(tunnel) = channel.tunnel() {
-            tunnel.fail();
-        }
+        channel.close();
         self.remove(channel.id);
     }
 }

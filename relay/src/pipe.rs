@@ -32,8 +32,7 @@ enum State {
     Streaming(Box<Streaming>),
     /// Sending `FAILED`; the body ends after it.
     Failing(Bytes),
-    /// The endpoint retired the idle channel: the body ends.
-    Retired,
+    /// The body has ended (or ends now: the endpoint retired the idle channel).
     Done,
 }
 
@@ -88,7 +87,7 @@ impl PipeBody {
     fn at_boundary(&self) -> bool {
         match &self.state {
             State::Streaming(s) => !s.open && s.frames.at_boundary(),
-            State::Idle | State::Failing(_) | State::Retired | State::Done => true,
+            State::Idle | State::Failing(_) | State::Done => true,
         }
     }
 
@@ -119,7 +118,7 @@ impl PipeBody {
                     if !matches!(self.state, State::Idle) {
                         return Err("a busy channel retired");
                     }
-                    self.state = State::Retired;
+                    self.state = State::Done;
                 }
             }
         }
@@ -140,10 +139,7 @@ impl PipeBody {
     /// channel end, and so does the other channel of the tunnel, if any.
     fn send_failed(&mut self, failed: Bytes) -> PollFrame {
         self.state = State::Done;
-        if let Some(tunnel) = self.channel.tunnel() {
-            tunnel.fail();
-        }
-        self.channel.cancel.cancel();
+        self.channel.close();
         Poll::Ready(Some(Ok(Frame::data(failed))))
     }
 
@@ -151,10 +147,7 @@ impl PipeBody {
     fn fail(&mut self, why: &str) -> PollFrame {
         tracing::debug!(channel = %self.channel.id, reason = why, "download failed");
         self.state = State::Done;
-        if let Some(tunnel) = self.channel.tunnel() {
-            tunnel.fail();
-        }
-        self.channel.cancel.cancel();
+        self.channel.close();
         Poll::Ready(Some(Err(why.to_owned().into())))
     }
 
@@ -191,9 +184,9 @@ impl PipeBody {
                 Ok(end) => end,
                 Err(e) => return self.fail(&format!("bad upload: {e}")),
             };
-            let tunnel = s.feed.tunnel.clone();
-            tunnel.client.touch();
-            tunnel.server.touch();
+            let now = Instant::now();
+            s.feed.tunnel.client.touch_at(now);
+            s.feed.tunnel.server.touch_at(now);
             let Some(at) = end else {
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             };
@@ -203,7 +196,9 @@ impl PipeBody {
             let State::Streaming(s) = std::mem::replace(&mut self.state, State::Idle) else {
                 return Poll::Pending;
             };
-            let Feed { body, back, .. } = s.feed;
+            let Feed {
+                body, back, tunnel, ..
+            } = s.feed;
             // Counted before the upload goes back: its handler may read the channel's next
             // `OPEN` at once, which needs the connection over.
             tunnel.direction_ended();
@@ -230,7 +225,6 @@ impl Body for PipeBody {
         // A failure is told before the channel is cancelled: it goes out first.
         match std::mem::replace(&mut this.state, State::Done) {
             State::Failing(failed) => return this.send_failed(failed),
-            State::Retired => return Poll::Ready(None),
             State::Done => return Poll::Ready(None),
             other => this.state = other,
         }
@@ -263,10 +257,7 @@ impl Drop for PipeBody {
         self.channel.close_inbox();
         // Dropped before the end: the endpoint's download went away, so the channel is broken.
         if !matches!(self.state, State::Done) {
-            if let Some(tunnel) = self.channel.tunnel() {
-                tunnel.fail();
-            }
-            self.channel.cancel.cancel();
+            self.channel.close();
         }
     }
 }

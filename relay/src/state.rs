@@ -259,11 +259,18 @@ impl Shared {
         };
         entry.live = entry.live.saturating_sub(1);
         entry.idle.remove(&channel.id);
+        self.unready(entry, channel.id);
+    }
+
+    /// Takes server channel `id` out of `entry`'s ready queue: whether it was there.
+    fn unready(&self, entry: &mut PortState, id: ChannelId) -> bool {
         let before = entry.ready.len();
-        entry.ready.retain(|c| c.id != channel.id);
-        if entry.ready.len() != before {
+        entry.ready.retain(|c| c.id != id);
+        let was_ready = entry.ready.len() != before;
+        if was_ready {
             self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
         }
+        was_ready
     }
 
     /// A server channel is ready for a connection (its upload has arrived, or its last
@@ -302,13 +309,7 @@ impl Shared {
         let Some(entry) = ports.get_mut(&(server.server, server.port.clone())) else {
             return true;
         };
-        let before = entry.ready.len();
-        entry.ready.retain(|c| c.id != server.id);
-        if entry.ready.len() != before {
-            self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
-            return true;
-        }
-        server.tunnel().is_none()
+        self.unready(entry, server.id) || server.tunnel().is_none()
     }
 
     /// A client's connection on `client`: joined with the oldest ready server channel of its

@@ -88,10 +88,7 @@ pub(crate) async fn run(
     };
     // The channel is over with its upload. (A retired channel's download has ended already:
     // it was told before.)
-    if let Some(tunnel) = channel.tunnel() {
-        tunnel.fail();
-    }
-    channel.cancel.cancel();
+    channel.close();
     end
 }
 

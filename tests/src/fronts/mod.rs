@@ -263,9 +263,7 @@ async fn start_once(
         dir: dir.to_owned(),
     };
     // Readiness probe over HTTPS, trusting only this test's CA, resolved to this port only.
-    let probe = reqwest::Client::builder()
-        .tls_backend_preconfigured(ptth_common::client::tls_config(Some(&pki.ca))?)
-        .no_proxy()
+    let probe = crate::http_client_builder(Some(&pki.ca))?
         .resolve("localhost", addr)
         .timeout(Duration::from_secs(5))
         .build()?;
