@@ -254,13 +254,6 @@ fn open_channel(ctx: &Ctx, fwd: &Forward) -> Option<Channel> {
 /// relay refuses them.
 async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
     let mut backoff = Backoff::new(Duration::from_secs(10));
-    // One connection first, then every channel shares it (HTTP/2).
-    tokio::select! {
-        () = ctx.shutdown.cancelled() => return,
-        r = ctx.relay.warm_up() => if let Err(problem) = r {
-            warn!("{problem}");
-        },
-    }
     loop {
         while pool.idle_count() >= READY_CHANNELS {
             tokio::select! {
@@ -290,15 +283,7 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
             }
             Err(ChannelError::Cancelled) => return,
             Err(problem) => {
-                // No longer counted idle; a connection handed over just as the channel failed
-                // goes on a new one.
-                idle.close();
-                if let Ok(handoff) = idle.try_recv()
-                    && let Some(channel) = open_channel(&ctx, &pool.fwd)
-                {
-                    spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
-                }
-                drop(idle);
+                rescue_handoff(&ctx, &pool, idle);
                 let (server, port) = (&pool.fwd.server, &pool.fwd.port);
                 let problem = format!("no channel to {server}/{port}: {problem}");
                 if !backoff.retry_after(&problem, &ctx.shutdown).await {
@@ -315,6 +300,17 @@ enum First {
     Connection(Handoff),
     /// Idle, registered in the pool.
     Idle(oneshot::Receiver<Handoff>),
+}
+
+/// A channel that was counted idle failed: it is counted no longer, and a connection handed
+/// over to it just as it failed goes on a new channel.
+fn rescue_handoff(ctx: &Arc<Ctx>, pool: &Arc<Pool>, mut idle: oneshot::Receiver<Handoff>) {
+    idle.close();
+    if let Ok(handoff) = idle.try_recv()
+        && let Some(channel) = open_channel(ctx, &pool.fwd)
+    {
+        spawn_channel(ctx, pool, channel, First::Connection(handoff));
+    }
 }
 
 /// Starts the task of `channel`, in a span of its own.
@@ -347,13 +343,7 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
                             Err(e) => debug!(error = %e, "idle channel closed"),
                         }
                         pool.short.notify_one();
-                        // A connection handed over just as the channel broke goes on a new one.
-                        idle.close();
-                        if let Ok(handoff) = idle.try_recv()
-                            && let Some(channel) = open_channel(&ctx, &pool.fwd)
-                        {
-                            spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
-                        }
+                        rescue_handoff(&ctx, &pool, idle);
                         return;
                     }
                 }

@@ -208,17 +208,6 @@ impl RelayClient {
         self.inner.shared.lock().await.sender = None;
     }
 
-    /// Opens (or confirms) the connection to the relay, so that requests sent at once
-    /// afterwards share one HTTP/2 connection, and so that a relay out of reach is reported
-    /// once. Callers that waited while an attempt failed share its outcome rather than
-    /// queueing one attempt each.
-    pub async fn warm_up(&self) -> Result<(), String> {
-        match Box::pin(self.connection()).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
     /// A POST to a protocol path, signed now, with one `header` beside the signature and
     /// `body`; sent when first polled. Resolves to the answer's head (its body streams on).
     pub fn post(

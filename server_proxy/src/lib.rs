@@ -137,19 +137,11 @@ async fn serve(ctx: Arc<Ctx>) {
 /// cannot be reached or refuses them.
 async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
     let mut backoff = Backoff::new(ctx.config.max_backoff);
-    let mut need_warm_up = true;
     loop {
         while pool.idle.load(Ordering::Acquire) >= ctx.config.listen_pool {
             tokio::select! {
                 () = ctx.shutdown.cancelled() => return,
                 () = pool.short.notified() => {}
-            }
-        }
-        if need_warm_up {
-            // One connection first, then every channel shares it (HTTP/2).
-            tokio::select! {
-                () = ctx.shutdown.cancelled() => return,
-                _ = ctx.relay.warm_up() => {}
             }
         }
         let opened = match open_channel(&ctx, &pool.port) {
@@ -158,7 +150,6 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
         };
         match opened {
             Ok(channel) => {
-                need_warm_up = false;
                 backoff.succeeded();
                 pool.idle.fetch_add(1, Ordering::AcqRel);
                 let span = info_span!("channel", channel = %channel.id());
@@ -167,7 +158,6 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
             }
             Err(ChannelError::Cancelled) => return,
             Err(problem) => {
-                need_warm_up = true;
                 if !backoff.retry_after(&problem, &ctx.shutdown).await {
                     return;
                 }

@@ -228,9 +228,12 @@ async fn h2c_carries_every_tunnel_of_a_proxy_on_one_connection() {
             )
             .expect("proxy config");
         let (proxy, addrs) = start_proxy(proxy_config, setup.alice_key.clone()).expect("proxy");
-        // The first tunnel settles the connection (the proxy's start-up warm-up may race it).
         transfer_each_way(addrs[0], 1024, 1).await;
-        let opened = counter.total();
+        assert_eq!(
+            counter.total(),
+            1,
+            "the client proxy dialled more than once"
+        );
         counter.reset_peak();
         let tunnels: Vec<_> = (0..100u64)
             .map(|i| tokio::spawn(transfer_each_way(addrs[0], 64 * 1024 + i as usize, i)))
@@ -243,7 +246,7 @@ async fn h2c_carries_every_tunnel_of_a_proxy_on_one_connection() {
             1,
             "100 tunnels over h2c used more than one connection"
         );
-        assert_eq!(counter.total(), opened, "the client proxy reconnected");
+        assert_eq!(counter.total(), 1, "the client proxy reconnected");
         assert_eq!(
             server_counter.total(),
             1,
@@ -263,6 +266,35 @@ async fn h2c_carries_every_tunnel_of_a_proxy_on_one_connection() {
                 problems.join("\n")
             );
         }
+    })
+    .await;
+}
+
+/// Over HTTP/1.1 each request of a channel has a TCP connection of its own, and nothing else
+/// is dialled: a server proxy keeping two channels makes exactly four connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_dials_one_connection_per_request_and_no_more() {
+    within(LIMIT, async {
+        let echo = echo_service().await.expect("echo");
+        let setup = Setup::new().expect("setup");
+        let relay = setup.start_relay().expect("relay");
+        let counter = CountingForwarder::start(relay.addr)
+            .await
+            .expect("forwarder");
+        let server_config = setup
+            .server_config_url(
+                &format!("http://{}", counter.addr),
+                &[("echo", echo.to_string())],
+                "listen_pool = 2",
+            )
+            .expect("server config");
+        let server = start_server(server_config, setup.server_key.clone());
+        relay
+            .expect_server_channels(2, Duration::from_secs(20), "two channels ready")
+            .await;
+        // A channel is ready once both its requests have arrived, and the pool opens no more.
+        assert_eq!(counter.total(), 4, "connections for two channels");
+        assert!(server.stop().await, "server proxy stops within its grace");
     })
     .await;
 }
