@@ -45,22 +45,22 @@ mod upload;
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::routing::post;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
 use ptth_common::TrackedExecutor;
 use ptth_common::config::RelayConfig;
 use ptth_common::protocol::{CONNECT_ROUTE, DOWNSTREAM_ROUTE, LISTEN_ROUTE, UPSTREAM_ROUTE};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -68,8 +68,6 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::access::Peer;
 use crate::state::Shared;
 
-/// Time a new TCP connection has to send its first byte, or to finish its TLS handshake.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to open HTTP connections to finish after shutdown starts.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -208,7 +206,7 @@ async fn serve(relay: Relay) {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(config.http_idle_timeout)
         .max_buf_size(256 * 1024)
         .keep_alive(true);
     builder
@@ -258,6 +256,7 @@ async fn serve(relay: Relay) {
             peer,
             router.clone(),
             tls.clone(),
+            config.http_idle_timeout,
             shutdown.clone(),
         );
         shared.tasks.spawn(
@@ -275,8 +274,10 @@ async fn serve(relay: Relay) {
 }
 
 /// Serves one TCP connection: its TLS handshake if configured, then HTTP until it ends or
-/// shutdown is requested. A connection that stays silent gets as long to send its first byte
-/// as a TLS client gets for its handshake; shutdown ends either wait at once.
+/// shutdown is requested. The connection is closed once it has had no request in flight for
+/// `idle_timeout`, counted from now: its first byte, its TLS handshake and its first request's
+/// headers must all come within that time, whatever the protocol (a few bytes of the HTTP/2
+/// preface, or an HTTP/2 connection that opens no stream, hold a slot no longer than silence).
 ///
 /// The handshake and the HTTP connection are boxed, each in its own allocation: a connection
 /// over HTTP/1.1 without TLS, for as long as it lasts, then holds only what that needs, rather
@@ -287,50 +288,82 @@ async fn serve_connection(
     peer: SocketAddr,
     router: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    idle_timeout: Duration,
     shutdown: CancellationToken,
 ) {
-    let service = TowerToHyperService::new(router.map_request(
-        move |mut req: http::Request<hyper::body::Incoming>| {
+    let activity = Activity::new();
+    let first_deadline = tokio::time::Instant::now() + idle_timeout;
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(Peer(peer));
-            req
-        },
-    ));
+            let busy = activity.busy();
+            let answer = router.clone().oneshot(req);
+            async move {
+                let response = answer.await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| Body::new(BusyBody::new(body, busy))),
+                )
+            }
+        })
+    };
     match tls {
         None => {
             let mut first = [0u8; 1];
             let started = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first)) => r,
+                r = tokio::time::timeout_at(first_deadline, stream.peek(&mut first)) => r,
             };
             match started {
                 Ok(Ok(n)) if n > 0 => {
-                    Box::pin(serve_http(builder, TokioIo::new(stream), service, shutdown)).await
+                    let io = TokioIo::new(stream);
+                    Box::pin(serve_http(
+                        builder,
+                        io,
+                        service,
+                        &activity,
+                        idle_timeout,
+                        shutdown,
+                    ))
+                    .await
                 }
                 Ok(_) => {}
-                Err(_) => debug!("no request within the first-byte timeout"),
+                Err(_) => debug!("nothing received within http_idle_timeout"),
             }
         }
         Some(tls) => {
             let handshake = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = tokio::time::timeout(FIRST_BYTES_TIMEOUT, Box::pin(tls.accept(stream))) => r,
+                r = tokio::time::timeout_at(first_deadline, Box::pin(tls.accept(stream))) => r,
             };
             match handshake {
                 Ok(Ok(s)) => {
-                    Box::pin(serve_http(builder, TokioIo::new(s), service, shutdown)).await
+                    let io = TokioIo::new(s);
+                    Box::pin(serve_http(
+                        builder,
+                        io,
+                        service,
+                        &activity,
+                        idle_timeout,
+                        shutdown,
+                    ))
+                    .await
                 }
                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                Err(_) => debug!("TLS handshake timed out"),
+                Err(_) => debug!("TLS handshake not done within http_idle_timeout"),
             }
         }
     }
 }
 
-/// Serves HTTP (HTTP/1.1 or HTTP/2) on `io` until it ends or shutdown is requested.
+/// Serves HTTP (HTTP/1.1 or HTTP/2) on `io` until it ends, shutdown is requested, or it has
+/// had no request in flight for `idle_timeout`; the last two close it gracefully.
 async fn serve_http<I, S>(
     builder: auto::Builder<TrackedExecutor>,
     io: I,
     service: S,
+    activity: &Activity,
+    idle_timeout: Duration,
     shutdown: CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -350,16 +383,129 @@ async fn serve_http<I, S>(
             if let Err(e) = r {
                 debug!(error = %e, "HTTP connection ended with an error");
             }
+            return;
         }
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, conn).await;
+        () = shutdown.cancelled() => {}
+        () = activity.idle_for(idle_timeout) => debug!("no request within http_idle_timeout; closing"),
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, conn).await;
+}
+
+/// Whether an HTTP connection has requests in flight (from their headers to the end of their
+/// answer), and since when it has had none.
+struct Activity {
+    state: Mutex<ActivityState>,
+    changed: Notify,
+}
+
+struct ActivityState {
+    in_flight: usize,
+    idle_since: tokio::time::Instant,
+}
+
+impl Activity {
+    /// A connection accepted now, with no request yet.
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(ActivityState {
+                in_flight: 0,
+                idle_since: tokio::time::Instant::now(),
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    /// A request has come: in flight until the returned guard is dropped.
+    fn busy(self: &Arc<Self>) -> BusyGuard {
+        self.state.lock().in_flight += 1;
+        self.changed.notify_one();
+        BusyGuard(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let idle_since = {
+                let state = self.state.lock();
+                (state.in_flight == 0).then_some(state.idle_since)
+            };
+            match idle_since {
+                None => changed.await,
+                Some(since) => tokio::select! {
+                    () = tokio::time::sleep_until(since + limit) => return,
+                    () = changed => {}
+                },
+            }
         }
     }
 }
 
-/// HTTP connections open per untrusted address.
+/// A request in flight on its connection (see [`Activity`]).
+struct BusyGuard(Arc<Activity>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        state.in_flight -= 1;
+        if state.in_flight == 0 {
+            state.idle_since = tokio::time::Instant::now();
+        }
+        drop(state);
+        self.0.changed.notify_one();
+    }
+}
+
+/// An answer's body, which keeps its request in flight until the body is done with.
+struct BusyBody {
+    body: Body,
+    _busy: BusyGuard,
+}
+
+impl BusyBody {
+    fn new(body: Body, busy: BusyGuard) -> Self {
+        Self { body, _busy: busy }
+    }
+}
+
+impl http_body::Body for BusyBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// HTTP connections open per untrusted source (see [`source`]).
 type PerIpCounts = Mutex<HashMap<IpAddr, usize>>;
+
+/// What an address's connections are counted under: an IPv4 address itself (IPv4-mapped IPv6
+/// too), an IPv6 address by its /64 prefix, since one host (or one site) is usually given a
+/// whole /64.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
+        },
+    }
+}
 
 /// Counts one HTTP connection from an untrusted address for as long as it lives.
 struct PerIp {
@@ -368,7 +514,8 @@ struct PerIp {
 }
 
 impl PerIp {
-    /// Takes a place for `ip`, or `None` at its limit. Trusted proxies are not counted.
+    /// Takes a place for `ip`'s source, or `None` at its limit. Trusted proxies are not
+    /// counted.
     fn enter(counts: &Arc<PerIpCounts>, shared: &Shared, ip: IpAddr) -> Option<Self> {
         if shared.config.trusted_proxies.iter().any(|c| c.contains(ip)) {
             return Some(Self {
@@ -376,6 +523,7 @@ impl PerIp {
                 ip: None,
             });
         }
+        let ip = source(ip);
         let mut map = counts.lock();
         let n = map.entry(ip).or_insert(0);
         if *n >= shared.config.max_http_connections_per_ip {
@@ -400,5 +548,21 @@ impl Drop for PerIp {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_prefix() {
+        let source = |a: &str| source(a.parse().expect("address")).to_string();
+        assert_eq!(source("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(source("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
+        assert_eq!(source("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(source("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(source("192.0.2.7"), "192.0.2.7");
+        assert_eq!(source("::1"), "::");
     }
 }

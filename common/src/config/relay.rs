@@ -42,6 +42,13 @@ pub struct RelayConfig {
         deserialize_with = "positive_duration"
     )]
     pub idle_timeout: Duration,
+    /// An HTTP connection with no request in flight for this long is closed: from its accept
+    /// (TLS handshake included) to its first request's headers, and between requests.
+    #[serde(
+        default = "default_http_idle_timeout",
+        deserialize_with = "positive_duration"
+    )]
+    pub http_idle_timeout: Duration,
     /// Heartbeat period on a channel's download while it has nothing else to send.
     #[serde(default = "default_heartbeat", deserialize_with = "positive_duration")]
     pub heartbeat_interval: Duration,
@@ -100,6 +107,9 @@ fn default_listen() -> SocketAddr {
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_http_idle_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_accept_timeout() -> Duration {
     Duration::from_secs(10)
@@ -434,6 +444,7 @@ mod tests {
         );
         let c = RelayConfig::from_str(Path::new("relay.toml"), &text).expect("parse");
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(10));
         let allow = &c.clients[0].allow;
         assert!(allow[0].allows("db", "postgres"));
         assert!(!allow[0].allows("db", "other"));

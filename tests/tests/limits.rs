@@ -1,0 +1,160 @@
+//! The relay's limits on what a caller can hold: connections that make no request, and what
+//! they may send. Each test shows the limit, and that the relay stays healthy past it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ptth_tests::fronts::Pki;
+use ptth_tests::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const LIMIT: Duration = Duration::from_secs(60);
+/// The relay's `http_idle_timeout` in these tests.
+const IDLE: &str = "1s";
+/// How long a test waits for the relay to close a connection: well past [`IDLE`], well short
+/// of the default `http_idle_timeout` (10 s).
+const CLOSED_WITHIN: Duration = Duration::from_secs(5);
+
+/// A relay with `http_idle_timeout` at [`IDLE`], with `extra` lines.
+fn relay(extra: &str) -> (Setup, RelayHandle) {
+    let mut setup = Setup::new().expect("setup");
+    setup.relay_extra = format!("http_idle_timeout = \"{IDLE}\"\n{extra}");
+    let relay = setup.start_relay().expect("relay");
+    (setup, relay)
+}
+
+/// Reads `s` (whatever the relay sends) until it is closed; fails the test if it is still
+/// open after [`CLOSED_WITHIN`].
+async fn expect_closed(s: &mut (impl AsyncRead + Unpin), what: &str) {
+    let deadline = Instant::now() + CLOSED_WITHIN;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("{what}: still open after {CLOSED_WITHIN:?}"),
+        }
+    }
+}
+
+/// The relay still answers a new caller at once.
+async fn expect_healthy(relay: &RelayHandle) {
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_client_builder(None)
+            .expect("builder")
+            .build()
+            .expect("client")
+            .get(format!("http://{}/v1/", relay.addr))
+            .send(),
+    )
+    .await
+    .expect("relay answers in time")
+    .expect("answer");
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn connections_that_make_no_request_are_closed() {
+    within(LIMIT, async {
+        let (_setup, relay) = relay("");
+        // A few bytes of the HTTP/2 preface, then nothing.
+        let mut preface = TcpStream::connect(relay.addr).await.expect("connect");
+        preface
+            .write_all(b"PRI * HTTP/2.0\r\n")
+            .await
+            .expect("write");
+        // An HTTP/1.1 request head that never ends (slowloris).
+        let mut head = TcpStream::connect(relay.addr).await.expect("connect");
+        head.write_all(b"POST /v1/servers/db/ports/echo/listen HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        // Silence from the start.
+        let mut silent = TcpStream::connect(relay.addr).await.expect("connect");
+        // A complete HTTP/2 connection that opens no stream: it answers the relay's pings.
+        let tcp = TcpStream::connect(relay.addr).await.expect("connect");
+        let (_send, h2) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        let h2 = tokio::spawn(h2);
+        expect_closed(&mut preface, "part of the HTTP/2 preface").await;
+        expect_closed(&mut head, "part of a request head").await;
+        expect_closed(&mut silent, "silence").await;
+        tokio::time::timeout(CLOSED_WITHIN, h2)
+            .await
+            .expect("an HTTP/2 connection without streams is closed")
+            .expect("join")
+            .ok();
+        expect_healthy(&relay).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tls_connections_that_make_no_request_are_closed() {
+    within(LIMIT, async {
+        let dir = tempfile::tempdir().expect("dir");
+        let pki = Pki::generate(dir.path()).expect("pki");
+        let (_setup, relay) = relay(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            pki.cert.display(),
+            pki.key.display()
+        ));
+        let tls = Arc::new(ptth_common::client::tls_config(Some(&pki.ca)).expect("tls config"));
+        let connect = || async {
+            let tcp = TcpStream::connect(relay.addr).await.expect("connect");
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .expect("TLS handshake")
+        };
+        // The handshake done, then silence.
+        let mut silent = connect().await;
+        // HTTP/2 over TLS, and no stream.
+        let (_send, h2) = h2::client::handshake(connect().await)
+            .await
+            .expect("h2 handshake");
+        let h2 = tokio::spawn(h2);
+        // A TLS handshake that never finishes.
+        let mut half = TcpStream::connect(relay.addr).await.expect("connect");
+        half.write_all(&[0x16, 0x03, 0x01, 0x00, 0x50])
+            .await
+            .expect("write");
+        expect_closed(&mut silent, "TLS and silence").await;
+        expect_closed(&mut half, "part of a TLS handshake").await;
+        tokio::time::timeout(CLOSED_WITHIN, h2)
+            .await
+            .expect("an HTTP/2 connection without streams is closed")
+            .expect("join")
+            .ok();
+    })
+    .await;
+}
+
+/// Connections carrying requests are not idle, however quiet their tunnels: channels outlive
+/// `http_idle_timeout` untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_with_requests_in_flight_stay_open() {
+    within(LIMIT, async {
+        let echo = echo_service().await.expect("echo");
+        let mut opts = WorldOptions::echo(echo);
+        opts.relay_extra = format!("http_idle_timeout = \"{IDLE}\"\n");
+        let world = World::start(opts).await.expect("world");
+        transfer_each_way(world.local(), 1000, 1).await;
+        let opened = *world.relay.channels_opened.borrow();
+        // Time passing is what is tested: three times the relay's limit.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            *world.relay.channels_opened.borrow(),
+            opened,
+            "channels were opened again: the relay closed busy connections"
+        );
+        transfer_each_way(world.local(), 1000, 2).await;
+        for logs in [world.proxy.logs(), world.server.as_ref().expect("server").logs()] {
+            let problems = logs.problems();
+            assert!(problems.is_empty(), "{}", problems.join("\n"));
+        }
+    })
+    .await;
+}
