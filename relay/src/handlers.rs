@@ -9,6 +9,8 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use ptth_common::auth::AuthError;
 use ptth_common::config::Name;
 use ptth_common::protocol::{
@@ -154,18 +156,43 @@ fn channel_id(req: &Request) -> Result<ChannelId> {
         ))
 }
 
+/// `listen` and `connect` take no body: one that has data is refused (413) at once if its
+/// length says so, else as soon as data comes; one of unknown length must end within
+/// `http_idle_timeout`. Nothing of it is kept.
+async fn expect_no_body(shared: &Shared, req: &mut Request) -> Result<()> {
+    const TAKES_NO_BODY: ApiError =
+        ApiError(StatusCode::PAYLOAD_TOO_LARGE, "this request takes no body");
+    let body = req.body_mut();
+    if body.is_end_stream() {
+        return Ok(());
+    }
+    if body.size_hint().lower() > 0 {
+        return Err(TAKES_NO_BODY);
+    }
+    // Chunked, or HTTP/2 without END_STREAM on its headers: it must end, empty.
+    let deadline = tokio::time::Instant::now() + shared.config.http_idle_timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(Ok(frame))) if frame.data_ref().is_none_or(|d| d.is_empty()) => {}
+            Ok(Some(_)) | Err(_) => return Err(TAKES_NO_BODY),
+        }
+    }
+}
+
 /// `POST /v1/servers/{server}/ports/{port}/listen`: a server's channel for connections to
 /// `port`. Answered at once; the body is its download.
 pub(crate) async fn listen(
     State(shared): State<Arc<Shared>>,
     Path((server, port)): Path<(String, String)>,
-    req: Request,
+    mut req: Request,
 ) -> Result<Response> {
     let server = access::server(&shared, &req, &server)?;
     let Ok(port) = Name::try_from(port) else {
         return Err(ApiError(StatusCode::BAD_REQUEST, "invalid port name"));
     };
     let id = channel_id(&req)?;
+    expect_no_body(&shared, &mut req).await?;
     if shared.shutdown.is_cancelled() {
         return Err(SHUTTING_DOWN);
     }
@@ -187,13 +214,14 @@ pub(crate) async fn listen(
 pub(crate) async fn connect(
     State(shared): State<Arc<Shared>>,
     Path((server, port)): Path<(String, String)>,
-    req: Request,
+    mut req: Request,
 ) -> Result<Response> {
     let client = access::connecting_client(&shared, &req, &server, &port)?;
     let Some(server_index) = shared.server(&server) else {
         return Err(ApiError(StatusCode::NOT_FOUND, "unknown server"));
     };
     let id = channel_id(&req)?;
+    expect_no_body(&shared, &mut req).await?;
     if shared.shutdown.is_cancelled() {
         return Err(SHUTTING_DOWN);
     }

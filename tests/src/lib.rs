@@ -552,6 +552,16 @@ impl SignedClient {
         }
     }
 
+    /// The same, over HTTP/2 without TLS (prior knowledge).
+    pub fn h2c(self) -> Self {
+        let http = http_client_builder(None)
+            .expect("builder")
+            .http2_prior_knowledge()
+            .build()
+            .expect("client");
+        Self { http, ..self }
+    }
+
     /// A POST to a protocol path, signed now.
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
         let signed = self.signer.sign("POST", &self.url.authority(), path);

@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ptth_common::keys::PrivateKey;
+use ptth_common::protocol::{self, CHANNEL_ID_HEADER, ChannelId};
 use ptth_tests::fronts::Pki;
 use ptth_tests::*;
+use reqwest::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -103,7 +106,8 @@ async fn tls_connections_that_make_no_request_are_closed() {
         let tls = Arc::new(ptth_common::client::tls_config(Some(&pki.ca)).expect("tls config"));
         let connect = || async {
             let tcp = TcpStream::connect(relay.addr).await.expect("connect");
-            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let name =
+                tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").expect("name");
             tokio_rustls::TlsConnector::from(tls.clone())
                 .connect(name, tcp)
                 .await
@@ -151,10 +155,97 @@ async fn connections_with_requests_in_flight_stay_open() {
             "channels were opened again: the relay closed busy connections"
         );
         transfer_each_way(world.local(), 1000, 2).await;
-        for logs in [world.proxy.logs(), world.server.as_ref().expect("server").logs()] {
+        for logs in [
+            world.proxy.logs(),
+            world.server.as_ref().expect("server").logs(),
+        ] {
             let problems = logs.problems();
             assert!(problems.is_empty(), "{}", problems.join("\n"));
         }
+    })
+    .await;
+}
+
+/// `listen` and `connect` take no body: one with data is refused (413) and nothing of it is
+/// kept, over HTTP/1.1 and HTTP/2, with a length and without; an empty body of unknown length
+/// is accepted, and a caller whose signature fails learns only that (401).
+#[tokio::test]
+async fn listen_and_connect_refuse_bodies() {
+    within(LIMIT, async {
+        let (setup, relay) = relay("");
+        let id = || ChannelId::random().expect("id").to_string();
+        let listen = protocol::listen_path("db", "echo");
+        let connect = protocol::connect_path("db", "echo");
+        for h2c in [false, true] {
+            let signed = |key: &PrivateKey| {
+                let c = SignedClient::new(relay.addr, key);
+                if h2c { c.h2c() } else { c }
+            };
+            let (db, alice) = (signed(&setup.server_key), signed(&setup.alice_key));
+            let stranger = signed(&PrivateKey::generate().expect("key"));
+            let refused = |r: reqwest::Response| async move {
+                let status = r.status();
+                (status, r.text().await.expect("body").trim().to_owned())
+            };
+            let takes_no_body = (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "this request takes no body".into(),
+            );
+            for (client, path) in [(&db, &listen), (&alice, &connect)] {
+                let sized = client
+                    .post(path)
+                    .header(CHANNEL_ID_HEADER, id())
+                    .body("hello");
+                let r = sized.send().await.expect("send");
+                assert_eq!(refused(r).await, takes_no_body, "{path}, sized, h2c {h2c}");
+                let (tx, body) = HandBody::channel();
+                let streamed = client.post(path).header(CHANNEL_ID_HEADER, id()).body(body);
+                let answer = tokio::spawn(streamed.send());
+                tx.send(Ok(bytes::Bytes::from_static(b"x")))
+                    .await
+                    .expect("chunk");
+                let r = answer.await.expect("join").expect("send");
+                assert_eq!(
+                    refused(r).await,
+                    takes_no_body,
+                    "{path}, streamed, h2c {h2c}"
+                );
+                drop(tx);
+            }
+            let r = stranger
+                .post(&listen)
+                .header(CHANNEL_ID_HEADER, id())
+                .body("hello")
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(
+                *relay.channels.borrow(),
+                0,
+                "a refused request left a channel"
+            );
+            // An empty body of unknown length is no body.
+            let (tx, body) = HandBody::channel();
+            drop(tx);
+            let r = db
+                .post(&listen)
+                .header(CHANNEL_ID_HEADER, id())
+                .body(body)
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), StatusCode::OK, "empty streamed body, h2c {h2c}");
+            drop(r);
+            relay
+                .expect_channels(
+                    0,
+                    Duration::from_secs(10),
+                    "the channel ends with its answer",
+                )
+                .await;
+        }
+        expect_healthy(&relay).await;
     })
     .await;
 }
