@@ -10,6 +10,7 @@ use std::sync::Arc;
 use axum::extract::Request;
 use http::header;
 use ptth_common::auth::{AuthError, SIGNATURE, SIGNATURE_INPUT, unix_now};
+use ptth_common::config::Name;
 use ptth_common::protocol::ChannelId;
 use tracing::{info, warn};
 
@@ -93,20 +94,24 @@ pub(crate) fn authenticate(shared: &Shared, req: &Request) -> Result<Principal, 
         unix_now(),
     );
     result.copied().map_err(|e| {
-        let client = client_addr(shared, req)
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        info!(path = req.uri().path(), %client, error = %e, "request refused");
+        if let Some(left_out) = shared.refusal_logs.auth.admit() {
+            let client = client_addr(shared, req)
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            info!(path = req.uri().path(), %client, error = %e, left_out, "request refused");
+        }
         Denied::Auth(e)
     })
 }
 
 /// Authenticates a server acting as the server named `server` in the path; its index.
-pub(crate) fn server(shared: &Shared, req: &Request, server: &str) -> Result<usize, Denied> {
+pub(crate) fn server(shared: &Shared, req: &Request, server: &Name) -> Result<usize, Denied> {
     match authenticate(shared, req)? {
-        Principal::Server(i) if shared.server_names[i].as_str() == server => Ok(i),
+        Principal::Server(i) if shared.server_names[i] == *server => Ok(i),
         Principal::Server(i) => {
-            warn!(key_of = %shared.server_names[i], path_server = server, "server key used for another server name");
+            if let Some(left_out) = shared.refusal_logs.other_server.admit() {
+                warn!(key_of = %shared.server_names[i], path_server = %server, left_out, "server key used for another server name");
+            }
             Err(Denied::OtherServer)
         }
         Principal::Client(_) => Err(Denied::NotAServer),
@@ -117,18 +122,20 @@ pub(crate) fn server(shared: &Shared, req: &Request, server: &str) -> Result<usi
 pub(crate) fn connecting_client(
     shared: &Shared,
     req: &Request,
-    server: &str,
-    port: &str,
+    server: &Name,
+    port: &Name,
 ) -> Result<usize, Denied> {
     let Principal::Client(i) = authenticate(shared, req)? else {
         return Err(Denied::NotAClient);
     };
     if !shared.client_allow[i]
         .iter()
-        .any(|g| g.allows(server, port))
+        .any(|g| g.allows(server.as_str(), port.as_str()))
     {
-        let client = &shared.client_names[i];
-        info!(%client, %server, %port, "connect denied by allow list");
+        if let Some(left_out) = shared.refusal_logs.not_allowed.admit() {
+            let client = &shared.client_names[i];
+            info!(%client, %server, %port, left_out, "connect denied by allow list");
+        }
         return Err(Denied::NotAllowed);
     }
     Ok(i)

@@ -144,6 +144,17 @@ fn plain(status: StatusCode) -> Response {
     r
 }
 
+/// The `{server}` segment of a path, checked before anything else: a name, or `400`. (What
+/// is not a name is neither used nor logged.)
+fn server_name(segment: String) -> Result<Name> {
+    Name::try_from(segment).map_err(|_| ApiError(StatusCode::BAD_REQUEST, "invalid server name"))
+}
+
+/// The `{port}` segment of a path, as [`server_name`].
+fn port_name(segment: String) -> Result<Name> {
+    Name::try_from(segment).map_err(|_| ApiError(StatusCode::BAD_REQUEST, "invalid port name"))
+}
+
 /// The channel ID a `connect` or `listen` request carries.
 fn channel_id(req: &Request) -> Result<ChannelId> {
     req.headers()
@@ -187,10 +198,8 @@ pub(crate) async fn listen(
     Path((server, port)): Path<(String, String)>,
     mut req: Request,
 ) -> Result<Response> {
+    let (server, port) = (server_name(server)?, port_name(port)?);
     let server = access::server(&shared, &req, &server)?;
-    let Ok(port) = Name::try_from(port) else {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid port name"));
-    };
     let id = channel_id(&req)?;
     expect_no_body(&shared, &mut req).await?;
     if shared.shutdown.is_cancelled() {
@@ -216,8 +225,9 @@ pub(crate) async fn connect(
     Path((server, port)): Path<(String, String)>,
     mut req: Request,
 ) -> Result<Response> {
+    let (server, port) = (server_name(server)?, port_name(port)?);
     let client = access::connecting_client(&shared, &req, &server, &port)?;
-    let Some(server_index) = shared.server(&server) else {
+    let Some(server_index) = shared.server(server.as_str()) else {
         return Err(ApiError(StatusCode::NOT_FOUND, "unknown server"));
     };
     let id = channel_id(&req)?;
@@ -225,10 +235,6 @@ pub(crate) async fn connect(
     if shared.shutdown.is_cancelled() {
         return Err(SHUTTING_DOWN);
     }
-    // `connecting_client` granted it, so the name is valid.
-    let Ok(port) = Name::try_from(port) else {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid port name"));
-    };
     shared.port_status(server_index, &port)?;
     let channel = Channel::new(
         id,
@@ -243,7 +249,9 @@ pub(crate) async fn connect(
     let span = info_span!("channel", channel = %id, client = %shared.client_names[client], %client_ip, %server, port = %channel.port);
     if let Err(refusal) = shared.open_channel(&channel, span) {
         let refusal = ApiError::from(refusal);
-        warn!(channel = %id, "{}", refusal.1);
+        if let Some(left_out) = shared.refusal_logs.connect.admit() {
+            warn!(channel = %id, left_out, "{}", refusal.1);
+        }
         return Err(refusal);
     }
     let body = PipeBody::new(channel, shared.config.heartbeat_interval);
@@ -257,7 +265,7 @@ pub(crate) async fn downstream(
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
-    let server = access::server(&shared, &req, &server)?;
+    let server = access::server(&shared, &req, &server_name(server)?)?;
     let id = access::channel_id(&id)?;
     let found = shared
         .channels
@@ -274,12 +282,13 @@ pub(crate) async fn upstream(
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
+    let server = server_name(server)?;
     let (client, id) = access::client_of(&shared, &req, &id)?;
     let found = shared
         .channels
         .find_or_wait(id, shared.config.accept_timeout)
         .await;
-    let channel = access::clients_channel(&shared, found, client, &server)?;
+    let channel = access::clients_channel(&shared, found, client, server.as_str())?;
     upload(shared, channel, req).await
 }
 

@@ -7,6 +7,7 @@
 //! * `lib.rs` (here): accepts TCP connections (TLS with `tls.rs` when configured) and serves
 //!   HTTP/1.1 and HTTP/2 on them, one task per connection, routing the four endpoints;
 //! * `handlers.rs`: the endpoints, HTTP in and out; `access.rs` checks each caller first;
+//!   `log_limit.rs` keeps a flood of refusals from flooding the logs;
 //! * `upload.rs`: a channel's upload, read while the channel is idle; its `OPEN` starts a
 //!   connection and lends the upload to the other channel's download;
 //! * `state.rs`: the ports servers offer, their idle channels and the connections waiting for
@@ -38,6 +39,7 @@
 mod access;
 mod channel;
 mod handlers;
+mod log_limit;
 mod pipe;
 mod state;
 mod tls;
@@ -244,7 +246,9 @@ async fn serve(relay: Relay) {
         };
         // A few addresses must not take every connection slot: cap each untrusted address.
         let Some(per_ip) = PerIp::enter(&per_ip_counts, &shared, peer.ip()) else {
-            debug!(%peer, "too many HTTP connections from this address; refused");
+            if let Some(left_out) = shared.refusal_logs.per_ip.admit() {
+                debug!(%peer, left_out, "too many HTTP connections from this address; refused");
+            }
             continue;
         };
         if let Err(e) = stream.set_nodelay(true) {

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
 use crate::channel::{Channel, Channels, TableRefusal, Tunnel};
+use crate::log_limit::RefusalLogs;
 
 /// Who signed a request: a server or a client, by its index in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +117,8 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// Every task the relay starts.
     pub tasks: TaskTracker,
+    /// The rate limits of the refusals the relay logs.
+    pub refusal_logs: RefusalLogs,
 }
 
 impl Shared {
@@ -167,6 +170,7 @@ impl Shared {
             ready_count: watch::Sender::new(0),
             shutdown,
             tasks: TaskTracker::new(),
+            refusal_logs: RefusalLogs::default(),
             config,
         }
     }

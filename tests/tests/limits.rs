@@ -249,3 +249,117 @@ async fn listen_and_connect_refuse_bodies() {
     })
     .await;
 }
+
+/// A `{server}` or `{port}` segment that is not a name is refused (400) before it is used or
+/// logged: a `%0a` in it cannot forge a log line.
+#[tokio::test]
+async fn path_segments_are_names_or_refused_unlogged() {
+    within(LIMIT, async {
+        let (setup, relay) = relay("");
+        let forged = "x%0aFORGED%20line";
+        let db = SignedClient::new(relay.addr, &setup.server_key);
+        // bob may connect to db/other only: a port he may not use is refused and logged.
+        let bob = SignedClient::new(relay.addr, &setup.bob_key);
+        let channel = ChannelId::random().expect("id");
+        let id = channel.to_string();
+        let calls = [
+            (
+                &bob,
+                protocol::connect_path("db", forged),
+                "invalid port name",
+            ),
+            (
+                &bob,
+                protocol::connect_path(forged, "other"),
+                "invalid server name",
+            ),
+            (
+                &db,
+                protocol::listen_path("db", forged),
+                "invalid port name",
+            ),
+            (
+                &db,
+                protocol::listen_path(forged, "echo"),
+                "invalid server name",
+            ),
+            (
+                &db,
+                protocol::downstream_path(forged, channel),
+                "invalid server name",
+            ),
+            (
+                &bob,
+                protocol::upstream_path(forged, channel),
+                "invalid server name",
+            ),
+        ];
+        for (client, path, reason) in calls {
+            let r = client
+                .post(&path)
+                .header(CHANNEL_ID_HEADER, id.as_str())
+                .send()
+                .await
+                .expect("send");
+            let status = r.status();
+            let text = r.text().await.expect("body");
+            assert_eq!(
+                (status, text.trim()),
+                (StatusCode::BAD_REQUEST, reason),
+                "{path}"
+            );
+        }
+        // A refusal that is logged names a valid port.
+        let r = bob
+            .post(&protocol::connect_path("db", "echo"))
+            .header(CHANNEL_ID_HEADER, id.as_str())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let logs = relay.component.logs().text();
+        assert!(logs.contains("connect denied by allow list"), "{logs}");
+        assert!(
+            !logs.lines().any(|l| l.starts_with("FORGED")),
+            "a path segment forged a log line:\n{logs}"
+        );
+    })
+    .await;
+}
+
+/// A flood of refused requests leaves a bounded number of log lines, which say how many were
+/// left out.
+#[tokio::test]
+async fn refusals_are_logged_at_a_bounded_rate() {
+    within(LIMIT, async {
+        let (setup, relay) = relay("");
+        let stranger = SignedClient::new(relay.addr, &PrivateKey::generate().expect("key"));
+        let bob = SignedClient::new(relay.addr, &setup.bob_key);
+        for _ in 0..100 {
+            let id = ChannelId::random().expect("id").to_string();
+            let r = stranger
+                .post(&protocol::listen_path("db", "echo"))
+                .header(CHANNEL_ID_HEADER, id.as_str())
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+            let r = bob
+                .post(&protocol::connect_path("db", "echo"))
+                .header(CHANNEL_ID_HEADER, id.as_str())
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        }
+        let logs = relay.component.logs().text();
+        for line in ["request refused", "connect denied by allow list"] {
+            let n = logs.lines().filter(|l| l.contains(line)).count();
+            assert!(
+                (1..=10).contains(&n),
+                "{n} lines of {line:?} for 100 refusals:\n{logs}"
+            );
+        }
+    })
+    .await;
+}
