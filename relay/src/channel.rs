@@ -129,6 +129,14 @@ impl Channel {
         self.side == Side::Server
     }
 
+    /// The client whose channel it is (by index); `None` for a server's.
+    pub fn client(&self) -> Option<usize> {
+        match self.side {
+            Side::Client(i) => Some(i),
+            Side::Server => None,
+        }
+    }
+
     /// Tells the download; `false` if the download is gone or its inbox is full (which only a
     /// misbehaving endpoint causes).
     pub fn tell(&self, message: ToDownload) -> bool {

@@ -3,7 +3,7 @@
 //! table of channels (`channel.rs`). Joining a client's connection with a server channel happens
 //! here.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
-use crate::channel::{Channel, Channels, TableRefusal, Tunnel};
+use crate::channel::{Channel, Channels, TableRefusal, ToDownload, Tunnel};
 use crate::log_limit::RefusalLogs;
 
 /// Who signed a request: a server or a client, by its index in the configuration.
@@ -27,14 +27,20 @@ pub(crate) enum Principal {
 
 /// Most distinct ports remembered per server.
 pub(crate) const MAX_PORTS_PER_SERVER: usize = 256;
-/// Most client connections waiting on one port for a server channel.
+/// Most client connections waiting on one port for a server channel, all clients together.
 pub(crate) const MAX_QUEUED_CONNECTS: usize = 16 * 1024;
-
-/// A server (by index) and one of its port names.
-type PortKey = (usize, Name);
 
 /// A client connection waiting for a server channel: its channel, and where the tunnel goes.
 type Waiting = (Arc<Channel>, oneshot::Sender<Arc<Tunnel>>);
+
+/// The ports of one server, behind a lock of their own: a client's connection locks only the
+/// server it goes to.
+#[derive(Debug, Default)]
+struct ServerPorts {
+    ports: HashMap<Name, PortState>,
+    /// Server channels alive on all its ports: the server is online while there is one.
+    live: usize,
+}
 
 /// Channels of one (server, port).
 #[derive(Debug, Default)]
@@ -45,8 +51,82 @@ struct PortState {
     idle: HashSet<ChannelId>,
     /// Server channels alive, idle or not: the port is offered while there is one.
     live: usize,
-    /// Client connections waiting for a server channel, oldest first.
-    waiting: VecDeque<Waiting>,
+    /// Client connections waiting for a server channel.
+    waiting: Queue,
+}
+
+/// Client connections waiting for a server channel, oldest first, shared fairly between
+/// clients: when it is full, a client with fewer than its share (the capacity divided by the
+/// clients waiting) takes the place of the newest connection of the client with the most.
+#[derive(Debug, Default)]
+struct Queue {
+    /// By order of arrival.
+    entries: BTreeMap<u64, Waiting>,
+    /// The number of the next arrival.
+    next: u64,
+    /// Entries per client (by index), for those that have any.
+    per_client: HashMap<usize, usize>,
+}
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Queues `client`'s connection: its number, or `None` when the queue is full and the
+    /// client has its share already. A connection pushed out is failed.
+    fn push(&mut self, client: &Arc<Channel>, to: oneshot::Sender<Arc<Tunnel>>) -> Option<u64> {
+        let who = client.client()?;
+        let own = self.per_client.get(&who).copied().unwrap_or(0);
+        if self.entries.len() >= MAX_QUEUED_CONNECTS {
+            let clients = self.per_client.len() + usize::from(own == 0);
+            let (&most, &theirs) = self.per_client.iter().max_by_key(|(_, n)| **n)?;
+            if own >= MAX_QUEUED_CONNECTS / clients || theirs <= own + 1 {
+                return None;
+            }
+            let newest = self
+                .entries
+                .iter()
+                .rev()
+                .find(|(_, (c, _))| c.client() == Some(most))
+                .map(|(n, _)| *n)?;
+            if let Some((pushed_out, _)) = self.remove(newest) {
+                pushed_out.tell(ToDownload::Fail(PortRefusal::QueueFull.reason().to_owned()));
+            }
+        }
+        let number = self.next;
+        self.next += 1;
+        self.entries.insert(number, (client.clone(), to));
+        *self.per_client.entry(who).or_insert(0) += 1;
+        Some(number)
+    }
+
+    /// The oldest connection still waiting.
+    fn pop(&mut self) -> Option<Waiting> {
+        while let Some((&number, _)) = self.entries.first_key_value() {
+            let Some(waiting) = self.remove(number) else {
+                continue;
+            };
+            if !waiting.0.cancel.is_cancelled() && !waiting.1.is_closed() {
+                return Some(waiting);
+            }
+        }
+        None
+    }
+
+    /// Takes connection `number` out, if it is still there.
+    fn remove(&mut self, number: u64) -> Option<Waiting> {
+        let waiting = self.entries.remove(&number)?;
+        if let Some(who) = waiting.0.client()
+            && let Some(n) = self.per_client.get_mut(&who)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&who);
+            }
+        }
+        Some(waiting)
+    }
 }
 
 /// Why a `listen` was refused.
@@ -91,11 +171,31 @@ impl PortRefusal {
 
 /// What a client's connection gets.
 #[derive(Debug)]
-pub(crate) enum Offer {
+pub(crate) enum Offer<'a> {
     /// A server channel at once.
     Joined(Arc<Tunnel>),
-    /// A place in the port's queue: the tunnel comes when a server channel is ready.
-    Waiting(oneshot::Receiver<Arc<Tunnel>>),
+    /// A place in the port's queue: the tunnel comes when a server channel is ready. Dropping
+    /// the place leaves the queue.
+    Waiting(oneshot::Receiver<Arc<Tunnel>>, Place<'a>),
+}
+
+/// A client connection's place in a port's queue; dropped, it leaves the queue (if a server
+/// channel has not taken it already).
+#[derive(Debug)]
+pub(crate) struct Place<'a> {
+    shared: &'a Shared,
+    server: usize,
+    port: Name,
+    number: u64,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut server = self.shared.servers[self.server].lock();
+        if let Some(entry) = server.ports.get_mut(&self.port) {
+            entry.waiting.remove(self.number);
+        }
+    }
 }
 
 /// Shared state of one relay.
@@ -109,7 +209,8 @@ pub(crate) struct Shared {
     pub client_allow: Vec<Vec<Grant>>,
     /// The configured `authorities`, lowercased, each `host:443` and `host:80` also as `host`.
     pub authorities: Vec<String>,
-    ports: Mutex<HashMap<PortKey, PortState>>,
+    /// The ports of each server (by index).
+    servers: Vec<Mutex<ServerPorts>>,
     pub channels: Channels,
     /// Server channels ready for a connection, observable from outside.
     ready_count: watch::Sender<usize>,
@@ -161,7 +262,9 @@ impl Shared {
             client_names,
             client_allow,
             authorities,
-            ports: Mutex::new(HashMap::new()),
+            servers: (0..config.servers.len())
+                .map(|_| Mutex::default())
+                .collect(),
             channels: Channels::new(
                 config.clients.len(),
                 config.max_connections,
@@ -188,15 +291,7 @@ impl Shared {
     /// Whether `server` offers `port` now: online (a channel open on some port), and with a
     /// channel open on this one.
     pub fn port_status(&self, server: usize, port: &Name) -> Result<(), PortRefusal> {
-        let ports = self.ports.lock();
-        let offered = |(s, _): &PortKey, p: &PortState| *s == server && p.live > 0;
-        if !ports.iter().any(|(k, p)| offered(k, p)) {
-            return Err(PortRefusal::ServerOffline);
-        }
-        match ports.get(&(server, port.clone())) {
-            Some(p) if p.live > 0 => Ok(()),
-            _ => Err(PortRefusal::PortNotOffered),
-        }
+        self.servers[server].lock().port(port).map(drop)
     }
 
     /// Opens `channel`: enters it in the table and, a server's, counts it on its port; then
@@ -234,36 +329,35 @@ impl Shared {
 
     /// Counts a new server channel on its port, within the limits.
     fn add_server_channel(&self, channel: &Channel) -> Result<(), ListenRefusal> {
-        let key = (channel.server, channel.port.clone());
-        let mut ports = self.ports.lock();
-        let full = |ports: &HashMap<PortKey, PortState>| {
-            ports.keys().filter(|(s, _)| *s == channel.server).count() >= MAX_PORTS_PER_SERVER
-        };
-        if !ports.contains_key(&key) && full(&ports) {
-            // Forget this server's ports that have no channel and no waiting client.
-            ports.retain(|(s, _), p| *s != channel.server || p.live > 0 || !p.waiting.is_empty());
+        let mut server = self.servers[channel.server].lock();
+        let ports = &mut server.ports;
+        if !ports.contains_key(&channel.port) && ports.len() >= MAX_PORTS_PER_SERVER {
+            // Forget the ports that have no channel and no waiting client.
+            ports.retain(|_, p| p.live > 0 || !p.waiting.is_empty());
+            if ports.len() >= MAX_PORTS_PER_SERVER {
+                return Err(ListenRefusal::TooManyPorts);
+            }
         }
-        if !ports.contains_key(&key) && full(&ports) {
-            return Err(ListenRefusal::TooManyPorts);
-        }
-        let entry = ports.entry(key).or_default();
+        let entry = ports.entry(channel.port.clone()).or_default();
         if entry.idle.len() >= self.config.max_listens_per_port {
             return Err(ListenRefusal::TooManyListens);
         }
         entry.live += 1;
         entry.idle.insert(channel.id);
+        server.live += 1;
         Ok(())
     }
 
     /// Forgets a server channel that has ended.
     fn remove_server_channel(&self, channel: &Channel) {
-        let mut ports = self.ports.lock();
-        let Some(entry) = ports.get_mut(&(channel.server, channel.port.clone())) else {
+        let mut server = self.servers[channel.server].lock();
+        let Some(entry) = server.ports.get_mut(&channel.port) else {
             return;
         };
         entry.live = entry.live.saturating_sub(1);
         entry.idle.remove(&channel.id);
         self.unready(entry, channel.id);
+        server.live = server.live.saturating_sub(1);
     }
 
     /// Takes server channel `id` out of `entry`'s ready queue: whether it was there.
@@ -280,18 +374,15 @@ impl Shared {
     /// A server channel is ready for a connection (its upload has arrived, or its last
     /// connection has ended): it takes the oldest waiting client connection, or waits for one.
     pub fn ready(&self, server: &Arc<Channel>) {
-        let mut ports = self.ports.lock();
+        let mut ports = self.servers[server.server].lock();
         if server.cancel.is_cancelled() {
             return;
         }
-        let Some(entry) = ports.get_mut(&(server.server, server.port.clone())) else {
+        let Some(entry) = ports.ports.get_mut(&server.port) else {
             return;
         };
         entry.idle.insert(server.id);
-        while let Some((client, to)) = entry.waiting.pop_front() {
-            if client.cancel.is_cancelled() || to.is_closed() {
-                continue;
-            }
+        while let Some((client, to)) = entry.waiting.pop() {
             let Some(tunnel) = Tunnel::join(&client, server, &self.channels.tunnels) else {
                 continue;
             };
@@ -309,8 +400,8 @@ impl Shared {
     /// The server retires its idle channel `server`: it leaves the port's ready queue, unless
     /// a connection took it already (`false`).
     pub fn retire(&self, server: &Channel) -> bool {
-        let mut ports = self.ports.lock();
-        let Some(entry) = ports.get_mut(&(server.server, server.port.clone())) else {
+        let mut ports = self.servers[server.server].lock();
+        let Some(entry) = ports.ports.get_mut(&server.port) else {
             return true;
         };
         self.unready(entry, server.id) || server.tunnel().is_none()
@@ -318,12 +409,9 @@ impl Shared {
 
     /// A client's connection on `client`: joined with the oldest ready server channel of its
     /// port, or queued for the next one.
-    pub fn offer(&self, client: &Arc<Channel>) -> Result<Offer, PortRefusal> {
-        self.port_status(client.server, &client.port)?;
-        let mut ports = self.ports.lock();
-        let Some(entry) = ports.get_mut(&(client.server, client.port.clone())) else {
-            return Err(PortRefusal::PortNotOffered);
-        };
+    pub fn offer(&self, client: &Arc<Channel>) -> Result<Offer<'_>, PortRefusal> {
+        let mut server = self.servers[client.server].lock();
+        let entry = server.port(&client.port)?;
         while let Some(server) = entry.ready.pop_front() {
             self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
             if server.cancel.is_cancelled() {
@@ -335,15 +423,32 @@ impl Shared {
             entry.idle.remove(&server.id);
             return Ok(Offer::Joined(tunnel));
         }
-        entry
-            .waiting
-            .retain(|(c, to)| !c.cancel.is_cancelled() && !to.is_closed());
-        if entry.waiting.len() >= MAX_QUEUED_CONNECTS {
-            return Err(PortRefusal::QueueFull);
-        }
         let (to, rx) = oneshot::channel();
-        entry.waiting.push_back((client.clone(), to));
-        Ok(Offer::Waiting(rx))
+        let number = entry
+            .waiting
+            .push(client, to)
+            .ok_or(PortRefusal::QueueFull)?;
+        let place = Place {
+            shared: self,
+            server: client.server,
+            port: client.port.clone(),
+            number,
+        };
+        Ok(Offer::Waiting(rx, place))
+    }
+}
+
+impl ServerPorts {
+    /// `port`, if the server offers it now: online (a channel open on some port), and with a
+    /// channel open on this one.
+    fn port(&mut self, port: &Name) -> Result<&mut PortState, PortRefusal> {
+        if self.live == 0 {
+            return Err(PortRefusal::ServerOffline);
+        }
+        match self.ports.get_mut(port) {
+            Some(p) if p.live > 0 => Ok(p),
+            _ => Err(PortRefusal::PortNotOffered),
+        }
     }
 }
 
@@ -413,7 +518,7 @@ mod tests {
             panic!("joined")
         };
         let c2 = new_channel(&s, Side::Client(0), 0, "pg");
-        let Ok(Offer::Waiting(rx)) = s.offer(&c2) else {
+        let Ok(Offer::Waiting(rx, _place)) = s.offer(&c2) else {
             panic!("waiting")
         };
         // The busy channel's connection ends: it is ready again and takes the waiting one.
@@ -433,7 +538,7 @@ mod tests {
         assert_eq!(*s.ready_server_channels().borrow(), 0);
         // Still open, so the port is offered: the next connection waits.
         let client = new_channel(&s, Side::Client(0), 0, "pg");
-        let Ok(Offer::Waiting(rx)) = s.offer(&client) else {
+        let Ok(Offer::Waiting(rx, _place)) = s.offer(&client) else {
             panic!("waiting")
         };
         let taken = server_channel(&s, "pg");
@@ -489,25 +594,77 @@ mod tests {
         assert_eq!(s.add_server_channel(&web), Ok(()));
     }
 
+    /// Counts the connections waiting on `port` of server `db`.
+    fn queued(s: &Shared, port: &str) -> usize {
+        s.servers[0].lock().ports[&name(port)].waiting.entries.len()
+    }
+
     #[test]
-    fn the_queue_of_a_port_is_bounded() {
+    fn the_queue_of_a_port_is_bounded_and_empties_as_its_connections_leave() {
         let s = shared("max_connections = 20000");
         let busy = server_channel(&s, "pg");
         let first = new_channel(&s, Side::Client(0), 0, "pg");
         assert!(matches!(s.offer(&first), Ok(Offer::Joined(_))));
-        let mut queued = Vec::new();
+        let mut waiting = Vec::new();
         for _ in 0..MAX_QUEUED_CONNECTS {
             let c = new_channel(&s, Side::Client(0), 0, "pg");
             match s.offer(&c) {
-                Ok(Offer::Waiting(rx)) => queued.push(rx),
+                Ok(Offer::Waiting(rx, place)) => waiting.push((rx, place)),
                 other => panic!("{other:?}"),
             }
         }
         let over = new_channel(&s, Side::Client(0), 0, "pg");
         assert_eq!(s.offer(&over).map(drop), Err(PortRefusal::QueueFull));
-        // Waiters that gave up make room.
-        queued.pop();
-        assert!(matches!(s.offer(&over), Ok(Offer::Waiting(_))));
+        // Connections that gave up (their deadline passed, or their channel ended) leave.
+        waiting.pop();
+        assert_eq!(queued(&s, "pg"), MAX_QUEUED_CONNECTS - 1);
+        let Ok(Offer::Waiting(_rx, place)) = s.offer(&over) else {
+            panic!("room for one more")
+        };
+        drop(place);
+        waiting.clear();
+        assert_eq!(queued(&s, "pg"), 0, "the queue empties");
         drop(busy);
+    }
+
+    #[test]
+    fn one_client_cannot_take_a_port_queue_from_the_others() {
+        let s = shared("max_connections = 40000\nmax_connections_per_client = 40000");
+        let _busy = server_channel(&s, "pg");
+        let first = new_channel(&s, Side::Client(0), 0, "pg");
+        assert!(matches!(s.offer(&first), Ok(Offer::Joined(_))));
+        // Client 0 fills the queue alone: that is its share while no one else waits.
+        let mut hog = Vec::new();
+        for _ in 0..MAX_QUEUED_CONNECTS {
+            let c = new_channel(&s, Side::Client(0), 0, "pg");
+            let Ok(Offer::Waiting(rx, place)) = s.offer(&c) else {
+                panic!("waiting")
+            };
+            hog.push((c, rx, place));
+        }
+        // Client 1 still gets in: client 0's newest connection is pushed out, and fails.
+        let other = new_channel(&s, Side::Client(1), 0, "pg");
+        let Ok(Offer::Waiting(_rx, _place)) = s.offer(&other) else {
+            panic!("the other client waits too")
+        };
+        let (newest, mut pushed_out, _) = hog.pop().expect("one");
+        assert!(pushed_out.try_recv().is_err(), "its place is gone");
+        match newest.poll_message(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            std::task::Poll::Ready(ToDownload::Fail(reason)) => {
+                assert_eq!(reason, "too many pending connections");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(queued(&s, "pg"), MAX_QUEUED_CONNECTS);
+        // Client 0 has more than its half now: it waits its turn.
+        let more = new_channel(&s, Side::Client(0), 0, "pg");
+        assert_eq!(s.offer(&more).map(drop), Err(PortRefusal::QueueFull));
+        // The oldest connection is still served first.
+        let _next = server_channel(&s, "pg");
+        let (oldest, rx, _) = &mut hog[0];
+        let tunnel = rx
+            .try_recv()
+            .expect("the oldest waiting connection is served");
+        assert_eq!(tunnel.client.id, oldest.id);
     }
 }

@@ -167,7 +167,11 @@ async fn connect(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -
     }
     let tunnel = match shared.offer(channel) {
         Ok(Offer::Joined(tunnel)) => tunnel,
-        Ok(Offer::Waiting(rx)) => rx.await.map_err(|_| ())?,
+        Ok(Offer::Waiting(rx, place)) => {
+            let tunnel = rx.await;
+            drop(place);
+            tunnel.map_err(|_| ())?
+        }
         Err(refusal) => {
             debug!(channel = %channel.id, reason = refusal.reason(), "connection refused");
             channel.tell(ToDownload::Fail(refusal.reason().to_owned()));
