@@ -232,18 +232,42 @@ fn parse<'a>(input: &'a str, signature: &str) -> Result<Parsed<'a>, AuthError> {
     })
 }
 
-/// Bounded cache of (key, nonce) pairs seen within the validity window.
+/// Bounded cache of (key, nonce) pairs seen within the validity window, shared fairly: half
+/// of it is reserved, in equal parts, for each key, and the other half is a pool from which
+/// one key may take at most a quarter. A few keys that sign as fast as they can therefore
+/// exhaust the pool but never another key's reserve. Live entries are never evicted: a key
+/// with no room left gets [`AuthError::Busy`].
 #[derive(Debug)]
 struct NonceCache {
     seen: HashMap<(usize, [u8; NONCE_LEN]), u64>,
     order: VecDeque<(u64, usize, [u8; NONCE_LEN])>,
-    /// Live nonces per key, so that one key cannot fill the cache for everyone.
+    /// Live nonces per key.
     per_key: HashMap<usize, usize>,
-    capacity: usize,
-    per_key_capacity: usize,
+    /// Entries each key may hold whatever the others do.
+    reserve: usize,
+    /// Entries of the pool, and how many are taken (a key's entries beyond its reserve).
+    pool: usize,
+    pooled: usize,
+    /// Most entries of the pool one key may take.
+    pool_per_key: usize,
 }
 
 impl NonceCache {
+    /// A cache of at most `capacity` entries for `keys` keys.
+    fn new(capacity: usize, keys: usize) -> Self {
+        let reserve = capacity / 2 / keys.max(1);
+        let pool = capacity - reserve * keys;
+        Self {
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+            per_key: HashMap::new(),
+            reserve,
+            pool,
+            pooled: 0,
+            pool_per_key: (pool / 4).max(1),
+        }
+    }
+
     /// Records a nonce until `keep_until`. Entries are kept for the same span from insertion
     /// (the longest a signature can still be accepted), so the FIFO is also in expiry order.
     fn insert(
@@ -261,6 +285,9 @@ impl NonceCache {
             if self.seen.remove(&(w, n)).is_some()
                 && let Some(c) = self.per_key.get_mut(&w)
             {
+                if *c > self.reserve {
+                    self.pooled -= 1;
+                }
                 *c -= 1;
                 if *c == 0 {
                     self.per_key.remove(&w);
@@ -271,8 +298,11 @@ impl NonceCache {
             return Err(AuthError::Replay);
         }
         let mine = self.per_key.get(&who).copied().unwrap_or(0);
-        if self.seen.len() >= self.capacity || mine >= self.per_key_capacity {
-            return Err(AuthError::Busy);
+        if mine >= self.reserve {
+            if self.pooled >= self.pool || mine - self.reserve >= self.pool_per_key {
+                return Err(AuthError::Busy);
+            }
+            self.pooled += 1;
         }
         *self.per_key.entry(who).or_insert(0) += 1;
         self.seen.insert((who, nonce), keep_until);
@@ -293,22 +323,13 @@ pub struct Verifier<P> {
 impl<P> Verifier<P> {
     /// A verifier for `keys`, remembering at most `nonce_capacity` nonces.
     pub fn new(keys: impl IntoIterator<Item = (PublicKey, P)>, nonce_capacity: usize) -> Self {
-        let keys = keys
+        let keys: HashMap<_, _> = keys
             .into_iter()
             .enumerate()
             .map(|(i, (k, p))| (k.to_bytes(), (i, k, p)))
             .collect();
-        Self {
-            keys,
-            nonces: Mutex::new(NonceCache {
-                seen: HashMap::new(),
-                order: VecDeque::new(),
-                per_key: HashMap::new(),
-                capacity: nonce_capacity,
-                // One key may hold at most a quarter of the cache.
-                per_key_capacity: (nonce_capacity / 4).max(1),
-            }),
-        }
+        let nonces = Mutex::new(NonceCache::new(nonce_capacity, keys.len()));
+        Self { keys, nonces }
     }
 
     /// Verifies a request signed over any one of `authorities` (the names the relay answers
@@ -528,7 +549,8 @@ mod tests {
         let v = Verifier::new([(alice.public(), "alice"), (bob.public(), "bob")], 8);
         let (a, b) = (Signer::new(alice), Signer::new(bob));
         let now = unix_now();
-        for n in 0..2u8 {
+        // Of 8: a reserve of 2 each, and a pool of 4, a quarter of it for one key.
+        for n in 0..3u8 {
             let h = a.sign_with("POST", A, P, now, &[n; 16]);
             assert_eq!(check(&v, &h, P, now), Ok("alice"));
         }
@@ -536,23 +558,55 @@ mod tests {
         assert_eq!(
             check(&v, &h, P, now),
             Err(AuthError::Busy),
-            "alice's quarter is full"
+            "alice's share is full"
         );
         let h = b.sign_with("POST", A, P, now, &[9; 16]);
         assert_eq!(check(&v, &h, P, now), Ok("bob"), "bob is not starved");
     }
 
     #[test]
+    fn a_few_keys_cannot_starve_the_others() {
+        let keys: Vec<PrivateKey> = (0..10)
+            .map(|_| PrivateKey::generate().expect("gen"))
+            .collect();
+        let v = Verifier::new(keys.iter().map(|k| (k.public(), "k")), 1000);
+        let keys: Vec<Signer> = keys.into_iter().map(Signer::new).collect();
+        let now = unix_now();
+        let mut nonce = 0u128;
+        let mut sign = |k: &Signer| {
+            nonce += 1;
+            check(&v, &k.sign_with("POST", A, P, now, &nonce.to_le_bytes()), P, now)
+        };
+        // Four keys sign as fast as they can. Of 1000: a reserve of 50 each, and a pool of
+        // 500, at most 125 of it for one key.
+        for k in &keys[..4] {
+            let mut taken = 0;
+            while sign(k).is_ok() {
+                taken += 1;
+            }
+            assert_eq!(taken, 175, "a key's share");
+        }
+        // The pool is gone, and every other key still has its reserve.
+        for k in &keys[4..] {
+            for _ in 0..50 {
+                assert_eq!(sign(k), Ok("k"));
+            }
+            assert_eq!(sign(k), Err(AuthError::Busy));
+        }
+    }
+
+    #[test]
     fn nonce_cache_is_bounded_and_expires() {
         let (s, v) = setup(8);
         let now = unix_now();
-        for n in 0..2u8 {
+        // Its reserve of 4 and a quarter of the pool of 4.
+        for n in 0..5u8 {
             let h = s.sign_with("POST", A, P, now, &[n; 16]);
             assert_eq!(check(&v, &h, P, now), Ok("alice"));
         }
         let h = s.sign_with("POST", A, P, now, &[9; 16]);
         assert_eq!(check(&v, &h, P, now), Err(AuthError::Busy));
-        // Once the first two expire they are forgotten and room is made.
+        // Once the first ones expire they are forgotten and room is made.
         let later = now + MAX_AGE_SECS + MAX_SKEW_SECS + 1;
         let h = s.sign_with("POST", A, P, later, &[9; 16]);
         assert_eq!(check(&v, &h, P, later), Ok("alice"));
