@@ -575,7 +575,12 @@ mod tests {
         let mut nonce = 0u128;
         let mut sign = |k: &Signer| {
             nonce += 1;
-            check(&v, &k.sign_with("POST", A, P, now, &nonce.to_le_bytes()), P, now)
+            check(
+                &v,
+                &k.sign_with("POST", A, P, now, &nonce.to_le_bytes()),
+                P,
+                now,
+            )
         };
         // Four keys sign as fast as they can. Of 1000: a reserve of 50 each, and a pool of
         // 500, at most 125 of it for one key.

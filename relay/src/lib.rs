@@ -70,6 +70,18 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::access::Peer;
 use crate::state::Shared;
 
+/// Most streams open at once on one HTTP/2 connection. An endpoint carries every channel on one
+/// connection, two streams each: 16,384 channels per endpoint (10,000 tunnels and their idle
+/// channels, as the benchmark holds). Each stream is also bounded by the limits on channels
+/// and, before its signature has verified, by its handler ending at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32_768;
+/// Streams the peer may reset before the relay has taken them up, on one HTTP/2 connection;
+/// past that, the connection is closed with `ENHANCE_YOUR_CALM` (rapid reset,
+/// CVE-2023-44487).
+const MAX_PENDING_RESETS: usize = 20;
+/// Streams the relay may reset for the peer's protocol errors on one HTTP/2 connection before
+/// it closes the connection (`ENHANCE_YOUR_CALM`).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Time given to open HTTP connections to finish after shutdown starts.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -217,8 +229,10 @@ async fn serve(relay: Relay) {
         .initial_stream_window_size(1024 * 1024)
         .max_frame_size(64 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
-        .max_concurrent_streams(65_536)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(16 * 1024)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_http_connections));

@@ -363,3 +363,297 @@ async fn refusals_are_logged_at_a_bounded_rate() {
     })
     .await;
 }
+
+/// HTTP/2 spoken byte by byte, to do what no well-behaved client does.
+mod raw_h2 {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// A connection to the relay, plain or TLS.
+    pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+    pub const HEADERS: u8 = 1;
+    pub const RST_STREAM: u8 = 3;
+    pub const SETTINGS: u8 = 4;
+    pub const GOAWAY: u8 = 7;
+    pub const CONTINUATION: u8 = 9;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const ACK: u8 = 0x1;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+    /// A frame received: its type and payload.
+    #[derive(Debug)]
+    pub struct Frame {
+        pub kind: u8,
+        pub payload: Vec<u8>,
+    }
+
+    /// The bytes of a frame.
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).expect("frame length");
+        let mut out = len.to_be_bytes()[1..].to_vec();
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// An HPACK block for `POST /` with `:authority x` (static table only).
+    pub fn post_root() -> Vec<u8> {
+        vec![0x83, 0x86, 0x84, 0x01, 0x01, b'x']
+    }
+
+    /// Sends the client preface and empty settings; reads the relay's settings (id, value)
+    /// and acknowledges them.
+    pub async fn handshake(io: &mut dyn Io) -> Vec<(u16, u32)> {
+        io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("preface");
+        io.write_all(&frame(SETTINGS, 0, 0, &[]))
+            .await
+            .expect("settings");
+        let settings = read_frame(io).await.expect("the relay's settings");
+        assert_eq!(settings.kind, SETTINGS);
+        io.write_all(&frame(SETTINGS, ACK, 0, &[]))
+            .await
+            .expect("ack");
+        settings
+            .payload
+            .chunks_exact(6)
+            .map(|c| {
+                (
+                    u16::from_be_bytes([c[0], c[1]]),
+                    u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                )
+            })
+            .collect()
+    }
+
+    /// The next frame, or `None` at the end of the connection.
+    pub async fn read_frame(io: &mut dyn Io) -> Option<Frame> {
+        let mut head = [0u8; 9];
+        io.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await.ok()?;
+        Some(Frame {
+            kind: head[3],
+            payload,
+        })
+    }
+
+    /// Reads frames until the connection ends: the error code of the GOAWAY among them.
+    pub async fn goaway(io: &mut dyn Io) -> Option<u32> {
+        let mut code = None;
+        while let Some(f) = read_frame(io).await {
+            if f.kind == GOAWAY && f.payload.len() >= 8 {
+                code = Some(u32::from_be_bytes([
+                    f.payload[4],
+                    f.payload[5],
+                    f.payload[6],
+                    f.payload[7],
+                ]));
+            }
+        }
+        code
+    }
+}
+
+/// Connects to the relay over HTTP/2: plain (h2c) or with TLS (ALPN `h2`).
+async fn h2_connection(relay: &RelayHandle, tls: Option<&Pki>) -> Box<dyn raw_h2::Io> {
+    let tcp = TcpStream::connect(relay.addr).await.expect("connect");
+    let Some(pki) = tls else {
+        return Box::new(tcp);
+    };
+    let mut config = ptth_common::client::tls_config(Some(&pki.ca)).expect("tls config");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    Box::new(tls)
+}
+
+/// A relay serving h2c, and one serving TLS.
+fn h2_relays(dir: &std::path::Path) -> Vec<(Setup, RelayHandle, Option<Pki>)> {
+    let pki = Pki::generate(dir).expect("pki");
+    let (plain_setup, plain) = relay("");
+    let (tls_setup, tls) = relay(&format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        pki.cert.display(),
+        pki.key.display()
+    ));
+    vec![(plain_setup, plain, None), (tls_setup, tls, Some(pki))]
+}
+
+/// The relay's HTTP/2 settings are its own, not the library's defaults.
+#[tokio::test]
+async fn http2_limits_are_announced() {
+    within(LIMIT, async {
+        let dir = tempfile::tempdir().expect("dir");
+        for (_setup, relay, pki) in h2_relays(dir.path()) {
+            let mut io = h2_connection(&relay, pki.as_ref()).await;
+            let settings = raw_h2::handshake(&mut *io).await;
+            let get = |id: u16| settings.iter().find(|(i, _)| *i == id).map(|(_, v)| *v);
+            assert_eq!(get(3), Some(32_768), "MAX_CONCURRENT_STREAMS: {settings:?}");
+            assert_eq!(
+                get(6),
+                Some(16 * 1024),
+                "MAX_HEADER_LIST_SIZE: {settings:?}"
+            );
+            assert_eq!(get(5), Some(64 * 1024), "MAX_FRAME_SIZE: {settings:?}");
+            assert_eq!(
+                get(4),
+                Some(1024 * 1024),
+                "INITIAL_WINDOW_SIZE: {settings:?}"
+            );
+        }
+    })
+    .await;
+}
+
+/// A header block that never ends (CONTINUATION after CONTINUATION) is cut off with a
+/// GOAWAY long before it could grow, plain and with TLS.
+#[tokio::test]
+async fn continuation_floods_are_cut_off() {
+    within(LIMIT, async {
+        let dir = tempfile::tempdir().expect("dir");
+        for (_setup, relay, pki) in h2_relays(dir.path()) {
+            let mut io = h2_connection(&relay, pki.as_ref()).await;
+            raw_h2::handshake(&mut *io).await;
+            let mut flood = raw_h2::frame(raw_h2::HEADERS, 0, 1, &raw_h2::post_root());
+            let junk = [0x40u8; 1024];
+            for _ in 0..1000 {
+                flood.extend(raw_h2::frame(raw_h2::CONTINUATION, 0, 1, &junk));
+            }
+            // The relay may close the connection while this is on its way.
+            let _ = io.write_all(&flood).await;
+            let code = tokio::time::timeout(CLOSED_WITHIN, raw_h2::goaway(&mut *io))
+                .await
+                .expect("the connection is closed");
+            assert!(
+                code.is_some(),
+                "closed without GOAWAY (tls: {})",
+                pki.is_some()
+            );
+            expect_healthy_h2(&relay, pki.as_ref()).await;
+        }
+    })
+    .await;
+}
+
+/// Streams opened and reset at once, by the thousand (CVE-2023-44487), get the connection
+/// closed with ENHANCE_YOUR_CALM, plain and with TLS; the relay serves others meanwhile.
+#[tokio::test]
+async fn rapid_resets_are_cut_off() {
+    within(LIMIT, async {
+        let dir = tempfile::tempdir().expect("dir");
+        for (_setup, relay, pki) in h2_relays(dir.path()) {
+            let mut io = h2_connection(&relay, pki.as_ref()).await;
+            raw_h2::handshake(&mut *io).await;
+            let mut flood = Vec::new();
+            for i in 0..10_000u32 {
+                let stream = 2 * i + 1;
+                flood.extend(raw_h2::frame(
+                    raw_h2::HEADERS,
+                    raw_h2::END_HEADERS,
+                    stream,
+                    &raw_h2::post_root(),
+                ));
+                flood.extend(raw_h2::frame(
+                    raw_h2::RST_STREAM,
+                    0,
+                    stream,
+                    &8u32.to_be_bytes(),
+                ));
+            }
+            let _ = io.write_all(&flood).await;
+            let code = tokio::time::timeout(CLOSED_WITHIN, raw_h2::goaway(&mut *io))
+                .await
+                .expect("the connection is closed");
+            assert_eq!(
+                code,
+                Some(raw_h2::ENHANCE_YOUR_CALM),
+                "tls: {}",
+                pki.is_some()
+            );
+            expect_healthy_h2(&relay, pki.as_ref()).await;
+        }
+    })
+    .await;
+}
+
+/// The relay still answers a new caller over HTTP/2 at once.
+async fn expect_healthy_h2(relay: &RelayHandle, pki: Option<&Pki>) {
+    let io = h2_connection(relay, pki).await;
+    let (send, h2) = h2::client::handshake(io).await.expect("h2 handshake");
+    tokio::spawn(h2);
+    let mut send = send.ready().await.expect("ready");
+    let request = http::Request::post("http://localhost/v1/")
+        .body(())
+        .expect("request");
+    let (answer, _) = send.send_request(request, true).expect("send");
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("answered in time")
+        .expect("answer");
+    assert_eq!(answer.status(), 404);
+}
+
+/// Request heads past the limits are refused before any handler sees them: over HTTP/1.1 a
+/// head over 256 KiB, or with more than 100 headers, gets 431; over HTTP/2 a header list
+/// over 16 KiB is refused on its stream. The relay serves others meanwhile.
+#[tokio::test]
+async fn oversized_request_heads_are_refused() {
+    within(LIMIT, async {
+        let (_setup, relay) = relay("");
+        let url = format!("http://{}/v1/", relay.addr);
+        let http = http_client_builder(None)
+            .expect("builder")
+            .build()
+            .expect("client");
+        let big = "x".repeat(300 * 1024);
+        let r = http.post(&url).header("x-big", &big).send().await;
+        assert_eq!(
+            r.map(|r| r.status()).ok(),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        let mut many = http.post(&url);
+        for i in 0..101 {
+            many = many.header(format!("x-h{i}"), "v");
+        }
+        let r = many.send().await;
+        assert_eq!(
+            r.map(|r| r.status()).ok(),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        // HTTP/2: just under the limit is served, over it is not.
+        let tcp = TcpStream::connect(relay.addr).await.expect("connect");
+        let (send, h2) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(h2);
+        let mut send = send.ready().await.expect("ready");
+        for (size, expected) in [
+            (8 * 1024, http::StatusCode::NOT_FOUND),
+            (20 * 1024, http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        ] {
+            let request = http::Request::post(format!("http://{}/v1/", relay.addr))
+                .header("x-big", "x".repeat(size))
+                .body(())
+                .expect("request");
+            let answer = match send.send_request(request, true) {
+                Ok((answer, _)) => tokio::time::timeout(Duration::from_secs(5), answer)
+                    .await
+                    .expect("answered in time")
+                    .ok(),
+                Err(_) => None,
+            };
+            let status = answer.map(|a| a.status());
+            assert_eq!(status, Some(expected), "{size} bytes");
+            send = send.ready().await.expect("the connection goes on");
+        }
+        expect_healthy(&relay).await;
+    })
+    .await;
+}
