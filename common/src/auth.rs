@@ -561,7 +561,7 @@ mod tests {
             "alice's share is full"
         );
         let h = b.sign_with("POST", A, P, now, &[9; 16]);
-        assert_eq!(check(&v, &h, P, now), Ok("bob"), "bob is not starved");
+        assert_eq!(check(&v, &h, P, now), Ok("alice"), "bob is not starved");
     }
 
     #[test]
@@ -659,5 +659,99 @@ mod tests {
             ),
             Err(AuthError::Malformed(_))
         ));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A relay that knows `key` under the name `alice` and answers to `authority`.
+        fn verify(
+            key: &PrivateKey,
+            authority: &str,
+            (method, path): (&str, &str),
+            h: &SignedHeaders,
+            now: u64,
+        ) -> Result<&'static str, AuthError> {
+            let v = Verifier::new([(key.public(), "alice")], 16);
+            v.verify(
+                method,
+                &[authority],
+                path,
+                Some(&h.input),
+                Some(&h.signature),
+                now,
+            )
+            .copied()
+        }
+
+        /// Request components as the endpoints send them: a method, a lowercase authority and
+        /// a path of names.
+        fn request() -> impl Strategy<Value = (String, String, String)> {
+            (
+                "[A-Z]{3,7}",
+                "[a-z0-9.-]{1,40}(:[0-9]{1,5})?",
+                "(/[A-Za-z0-9._-]{1,20}){1,6}",
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+
+            #[test]
+            fn what_is_signed_verifies(
+                seed in any::<[u8; 32]>(),
+                (method, authority, path) in request(),
+                created in 1_000_000_000u64..4_000_000_000,
+                age in 0u64..=MAX_AGE_SECS,
+                nonce in any::<[u8; NONCE_LEN]>(),
+            ) {
+                let key = PrivateKey::from_seed(&seed);
+                let h = Signer::new(key.clone()).sign_with(&method, &authority, &path, created, &nonce);
+                prop_assert_eq!(
+                    verify(&key, &authority, (&method, &path), &h, created + age),
+                    Ok("alice")
+                );
+            }
+
+            /// One byte changed in any signed component (the method, the authority, the path,
+            /// either header) and the request is refused.
+            #[test]
+            fn any_one_byte_changed_is_refused(
+                seed in any::<[u8; 32]>(),
+                (method, authority, path) in request(),
+                nonce in any::<[u8; NONCE_LEN]>(),
+                which in 0usize..5,
+                at in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+            ) {
+                let key = PrivateKey::from_seed(&seed);
+                let now = 1_700_000_000;
+                let h = Signer::new(key.clone()).sign_with(&method, &authority, &path, now, &nonce);
+                let mut parts = [
+                    method.into_bytes(),
+                    authority.into_bytes(),
+                    path.into_bytes(),
+                    h.input.into_bytes(),
+                    h.signature.into_bytes(),
+                ];
+                let part = &mut parts[which];
+                let i = at.index(part.len());
+                prop_assume!(part[i] != byte);
+                part[i] = byte;
+                let text: Vec<String> = parts
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect();
+                let changed = SignedHeaders {
+                    input: text[3].clone(),
+                    signature: text[4].clone(),
+                };
+                prop_assert!(
+                    verify(&key, &text[1], (&text[0], &text[2]), &changed, now).is_err(),
+                    "accepted with component {} changed at byte {}", which, i
+                );
+            }
+        }
     }
 }

@@ -178,12 +178,18 @@ impl PrivateKey {
         if text.len() as u64 > MAX_KEY_FILE {
             return Err(format("file too large"));
         }
-        SigningKey::from_pkcs8_pem(&text)
+        Self::from_pem(&text).map_err(|reason| KeyError::Format {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+
+    /// Parses the text of a PKCS#8 PEM key file (what [`PrivateKey::load`] reads); the error
+    /// says what is wrong with it.
+    pub fn from_pem(text: &str) -> Result<Self, String> {
+        SigningKey::from_pkcs8_pem(text)
             .map(Self)
-            .map_err(|e| KeyError::Format {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| e.to_string())
     }
 
     /// Writes the key as PKCS#8 PEM to a new file with mode 0600 (never overwrites).
