@@ -561,7 +561,7 @@ mod tests {
             "alice's share is full"
         );
         let h = b.sign_with("POST", A, P, now, &[9; 16]);
-        assert_eq!(check(&v, &h, P, now), Ok("alice"), "bob is not starved");
+        assert_eq!(check(&v, &h, P, now), Ok("bob"), "bob is not starved");
     }
 
     #[test]
