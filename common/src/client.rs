@@ -418,11 +418,35 @@ pub(crate) async fn check(
     if expected.contains(&status) {
         return Ok(answer);
     }
+    let skew = clock_skew(&answer);
     // Boxed: reading the reason takes a large future, which every channel would otherwise
     // carry inline for its whole life while waiting for its upload's answer.
-    Err(CallError::Refused {
-        status,
-        reason: Box::pin(reason(answer)).await,
+    let mut reason = Box::pin(reason(answer)).await;
+    if status == StatusCode::UNAUTHORIZED
+        && let Some(skew) = skew
+    {
+        reason.push_str(&skew);
+    }
+    Err(CallError::Refused { status, reason })
+}
+
+/// How far the relay's clock (its answer's `Date`) is from ours, said when it is more than a
+/// few seconds: a signature refused as expired or not yet valid is then explained.
+fn clock_skew(answer: &Response) -> Option<String> {
+    let date = answer.headers().get(http::header::DATE)?.to_str().ok()?;
+    let relay = httpdate::parse_http_date(date).ok()?;
+    let ours = std::time::SystemTime::now();
+    let (ahead, by) = match ours.duration_since(relay) {
+        Ok(by) => ("ahead of", by),
+        Err(e) => ("behind", e.duration()),
+    };
+    (by.as_secs() >= 5).then(|| {
+        format!(
+            " (our clock is {} s {ahead} the relay's: the clocks may differ by at most {} s; \
+             run NTP on both hosts)",
+            by.as_secs(),
+            crate::auth::MAX_SKEW_SECS
+        )
     })
 }
 

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod fronts;
+pub mod process;
 pub mod taps;
 
 use std::future::Future;

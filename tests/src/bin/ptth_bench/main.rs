@@ -15,7 +15,7 @@ mod stack;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
 
 use crate::load::Services;
@@ -148,7 +148,7 @@ impl Column {
 
 /// CPU time of the bench's own process so far (the load and the services), in seconds.
 fn load_cpu(ticks: f64) -> anyhow::Result<f64> {
-    stack::cpu_seconds(Path::new("/proc/self/stat"), ticks)
+    ptth_tests::process::cpu_seconds(Path::new("/proc/self/stat"), ticks)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -176,17 +176,11 @@ fn ticks_per_second() -> anyhow::Result<f64> {
 
 /// The folder of the release binaries: this program's own.
 fn binaries() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe()?;
-    let dir = me.parent().context("no folder")?.to_owned();
-    for bin in ["ptth_relay", "ptth_server", "ptth_proxy"] {
-        if !dir.join(bin).exists() {
-            bail!(
-                "{} is missing: build the workspace first (cargo build --release --workspace)",
-                dir.join(bin).display()
-            );
-        }
+    let relay = ptth_tests::process::binary("ptth_relay")?;
+    for bin in ["ptth_server", "ptth_proxy"] {
+        ptth_tests::process::binary(bin)?;
     }
-    Ok(dir)
+    Ok(relay.parent().context("no folder")?.to_owned())
 }
 
 fn machine() -> String {

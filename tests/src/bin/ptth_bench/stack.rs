@@ -5,12 +5,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ptth_tests::Setup;
 use ptth_tests::fronts::{Front, FrontKind, Pki, start_front};
+use ptth_tests::process::{Program, free_port, wait_listening};
 
 use crate::load::Services;
 
@@ -65,81 +66,6 @@ pub fn on_path(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// One running program.
-#[derive(Debug)]
-pub struct Program {
-    pub name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Program {
-    /// Starts a ptth program with `--config config`, logging warnings and errors only.
-    fn ptth(bin: &Path, config: &Path, log: PathBuf, name: &'static str) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(bin);
-        cmd.arg("--config")
-            .arg(config)
-            .args(["--log-level", "warn"]);
-        Self::start(name, cmd, log)
-    }
-
-    /// Starts `cmd`, its output going to `log`.
-    fn start(name: &'static str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
-        let out = std::fs::File::create(&log)?;
-        let child = cmd
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Self { name, child, log })
-    }
-
-    fn proc_file(&self, file: &str) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/{file}", self.child.id()))
-    }
-
-    /// Peak resident memory since the last [`Program::reset_peak`], in KiB.
-    pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(self.proc_file("status"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM")
-    }
-
-    /// Starts a new peak memory measurement from the current resident memory.
-    pub fn reset_peak(&self) -> anyhow::Result<()> {
-        std::fs::write(self.proc_file("clear_refs"), "5").context("clear_refs")
-    }
-
-    /// CPU time (user and system) used so far, in seconds.
-    pub fn cpu_seconds(&self, ticks_per_second: f64) -> anyhow::Result<f64> {
-        cpu_seconds(&self.proc_file("stat"), ticks_per_second)
-    }
-
-    /// The program's log, for errors.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn check_running(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited with {status}:\n{}", self.name, self.log());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The local ports of a stack: where the load connects to reach each service.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
@@ -159,28 +85,6 @@ pub struct Stack {
     front: Option<Front>,
     /// The folder of the configuration files and logs, removed with the stack.
     _dir: tempfile::TempDir,
-}
-
-/// Waits until `addr` accepts connections, while `program` runs.
-async fn wait_listening(addr: SocketAddr, program: &mut Program) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        program.check_running()?;
-        if Instant::now() > deadline {
-            bail!(
-                "{} did not listen on {addr}:\n{}",
-                program.name,
-                program.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 impl Stack {
@@ -223,6 +127,7 @@ impl Stack {
         let mut relay = Program::ptth(
             &bin.join("ptth_relay"),
             &relay_toml,
+            "warn",
             dir.join("relay.log"),
             "ptth_relay",
         )?;
@@ -262,6 +167,7 @@ impl Stack {
         let server = Program::ptth(
             &bin.join("ptth_server"),
             &dir.join("server.toml"),
+            "warn",
             dir.join("server.log"),
             "ptth_server",
         )?;
@@ -284,6 +190,7 @@ impl Stack {
         let proxy = Program::ptth(
             &bin.join("ptth_proxy"),
             &dir.join("proxy.toml"),
+            "warn",
             dir.join("proxy.log"),
             "ptth_proxy",
         )?;
@@ -424,16 +331,4 @@ impl Stack {
         }
         out
     }
-}
-
-/// CPU time (user and system) of the process whose `/proc/PID/stat` is `stat`, in seconds.
-pub fn cpu_seconds(stat: &Path, ticks_per_second: f64) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(stat)?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = stat.rsplit_once(')').context("stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after `)`.
-    let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
-        + fields.get(12).context("stime")?.parse::<f64>()?;
-    Ok(ticks / ticks_per_second)
 }

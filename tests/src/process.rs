@@ -1,0 +1,168 @@
+//! The programs as separate processes: started from their binaries, watched through `/proc`
+//! (memory, CPU, open files), killed. For the benchmark, and for the tests that kill a program
+//! or change its clock.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The binary of `program` (`ptth_relay`, `ptth_server` or `ptth_proxy`) of the build this
+/// test or benchmark belongs to: `cargo test --workspace` and `cargo build` put them beside
+/// the test's own folder.
+pub fn binary(program: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("the executable's folder")?;
+    // A test runs from target/PROFILE/deps, a binary (the bench) from target/PROFILE.
+    let candidates = [dir.join(program), dir.join("..").join(program)];
+    candidates.into_iter().find(|p| p.is_file()).with_context(|| {
+        format!(
+            "{program} is not built beside {}: build the workspace first (`cargo build \
+             --workspace`, with `--release` for the benchmark; `cargo test --workspace` builds it too)",
+            exe.display()
+        )
+    })
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// One running program, killed when dropped.
+#[derive(Debug)]
+pub struct Program {
+    /// What it is called in reports.
+    pub name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Program {
+    /// Starts a ptth program with `--config config`, logging at `level`.
+    pub fn ptth(
+        bin: &Path,
+        config: &Path,
+        level: &str,
+        log: PathBuf,
+        name: &'static str,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config").arg(config).args(["--log-level", level]);
+        Self::start(name, cmd, log)
+    }
+
+    /// Starts `cmd`, its output going to `log`.
+    pub fn start(name: &'static str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        let out = std::fs::File::create(&log)?;
+        let child = cmd
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self { name, child, log })
+    }
+
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn proc_file(&self, file: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/{file}", self.child.id()))
+    }
+
+    /// Peak resident memory since the last [`Program::reset_peak`], in KiB.
+    pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(self.proc_file("status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {field} in /proc/PID/status"))
+    }
+
+    /// Starts a new peak memory measurement from the current resident memory.
+    pub fn reset_peak(&self) -> anyhow::Result<()> {
+        std::fs::write(self.proc_file("clear_refs"), "5").context("clear_refs")
+    }
+
+    /// CPU time (user and system) used so far, in seconds.
+    pub fn cpu_seconds(&self, ticks_per_second: f64) -> anyhow::Result<f64> {
+        cpu_seconds(&self.proc_file("stat"), ticks_per_second)
+    }
+
+    /// Open file descriptors now (sockets included).
+    pub fn open_files(&self) -> anyhow::Result<usize> {
+        Ok(std::fs::read_dir(self.proc_file("fd"))?.count())
+    }
+
+    /// The program's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// An error if the program has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited with {status}:\n{}", self.name, self.log());
+        }
+        Ok(())
+    }
+
+    /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `addr` accepts connections, while `program` runs (at most 10 s).
+pub async fn wait_listening(addr: SocketAddr, program: &mut Program) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        program.check_running()?;
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not listen on {addr}:\n{}",
+                program.name,
+                program.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// CPU time (user and system) of the process whose `/proc/PID/stat` is `stat`, in seconds.
+pub fn cpu_seconds(stat: &Path, ticks_per_second: f64) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(stat)?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after `)`.
+    let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
+        + fields.get(12).context("stime")?.parse::<f64>()?;
+    Ok(ticks / ticks_per_second)
+}
