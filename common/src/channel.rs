@@ -16,8 +16,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -313,7 +313,7 @@ impl Channel {
     pub fn start(&mut self, mut socket: LocalSocket) -> Option<Started> {
         let stream = Arc::new(socket.0.take()?);
         let local_failed = Arc::new(LocalFailed::default());
-        let command = Command::Start(stream.clone(), local_failed.clone());
+        let command = Command::Start(Arc::downgrade(&stream), local_failed.clone());
         if self.link.commands.send(command).is_err() {
             reset(&stream);
             return None;
@@ -647,8 +647,10 @@ impl LocalFailed {
 /// What the upload body is told to do.
 #[derive(Debug)]
 enum Command {
-    /// Carry a connection: `OPEN`, then this socket's bytes.
-    Start(Arc<TcpStream>, Arc<LocalFailed>),
+    /// Carry a connection: `OPEN`, then this socket's bytes. The socket is the connection's
+    /// ([`Started`]): when the connection ends, it closes, whether or not the upload body is
+    /// being polled then (HTTP flow control may keep it waiting for good).
+    Start(Weak<TcpStream>, Arc<LocalFailed>),
     /// Refuse the connection given by the relay: `FAILED`, then end.
     Refuse(String),
     /// Retire the idle channel: `END` (the relay then ends the download).
@@ -669,7 +671,8 @@ enum UploadState {
 
 /// The connection an upload carries.
 struct Open {
-    stream: Arc<TcpStream>,
+    /// Its socket, held by the connection ([`Started`]).
+    stream: Weak<TcpStream>,
     local_failed: Arc<LocalFailed>,
     /// `OPEN` has not been sent yet.
     announce: bool,
@@ -775,8 +778,11 @@ impl UploadBody {
         // `OPEN` goes out just before the connection's first bytes.
         let open_frame = frame::open();
         let prefix: &[u8] = if open.announce { &open_frame } else { &[] };
+        let Some(stream) = open.stream.upgrade() else {
+            return Read::Failed("the connection has ended".into());
+        };
         loop {
-            match open.stream.poll_read_ready(cx) {
+            match stream.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Read::Failed(e.into()),
                 Poll::Pending if open.announce => {
@@ -788,13 +794,13 @@ impl UploadBody {
             }
             frame::begin_data_frame(&mut self.buf, prefix, self.read_size);
             let mut limited = bytes::BufMut::limit(&mut self.buf, self.read_size);
-            match open.stream.try_read_buf(&mut limited) {
+            match stream.try_read_buf(&mut limited) {
                 Ok(0) => {
                     self.buf = BytesMut::new();
                     // After a reset, the write that saw it consumed the error and reads
                     // return EOF: that is an abort, not a half-close.
                     let failed = open.local_failed.get()
-                        || matches!(open.stream.take_error(), Ok(Some(_)) | Err(_));
+                        || matches!(stream.take_error(), Ok(Some(_)) | Err(_));
                     if failed {
                         return Read::Failed("local socket failed".into());
                     }

@@ -269,6 +269,15 @@ impl Tunnel {
         self.server.cancel.cancel();
     }
 
+    /// The channel of this tunnel that is not `channel`.
+    pub fn other(&self, channel: &Channel) -> &Arc<Channel> {
+        if channel.is_server() {
+            &self.client
+        } else {
+            &self.server
+        }
+    }
+
     /// Frees both channels of this tunnel.
     fn release(&self) {
         for channel in [&self.client, &self.server] {

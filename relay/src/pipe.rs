@@ -184,9 +184,10 @@ impl PipeBody {
                 Ok(end) => end,
                 Err(e) => return self.fail(&format!("bad upload: {e}")),
             };
-            let now = Instant::now();
-            s.feed.tunnel.client.touch_at(now);
-            s.feed.tunnel.server.touch_at(now);
+            // Bytes from the upload's endpoint: that endpoint is alive. (Not this channel's:
+            // writes to its download succeed while its path has room for them, even when the
+            // path has died without a word.)
+            s.feed.tunnel.other(&self.channel).touch_at(Instant::now());
             let Some(at) = end else {
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             };

@@ -1,6 +1,6 @@
 //! TCP helpers that sit between an endpoint and the relay: a forwarder that counts the
-//! connections made through it, and a bridge that carries plain TCP over TLS with ALPN
-//! `http/1.1` only.
+//! connections made through it, one that can go silent, and a bridge that carries plain TCP
+//! over TLS with ALPN `http/1.1` only.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -72,6 +72,80 @@ impl CountingForwarder {
     pub fn reset_peak(&self) {
         self.peak.store(self.open(), Ordering::SeqCst);
     }
+}
+
+/// A TCP forwarder that can go silent: once frozen, it passes nothing more either way and
+/// closes nothing, as a network path that dies without FIN or RST (a cable pulled, a NAT
+/// mapping dropped, a host gone) looks to both ends.
+#[derive(Debug, Clone)]
+pub struct FreezableForwarder {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    frozen: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl FreezableForwarder {
+    /// Forwards every connection to `target` until frozen.
+    pub async fn start(target: SocketAddr) -> anyhow::Result<Self> {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let me = Self {
+            addr: l.local_addr()?,
+            frozen: Arc::new(tokio::sync::watch::Sender::new(false)),
+        };
+        let frozen = me.frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = l.accept().await {
+                let frozen = frozen.clone();
+                tokio::spawn(async move {
+                    let Ok(out) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = out.set_nodelay(true);
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = out.into_split();
+                    tokio::join!(
+                        pass_until_frozen(ri, wo, frozen.subscribe()),
+                        pass_until_frozen(ro, wi, frozen.subscribe())
+                    );
+                });
+            }
+        });
+        Ok(me)
+    }
+
+    /// From now on nothing passes, and every connection stays open.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+}
+
+/// Copies `from` to `to` until either ends, or for good once `frozen` is set: then it holds
+/// both sockets open, passing nothing, until the test ends.
+async fn pass_until_frozen(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            _ = frozen.wait_for(|f| *f) => break,
+        };
+        if *frozen.borrow() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    if *frozen.borrow() {
+        // Silent for good: neither FIN nor RST.
+        std::future::pending::<()>().await;
+    }
+    let _ = to.shutdown().await;
 }
 
 /// A plain-TCP listener that carries each connection it accepts over TLS to `target` with
