@@ -30,7 +30,10 @@ use crate::TrackedExecutor;
 use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
-use crate::protocol::{CHANNEL_ID_HEADER, ChannelId, RELAY_ANSWER_HEADER};
+use crate::protocol::{
+    CHANNEL_ID_HEADER, ChannelId, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+    RELAY_ANSWER_HEADER,
+};
 
 /// The error type of request bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -363,9 +366,9 @@ where
 {
     let (sender, connection) = http2::Builder::new(TrackedExecutor(tasks.clone()))
         .timer(TokioTimer::new())
-        .initial_stream_window_size(1024 * 1024)
-        .initial_connection_window_size(16 * 1024 * 1024)
-        .max_frame_size(64 * 1024)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_frame_size(HTTP2_MAX_FRAME)
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)

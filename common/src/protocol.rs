@@ -14,6 +14,18 @@ pub const RELAY_ANSWER_HEADER: &str = "ptth-relay";
 /// Content type of every channel body.
 pub const TUNNEL_CONTENT_TYPE: &str = "application/octet-stream";
 
+/// HTTP/2 flow-control window of each stream, both ways, at the relay and the endpoints: the
+/// most a stream's receiver buffers unread (one stopped reader costs at most this), and enough
+/// for bulk transfers over long paths.
+pub const HTTP2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 flow-control window of each connection: the largest HTTP/2 allows. Every channel of
+/// an endpoint shares its connection, so a smaller window would let a few streams whose
+/// readers have stopped (their unread bytes count against it) stall all the others, heartbeats
+/// included; this one takes over 2,000 of them. The memory bound is the streams' own windows.
+pub const HTTP2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Largest HTTP/2 frame accepted, both ways (measured best for bulk: docs/benchmarks.md).
+pub const HTTP2_MAX_FRAME: u32 = 64 * 1024;
+
 /// Route of `listen` (server: a channel for connections to this port; the answer's body is its
 /// download), as a path template whose `{placeholders}` the relay's router matches and
 /// [`listen_path`] fills in.

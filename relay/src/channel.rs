@@ -207,6 +207,11 @@ pub(crate) struct Tunnel {
     ended: AtomicU8,
     /// Whether the server has answered (`OPEN` or `FAILED`).
     answered: AtomicBool,
+    /// For each channel's upload (the client's, the server's): whether the relay holds it
+    /// back, because the other channel's download has not taken the last chunk passed on yet
+    /// (its reader is slow, or its path is full). The upload's silence is then not its
+    /// endpoint's.
+    held: [AtomicBool; 2],
     /// Cancelled once both directions have ended.
     finished: CancellationToken,
     /// The table's count of tunnels, decremented when this one is dropped.
@@ -231,6 +236,7 @@ impl Tunnel {
             server: server.clone(),
             ended: AtomicU8::new(0),
             answered: AtomicBool::new(false),
+            held: [AtomicBool::new(false), AtomicBool::new(false)],
             finished: CancellationToken::new(),
             count: count.clone(),
         });
@@ -267,6 +273,16 @@ impl Tunnel {
         self.release();
         self.client.cancel.cancel();
         self.server.cancel.cancel();
+    }
+
+    /// Records whether the relay holds `channel`'s upload back (see `held`).
+    pub fn hold(&self, channel: &Channel, held: bool) {
+        self.held[usize::from(channel.is_server())].store(held, Ordering::Relaxed);
+    }
+
+    /// Whether the relay holds `channel`'s upload back.
+    pub fn holds(&self, channel: &Channel) -> bool {
+        self.held[usize::from(channel.is_server())].load(Ordering::Relaxed)
     }
 
     /// The channel of this tunnel that is not `channel`.
@@ -456,10 +472,16 @@ impl Channels {
             tokio::select! {
                 () = channel.cancel.cancelled() => break,
                 () = tokio::time::sleep_until(deadline) => {
-                    if channel.last_activity() + idle <= Instant::now() {
-                        tracing::info!(idle_timeout = ?idle, "closing idle channel");
-                        break;
+                    if channel.last_activity() + idle > Instant::now() {
+                        continue;
                     }
+                    // Its upload unread because the other side is slow: not its silence.
+                    if channel.tunnel().is_some_and(|t| t.holds(channel)) {
+                        channel.touch();
+                        continue;
+                    }
+                    tracing::info!(idle_timeout = ?idle, "closing idle channel");
+                    break;
                 }
             }
         }

@@ -60,7 +60,10 @@ use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
 use ptth_common::TrackedExecutor;
 use ptth_common::config::RelayConfig;
-use ptth_common::protocol::{CONNECT_ROUTE, DOWNSTREAM_ROUTE, LISTEN_ROUTE, UPSTREAM_ROUTE};
+use ptth_common::protocol::{
+    CONNECT_ROUTE, DOWNSTREAM_ROUTE, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+    LISTEN_ROUTE, UPSTREAM_ROUTE,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -226,9 +229,9 @@ async fn serve(relay: Relay) {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .initial_stream_window_size(1024 * 1024)
-        .max_frame_size(64 * 1024)
-        .initial_connection_window_size(16 * 1024 * 1024)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .max_frame_size(HTTP2_MAX_FRAME)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(16 * 1024)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)

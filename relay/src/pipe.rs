@@ -160,6 +160,9 @@ impl PipeBody {
             s.open = false;
             return Poll::Ready(Some(Ok(Frame::data(frame::open()))));
         }
+        // Asked for more: whatever was passed on has been taken.
+        let sender = s.feed.tunnel.other(&self.channel);
+        s.feed.tunnel.hold(sender, false);
         loop {
             let chunk = if s.feed.after_open.is_empty() {
                 match Pin::new(&mut s.feed.body).poll_frame(cx) {
@@ -187,8 +190,10 @@ impl PipeBody {
             // Bytes from the upload's endpoint: that endpoint is alive. (Not this channel's:
             // writes to its download succeed while its path has room for them, even when the
             // path has died without a word.)
-            s.feed.tunnel.other(&self.channel).touch_at(Instant::now());
+            sender.touch_at(Instant::now());
             let Some(at) = end else {
+                // Held back until this download asks for more.
+                s.feed.tunnel.hold(sender, true);
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             };
             // The direction has ended: the upload goes back with what followed its END.

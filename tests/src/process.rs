@@ -166,3 +166,25 @@ pub fn cpu_seconds(stat: &Path, ticks_per_second: f64) -> anyhow::Result<f64> {
         + fields.get(12).context("stime")?.parse::<f64>()?;
     Ok(ticks / ticks_per_second)
 }
+
+/// Prints the programs' logs (the `.log` files of a folder) if the test fails: keep one alive
+/// for as long as the programs whose logs it prints.
+#[derive(Debug)]
+pub struct LogsOnFailure(pub PathBuf);
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                eprintln!("--- {}\n{text}", e.path().display());
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ptth_tests::fronts::ensure_installed;
-use ptth_tests::process::{Program, binary, free_port, wait_listening};
+use ptth_tests::process::{LogsOnFailure, Program, binary, free_port, wait_listening};
 use ptth_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -465,26 +465,6 @@ const IDLE_TIMEOUT_S: u64 = 3;
 const DEAD_AFTER: Duration = Duration::from_secs(45);
 /// Allowance for the timers' own granularity and a loaded machine.
 const SLACK: Duration = Duration::from_secs(5);
-
-/// Prints the programs' logs (the `.log` files of a folder) if the test fails.
-struct LogsOnFailure(PathBuf);
-
-impl Drop for LogsOnFailure {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let Ok(entries) = std::fs::read_dir(&self.0) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                eprintln!("--- {}\n{text}", e.path().display());
-            }
-        }
-    }
-}
 
 /// Writes `file` in `setup`'s folder and starts `bin` with it as its configuration.
 fn spawn(setup: &Setup, bin: &str, file: &str, text: &str) -> Program {

@@ -657,3 +657,151 @@ async fn oversized_request_heads_are_refused() {
     })
     .await;
 }
+
+/// A source service: each connection sends 8 bytes (a seed), then gets an endless stream of
+/// 64 KiB chunks, `random_bytes(64 KiB, seed)`, `random_bytes(64 KiB, seed + 1)`, ...
+async fn source_service() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            // Small buffers at both ends keep the kernel's share of 100 stopped tunnels small.
+            let _ = socket2::SockRef::from(&s).set_send_buffer_size(128 * 1024);
+            tokio::spawn(async move {
+                let mut seed = [0u8; 8];
+                if s.read_exact(&mut seed).await.is_err() {
+                    return;
+                }
+                let mut seed = u64::from_le_bytes(seed);
+                while s.write_all(&random_bytes(64 * 1024, seed)).await.is_ok() {
+                    seed += 1;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A tunnel reading a [`source_service`] stream and checking every byte of it.
+struct Reading {
+    stream: TcpStream,
+    seed: u64,
+    /// The chunk being checked, and how far.
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Reading {
+    async fn open(local: std::net::SocketAddr, seed: u64) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(128 * 1024).expect("SO_RCVBUF");
+        let mut stream = socket.connect(local).await.expect("connect");
+        stream.write_all(&seed.to_le_bytes()).await.expect("seed");
+        Self {
+            stream,
+            seed,
+            chunk: random_bytes(64 * 1024, seed),
+            at: 0,
+        }
+    }
+
+    /// Reads exactly `len` more bytes, each the one the source must have sent.
+    async fn read_checked(&mut self, mut len: usize) {
+        let mut buf = vec![0u8; 64 * 1024];
+        while len > 0 {
+            let want = len.min(buf.len()).min(self.chunk.len() - self.at);
+            let n = self.stream.read(&mut buf[..want]).await.expect("read");
+            assert!(n > 0, "the tunnel ended");
+            assert_eq!(&buf[..n], &self.chunk[self.at..self.at + n], "bytes differ");
+            self.at += n;
+            len -= n;
+            if self.at == self.chunk.len() {
+                self.seed += 1;
+                self.chunk = random_bytes(64 * 1024, self.seed);
+                self.at = 0;
+            }
+        }
+    }
+}
+
+/// 100 tunnels whose readers stop reading while their services keep writing: the relay's
+/// memory stays flat (it holds a bounded amount per stream, and flow control stops the rest
+/// at the service), and the tunnels outlive the relay's `idle_timeout` paused (the silence
+/// of an upload that the relay itself holds back is not its endpoint's), then carry on with
+/// every byte in order. Over HTTP/1.1 and h2c, with the programs as processes; over h2c the
+/// stopped streams, which share the endpoints' connections with every other channel, must not
+/// stall those (the heartbeats of idle channels among them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_stop_reading_cost_the_relay_a_bounded_amount() {
+    use ptth_tests::process::{LogsOnFailure, Program, binary, free_port, wait_listening};
+    within(Duration::from_secs(120), async {
+        let source = source_service().await;
+        for scheme in ["http", "h2c"] {
+            let mut setup = Setup::new().expect("setup");
+            setup.relay_extra = "heartbeat_interval = \"1s\"\nidle_timeout = \"3s\"\n".into();
+            let relay_addr = free_port().expect("port");
+            let dir = setup.path().to_owned();
+            let _logs = LogsOnFailure(dir.clone());
+            std::fs::write(dir.join("relay.toml"), setup.relay_toml(relay_addr)).expect("toml");
+            let start = |bin: &str, toml: &str| {
+                Program::ptth(
+                    &binary(bin).expect("binary"),
+                    &dir.join(toml),
+                    "info",
+                    dir.join(format!("{toml}.log")),
+                    "program",
+                )
+                .expect("start")
+            };
+            let mut relay = start("ptth_relay", "relay.toml");
+            wait_listening(relay_addr, &mut relay).await.expect("relay");
+            let url = format!("{scheme}://{relay_addr}");
+            setup
+                .server_config_url(&url, &[("source", source.to_string())], "heartbeat_interval = \"1s\"")
+                .expect("server.toml");
+            let _server = start("ptth_server", "server.toml");
+            let local = free_port().expect("port");
+            std::fs::write(
+                dir.join("proxy.toml"),
+                format!(
+                    "relay_url = \"{url}\"\nkey_file = \"alice.key\"\nheartbeat_interval = \"1s\"\n\
+                     [[forwards]]\nlisten = \"{local}\"\nserver = \"db\"\nport = \"source\"\n"
+                ),
+            )
+            .expect("proxy.toml");
+            let mut proxy = start("ptth_proxy", "proxy.toml");
+            wait_listening(local, &mut proxy).await.expect("proxy");
+            let before = relay.rss_kib().expect("rss");
+            let mut tunnels = Vec::new();
+            for i in 0..100u64 {
+                let mut t = Reading::open(local, i * 1_000_000).await;
+                t.read_checked(64 * 1024).await;
+                tunnels.push(t);
+            }
+            // Every reader stops; the services write on until flow control stops them.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let blocked = relay.rss_kib().expect("rss");
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let later = relay.rss_kib().expect("rss");
+            assert!(
+                later <= blocked + 4 * 1024,
+                "{scheme}: the relay's memory grew while the readers were stopped: {blocked} -> {later} KiB"
+            );
+            // At most one HTTP/2 stream window (1 MiB) of unread upload, and the chunk being
+            // passed on (hyper's HTTP/1.1 buffers take less).
+            let per_tunnel = blocked.saturating_sub(before) / 100;
+            assert!(
+                per_tunnel <= 2048,
+                "{scheme}: {per_tunnel} KiB per stopped tunnel ({before} -> {blocked} KiB)"
+            );
+            eprintln!("{scheme}: relay RSS {before} KiB, {blocked} KiB with 100 stopped readers, {later} KiB 4 s later");
+            // Paused twice as long as idle_timeout, every tunnel carries on, exact.
+            for t in &mut tunnels {
+                t.read_checked(1024 * 1024).await;
+            }
+        }
+    })
+    .await;
+}
