@@ -136,8 +136,8 @@ async fn tls_connections_that_make_no_request_are_closed() {
     .await;
 }
 
-/// Connections carrying requests are not idle, however quiet their tunnels: channels outlive
-/// `http_idle_timeout` untouched.
+/// Connections carrying requests are not idle, however quiet their tunnels: a tunnel left
+/// silent for three times `http_idle_timeout` carries on over the same channels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_with_requests_in_flight_stay_open() {
     within(LIMIT, async {
@@ -145,15 +145,23 @@ async fn connections_with_requests_in_flight_stay_open() {
         let mut opts = WorldOptions::echo(echo);
         opts.relay_extra = format!("http_idle_timeout = \"{IDLE}\"\n");
         let world = World::start(opts).await.expect("world");
-        transfer_each_way(world.local(), 1000, 1).await;
-        let opened = *world.relay.channels_opened.borrow();
+        let mut tunnel = TcpStream::connect(world.local()).await.expect("connect");
+        let mut echoed = [0u8; 5];
+        tunnel.write_all(b"first").await.expect("write");
+        tunnel.read_exact(&mut echoed).await.expect("echo");
+        assert_eq!(&echoed, b"first");
         // Time passing is what is tested: three times the relay's limit.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(
-            *world.relay.channels_opened.borrow(),
-            opened,
-            "channels were opened again: the relay closed busy connections"
-        );
+        tunnel.write_all(b"later").await.expect("write");
+        tunnel
+            .read_exact(&mut echoed)
+            .await
+            .expect("the tunnel outlived http_idle_timeout");
+        assert_eq!(&echoed, b"later");
+        tunnel.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        tunnel.read_to_end(&mut rest).await.expect("EOF");
+        assert!(rest.is_empty());
         transfer_each_way(world.local(), 1000, 2).await;
         for logs in [
             world.proxy.logs(),

@@ -803,3 +803,79 @@ async fn silent_connections_are_closed() {
     })
     .await;
 }
+
+/// Before its signature verifies, a caller learns nothing of the configuration: an unknown
+/// server, an unknown port, a port the client may not use and a channel that does not exist
+/// all get the same answer as a good path, byte for byte (headers too, but the date). The
+/// signature is checked before any of them is looked up, so the time taken is that of the
+/// check alone.
+#[tokio::test]
+async fn unauthenticated_callers_learn_nothing_of_the_configuration() {
+    within(LIMIT, async {
+        let w = echo_world().await;
+        let stranger = relay_client(w.relay.addr, &PrivateKey::generate().expect("key"));
+        let id = ChannelId::random().expect("id");
+        let paths = [
+            protocol::connect_path("db", "echo"),
+            protocol::connect_path("db", "nosuch"),
+            protocol::connect_path("nosuch", "echo"),
+            protocol::connect_path("web", "echo"),
+            protocol::listen_path("db", "echo"),
+            protocol::listen_path("nosuch", "echo"),
+            protocol::downstream_path("db", id),
+            protocol::upstream_path("nosuch", id),
+        ];
+        // bob, allowed db/other only, signs for db/other: a signature for another path.
+        let bob = Signer::new(w.setup.bob_key.clone());
+        let signed_elsewhere = bob.sign(
+            "POST",
+            &w.relay.addr.to_string(),
+            &protocol::connect_path("db", "other"),
+        );
+        let answer = |r: reqwest::Response| async move {
+            let status = r.status();
+            let mut headers: Vec<(String, String)> = r
+                .headers()
+                .iter()
+                .filter(|(name, _)| *name != "date")
+                .map(|(n, v)| {
+                    (
+                        n.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            headers.sort();
+            (status, headers, r.bytes().await.expect("body"))
+        };
+        let mut answers = Vec::new();
+        for path in &paths {
+            let r = stranger
+                .post(path)
+                .header(CHANNEL_ID_HEADER, id.to_string())
+                .send()
+                .await
+                .expect("send");
+            answers.push((format!("unknown key, {path}"), answer(r).await));
+            let r = plain_http()
+                .post(format!("http://{}{path}", w.relay.addr))
+                .header(SIGNATURE_INPUT, &signed_elsewhere.input)
+                .header(SIGNATURE, &signed_elsewhere.signature)
+                .header(CHANNEL_ID_HEADER, id.to_string())
+                .send()
+                .await
+                .expect("send");
+            answers.push((
+                format!("bob's key signed elsewhere, {path}"),
+                answer(r).await,
+            ));
+        }
+        let (_, first) = &answers[0];
+        assert_eq!(first.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(&first.2[..], b"invalid signature\n");
+        for (what, a) in &answers {
+            assert_eq!(a, first, "{what}");
+        }
+    })
+    .await;
+}
