@@ -496,29 +496,37 @@ pub async fn round_trip(addr: SocketAddr, msg: &[u8]) -> anyhow::Result<Vec<u8>>
 /// service while reading the echo, half-closes, and checks that exactly those bytes came back
 /// (length and SHA-256) before EOF.
 pub async fn transfer_each_way(local: SocketAddr, len: usize, seed: u64) {
+    if let Err(e) = try_transfer_each_way(local, len, seed).await {
+        panic!("transfer of {len} bytes each way: {e:#}");
+    }
+}
+
+/// [`transfer_each_way`], saying what went wrong instead of failing the test.
+pub async fn try_transfer_each_way(local: SocketAddr, len: usize, seed: u64) -> anyhow::Result<()> {
     use sha2::{Digest, Sha256};
     let data = random_bytes(len, seed);
     let want = Sha256::digest(&data);
-    let s = TcpStream::connect(local).await.expect("connect");
+    let s = TcpStream::connect(local).await.context("connect")?;
     let (mut r, mut w) = s.into_split();
     let writer = tokio::spawn(async move {
-        w.write_all(&data).await.expect("write");
-        w.shutdown().await.expect("shutdown");
+        w.write_all(&data).await?;
+        w.shutdown().await
     });
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0;
     loop {
-        let n = r.read(&mut buf).await.expect("read");
+        let n = r.read(&mut buf).await.context("read")?;
         if n == 0 {
             break;
         }
         total += n;
         hasher.update(&buf[..n]);
     }
-    writer.await.expect("writer");
-    assert_eq!(total, len);
-    assert_eq!(hasher.finalize(), want, "SHA-256 differs");
+    writer.await?.context("write")?;
+    anyhow::ensure!(total == len, "{total} bytes came back");
+    anyhow::ensure!(hasher.finalize() == want, "SHA-256 differs");
+    Ok(())
 }
 
 /// A reqwest client builder for tests that call the relay or a front themselves, trusting

@@ -124,6 +124,25 @@ impl Program {
         Ok(())
     }
 
+    /// Asks it to stop (SIGTERM) and waits at most `limit` for it to exit: its exit status,
+    /// or an error if it is still running (it is then killed).
+    pub fn terminate(mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} still running {limit:?} after SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it.
     pub fn kill(mut self) {
         let _ = self.child.kill();

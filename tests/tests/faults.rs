@@ -686,3 +686,150 @@ async fn a_server_path_gone_silent_ends_its_tunnels_only() {
     })
     .await;
 }
+
+/// A soak: for `PTTH_SOAK_SECS` (60 s unless set), tunnels open, carry SHA-checked data of
+/// random sizes each way and close, 16 at a time, while the server proxy or the client proxy
+/// is killed with SIGKILL every few seconds and started again. Every tunnel that no kill
+/// overlapped must be exact, hundreds of them; at the end the relay's open files are what
+/// they were after a warm-up, its memory is back near it, and it stops at SIGTERM with no
+/// task left over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_with_random_kills() {
+    let secs: u64 = std::env::var("PTTH_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    within(Duration::from_secs(secs + 120), async move {
+        let echo = CountedEcho::start().await;
+        let mut p = Processes::start(echo.addr).await;
+        let _logs = LogsOnFailure(p.setup.path().to_owned());
+        // Warm-up: the same load without kills, so that the baseline has the allocator's pools
+        // and the programs' channel pools in place.
+        let warm = run_tunnels(p.local, Duration::from_secs(5), 0).await;
+        assert!(
+            warm.iter().all(|t| t.result.is_ok()),
+            "warm-up: {:?}",
+            warm.iter().find(|t| t.result.is_err())
+        );
+        echo.expect_all_closed(Duration::from_secs(5), "after the warm-up")
+            .await;
+        let files = p.settled_open_files().await;
+        let rss = p.program(Victim::Relay).rss_kib().expect("rss");
+
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let load = tokio::spawn(run_tunnels(p.local, Duration::from_secs(secs), 1));
+        let mut kills = Vec::new();
+        let mut pick = 0x2545_f491_4f6c_dd1d_u64;
+        loop {
+            pick ^= pick << 13;
+            pick ^= pick >> 7;
+            pick ^= pick << 17;
+            tokio::time::sleep(Duration::from_millis(2000 + pick % 4000)).await;
+            if tokio::time::Instant::now() + Duration::from_secs(2) > until {
+                break;
+            }
+            let victim = if pick.is_multiple_of(2) {
+                Victim::Server
+            } else {
+                Victim::Proxy
+            };
+            let killed = tokio::time::Instant::now();
+            p.kill(victim);
+            tokio::time::sleep(Duration::from_millis(100 + pick % 400)).await;
+            p.start_program(victim).await;
+            p.expect_working().await;
+            kills.push((killed, tokio::time::Instant::now()));
+        }
+        let tunnels = load.await.expect("load");
+        let touched = |t: &Tunnel| {
+            kills
+                .iter()
+                .any(|(k0, k1)| t.started <= *k1 && t.ended >= *k0)
+        };
+        let mut exact = 0;
+        for t in &tunnels {
+            match &t.result {
+                Ok(()) => exact += 1,
+                Err(e) => assert!(touched(t), "a tunnel no kill touched failed: {e:#}"),
+            }
+        }
+        eprintln!(
+            "soak: {} tunnels in {secs} s, {exact} exact, {} kills",
+            tunnels.len(),
+            kills.len()
+        );
+        assert!(exact >= 200, "only {exact} tunnels passed");
+        assert!(
+            kills.len() >= secs as usize / 8,
+            "only {} kills",
+            kills.len()
+        );
+        echo.expect_all_closed(Duration::from_secs(5), "after the soak")
+            .await;
+        p.expect_open_files(&files).await;
+        let after = p.program(Victim::Relay).rss_kib().expect("rss");
+        assert!(
+            after <= rss + rss / 2 + 8 * 1024,
+            "the relay's memory grew: {rss} KiB after the warm-up, {after} KiB after the soak"
+        );
+        let relay = p.relay.take().expect("relay");
+        let status = relay
+            .terminate(Duration::from_secs(10))
+            .expect("the relay stops");
+        assert!(status.success(), "the relay exited with {status}");
+        let log = std::fs::read_dir(p.setup.path())
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("ptth_relay"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>();
+        assert!(!log.contains("tasks still running"), "{log}");
+    })
+    .await;
+}
+
+/// One tunnel of a soak: when it ran and how it ended.
+#[derive(Debug)]
+struct Tunnel {
+    started: tokio::time::Instant,
+    ended: tokio::time::Instant,
+    result: anyhow::Result<()>,
+}
+
+/// 16 workers opening tunnels through `local` one after the other for `length`, each carrying
+/// a random amount (up to 2 MiB) each way, SHA-checked.
+async fn run_tunnels(local: SocketAddr, length: Duration, seed: u64) -> Vec<Tunnel> {
+    let until = tokio::time::Instant::now() + length;
+    let workers: Vec<_> = (0..16u64)
+        .map(|w| {
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                let mut x = (seed << 32) ^ (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                while tokio::time::Instant::now() < until {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let len = usize::try_from(x % (2 * 1024 * 1024)).expect("len");
+                    let started = tokio::time::Instant::now();
+                    let result = try_transfer_each_way(local, len, x).await;
+                    let failed = result.is_err();
+                    done.push(Tunnel {
+                        started,
+                        ended: tokio::time::Instant::now(),
+                        result,
+                    });
+                    if failed {
+                        // A program is down: do not spin.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                done
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.expect("worker"));
+    }
+    all
+}
