@@ -71,13 +71,17 @@ impl From<Denied> for ApiError {
 impl From<ListenRefusal> for ApiError {
     fn from(r: ListenRefusal) -> Self {
         match r {
-            ListenRefusal::TooManyPorts => ApiError(
+            ListenRefusal::Ports => ApiError(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many ports for this server",
             ),
-            ListenRefusal::TooManyListens => ApiError(
+            ListenRefusal::PortListens => ApiError(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many idle channels on this port",
+            ),
+            ListenRefusal::ServerListens => ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many idle channels for this server",
             ),
         }
     }

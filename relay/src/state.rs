@@ -27,8 +27,6 @@ pub(crate) enum Principal {
 
 /// Most distinct ports remembered per server.
 pub(crate) const MAX_PORTS_PER_SERVER: usize = 256;
-/// Most client connections waiting on one port for a server channel, all clients together.
-pub(crate) const MAX_QUEUED_CONNECTS: usize = 16 * 1024;
 
 /// A client connection waiting for a server channel: its channel, and where the tunnel goes.
 type Waiting = (Arc<Channel>, oneshot::Sender<Arc<Tunnel>>);
@@ -73,15 +71,20 @@ impl Queue {
         self.entries.is_empty()
     }
 
-    /// Queues `client`'s connection: its number, or `None` when the queue is full and the
-    /// client has its share already. A connection pushed out is failed.
-    fn push(&mut self, client: &Arc<Channel>, to: oneshot::Sender<Arc<Tunnel>>) -> Option<u64> {
+    /// Queues `client`'s connection, in a queue of `capacity`: its number, or `None` when the
+    /// queue is full and the client has its share already. A connection pushed out is failed.
+    fn push(
+        &mut self,
+        client: &Arc<Channel>,
+        to: oneshot::Sender<Arc<Tunnel>>,
+        capacity: usize,
+    ) -> Option<u64> {
         let who = client.client()?;
         let own = self.per_client.get(&who).copied().unwrap_or(0);
-        if self.entries.len() >= MAX_QUEUED_CONNECTS {
+        if self.entries.len() >= capacity {
             let clients = self.per_client.len() + usize::from(own == 0);
             let (&most, &theirs) = self.per_client.iter().max_by_key(|(_, n)| **n)?;
-            if own >= MAX_QUEUED_CONNECTS / clients || theirs <= own + 1 {
+            if own >= capacity / clients || theirs <= own + 1 {
                 return None;
             }
             let newest = self
@@ -133,9 +136,11 @@ impl Queue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ListenRefusal {
     /// The server already uses [`MAX_PORTS_PER_SERVER`] port names.
-    TooManyPorts,
+    Ports,
     /// `max_listens_per_port` idle channels are open on this port already.
-    TooManyListens,
+    PortListens,
+    /// `max_listens_per_server` idle channels of this server are open already.
+    ServerListens,
 }
 
 /// Why a channel could not be opened.
@@ -154,7 +159,8 @@ pub(crate) enum PortRefusal {
     ServerOffline,
     /// The server is online but has no channel open on this port.
     PortNotOffered,
-    /// [`MAX_QUEUED_CONNECTS`] connections already wait for a server channel of this port.
+    /// `max_pending_connects` connections already wait for a server channel of this port, and
+    /// this client has its share of them.
     QueueFull,
 }
 
@@ -335,12 +341,16 @@ impl Shared {
             // Forget the ports that have no channel and no waiting client.
             ports.retain(|_, p| p.live > 0 || !p.waiting.is_empty());
             if ports.len() >= MAX_PORTS_PER_SERVER {
-                return Err(ListenRefusal::TooManyPorts);
+                return Err(ListenRefusal::Ports);
             }
+        }
+        if ports.values().map(|p| p.idle.len()).sum::<usize>() >= self.config.max_listens_per_server
+        {
+            return Err(ListenRefusal::ServerListens);
         }
         let entry = ports.entry(channel.port.clone()).or_default();
         if entry.idle.len() >= self.config.max_listens_per_port {
-            return Err(ListenRefusal::TooManyListens);
+            return Err(ListenRefusal::PortListens);
         }
         entry.live += 1;
         entry.idle.insert(channel.id);
@@ -424,9 +434,10 @@ impl Shared {
             return Ok(Offer::Joined(tunnel));
         }
         let (to, rx) = oneshot::channel();
+        let capacity = self.config.max_pending_connects;
         let number = entry
             .waiting
-            .push(client, to)
+            .push(client, to, capacity)
             .ok_or(PortRefusal::QueueFull)?;
         let place = Place {
             shared: self,
@@ -575,7 +586,7 @@ mod tests {
         let _a = server_channel(&s, "pg");
         let _b = server_channel(&s, "pg");
         let c = new_channel(&s, Side::Server, 0, "pg");
-        assert_eq!(s.add_server_channel(&c), Err(ListenRefusal::TooManyListens));
+        assert_eq!(s.add_server_channel(&c), Err(ListenRefusal::PortListens));
         let mut held = Vec::new();
         for i in 1..MAX_PORTS_PER_SERVER {
             held.push(server_channel(&s, &format!("p{i}")));
@@ -583,7 +594,7 @@ mod tests {
         let more = new_channel(&s, Side::Server, 0, "one-more");
         assert_eq!(
             s.add_server_channel(&more),
-            Err(ListenRefusal::TooManyPorts)
+            Err(ListenRefusal::Ports)
         );
         // Ports without channels are forgotten to make room.
         let gone = held.pop().expect("one");
@@ -594,19 +605,39 @@ mod tests {
         assert_eq!(s.add_server_channel(&web), Ok(()));
     }
 
+    #[test]
+    fn idle_server_channels_are_bounded_per_server() {
+        let s = shared("max_listens_per_server = 3");
+        let _held: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|p| server_channel(&s, p))
+            .collect();
+        let d = new_channel(&s, Side::Server, 0, "d");
+        assert_eq!(
+            s.add_server_channel(&d),
+            Err(ListenRefusal::ServerListens)
+        );
+        // Another server is not held back by this one.
+        let web = new_channel(&s, Side::Server, 1, "d");
+        assert_eq!(s.add_server_channel(&web), Ok(()));
+    }
+
     /// Counts the connections waiting on `port` of server `db`.
     fn queued(s: &Shared, port: &str) -> usize {
         s.servers[0].lock().ports[&name(port)].waiting.entries.len()
     }
 
+    /// The size of the ports' queues in the tests below.
+    const QUEUE: usize = 100;
+
     #[test]
     fn the_queue_of_a_port_is_bounded_and_empties_as_its_connections_leave() {
-        let s = shared("max_connections = 20000");
+        let s = shared(&format!("max_pending_connects = {QUEUE}"));
         let busy = server_channel(&s, "pg");
         let first = new_channel(&s, Side::Client(0), 0, "pg");
         assert!(matches!(s.offer(&first), Ok(Offer::Joined(_))));
         let mut waiting = Vec::new();
-        for _ in 0..MAX_QUEUED_CONNECTS {
+        for _ in 0..QUEUE {
             let c = new_channel(&s, Side::Client(0), 0, "pg");
             match s.offer(&c) {
                 Ok(Offer::Waiting(rx, place)) => waiting.push((rx, place)),
@@ -617,7 +648,7 @@ mod tests {
         assert_eq!(s.offer(&over).map(drop), Err(PortRefusal::QueueFull));
         // Connections that gave up (their deadline passed, or their channel ended) leave.
         waiting.pop();
-        assert_eq!(queued(&s, "pg"), MAX_QUEUED_CONNECTS - 1);
+        assert_eq!(queued(&s, "pg"), QUEUE - 1);
         let Ok(Offer::Waiting(_rx, place)) = s.offer(&over) else {
             panic!("room for one more")
         };
@@ -629,13 +660,13 @@ mod tests {
 
     #[test]
     fn one_client_cannot_take_a_port_queue_from_the_others() {
-        let s = shared("max_connections = 40000\nmax_connections_per_client = 40000");
+        let s = shared(&format!("max_pending_connects = {QUEUE}"));
         let _busy = server_channel(&s, "pg");
         let first = new_channel(&s, Side::Client(0), 0, "pg");
         assert!(matches!(s.offer(&first), Ok(Offer::Joined(_))));
         // Client 0 fills the queue alone: that is its share while no one else waits.
         let mut hog = Vec::new();
-        for _ in 0..MAX_QUEUED_CONNECTS {
+        for _ in 0..QUEUE {
             let c = new_channel(&s, Side::Client(0), 0, "pg");
             let Ok(Offer::Waiting(rx, place)) = s.offer(&c) else {
                 panic!("waiting")
@@ -655,7 +686,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(queued(&s, "pg"), MAX_QUEUED_CONNECTS);
+        assert_eq!(queued(&s, "pg"), QUEUE);
         // Client 0 has more than its half now: it waits its turn.
         let more = new_channel(&s, Side::Client(0), 0, "pg");
         assert_eq!(s.offer(&more).map(drop), Err(PortRefusal::QueueFull));

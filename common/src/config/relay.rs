@@ -94,6 +94,19 @@ pub struct RelayConfig {
     /// Most idle server channels (`listen`s) at once per server and port; more get 429.
     #[serde(default = "default_max_listens", deserialize_with = "positive_usize")]
     pub max_listens_per_port: usize,
+    /// Most idle server channels at once per server, all its ports together; more get 429.
+    #[serde(
+        default = "default_max_listens_per_server",
+        deserialize_with = "positive_usize"
+    )]
+    pub max_listens_per_server: usize,
+    /// Most client connections waiting at once on one port for a server channel, all clients
+    /// together (shared fairly between them); more fail with `too many pending connections`.
+    #[serde(
+        default = "default_max_pending_connects",
+        deserialize_with = "positive_usize"
+    )]
+    pub max_pending_connects: usize,
     /// Servers.
     #[serde(default)]
     pub servers: Vec<ServerEntry>,
@@ -128,6 +141,12 @@ fn default_max_nonces() -> usize {
 }
 fn default_max_listens() -> usize {
     64
+}
+fn default_max_listens_per_server() -> usize {
+    1024
+}
+fn default_max_pending_connects() -> usize {
+    16 * 1024
 }
 
 /// `accept_timeout`: at most 60 s.
