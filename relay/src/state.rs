@@ -592,10 +592,7 @@ mod tests {
             held.push(server_channel(&s, &format!("p{i}")));
         }
         let more = new_channel(&s, Side::Server, 0, "one-more");
-        assert_eq!(
-            s.add_server_channel(&more),
-            Err(ListenRefusal::Ports)
-        );
+        assert_eq!(s.add_server_channel(&more), Err(ListenRefusal::Ports));
         // Ports without channels are forgotten to make room.
         let gone = held.pop().expect("one");
         s.remove_server_channel(&gone);
@@ -613,10 +610,7 @@ mod tests {
             .map(|p| server_channel(&s, p))
             .collect();
         let d = new_channel(&s, Side::Server, 0, "d");
-        assert_eq!(
-            s.add_server_channel(&d),
-            Err(ListenRefusal::ServerListens)
-        );
+        assert_eq!(s.add_server_channel(&d), Err(ListenRefusal::ServerListens));
         // Another server is not held back by this one.
         let web = new_channel(&s, Side::Server, 1, "d");
         assert_eq!(s.add_server_channel(&web), Ok(()));
