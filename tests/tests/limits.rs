@@ -823,3 +823,91 @@ async fn readers_that_stop_reading_cost_the_relay_a_bounded_amount() {
     })
     .await;
 }
+
+/// Callers whose signatures do not verify cost the relay nothing that lasts: after a warm-up,
+/// 20,000 such requests (over HTTP/1.1 and h2c, with bodies, to every endpoint) leave its
+/// memory where it was, and it answers at once afterwards. (The relay as a process, so that
+/// its memory is its own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_floods_cost_the_relay_nothing_that_lasts() {
+    use ptth_tests::process::{LogsOnFailure, Program, binary, free_port, wait_listening};
+    within(Duration::from_secs(120), async {
+        let setup = Setup::new().expect("setup");
+        let addr = free_port().expect("port");
+        let dir = setup.path().to_owned();
+        let _logs = LogsOnFailure(dir.clone());
+        std::fs::write(dir.join("relay.toml"), setup.relay_toml(addr)).expect("toml");
+        let mut relay = Program::ptth(
+            &binary("ptth_relay").expect("binary"),
+            &dir.join("relay.toml"),
+            "info",
+            dir.join("relay.log"),
+            "ptth_relay",
+        )
+        .expect("start");
+        wait_listening(addr, &mut relay).await.expect("listening");
+        let stranger = PrivateKey::generate().expect("key");
+        let flood = |count: usize| {
+            let stranger = stranger.clone();
+            async move {
+                let clients = [
+                    SignedClient::new(addr, &stranger),
+                    SignedClient::new(addr, &stranger).h2c(),
+                ];
+                let id = ChannelId::random().expect("id");
+                let paths = [
+                    protocol::listen_path("db", "echo"),
+                    protocol::connect_path("db", "echo"),
+                    protocol::downstream_path("db", id),
+                    protocol::upstream_path("db", id),
+                ];
+                let mut tasks = tokio::task::JoinSet::new();
+                for worker in 0..50 {
+                    let client = clients[worker % 2].clone();
+                    let paths = paths.clone();
+                    tasks.spawn(async move {
+                        for i in 0..count / 50 {
+                            let r = client
+                                .post(&paths[i % paths.len()])
+                                .header(CHANNEL_ID_HEADER, id.to_string())
+                                .body(vec![b'x'; 1024])
+                                .send()
+                                .await
+                                .expect("answer");
+                            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+                        }
+                    });
+                }
+                while let Some(t) = tasks.join_next().await {
+                    t.expect("worker");
+                }
+            }
+        };
+        flood(2_000).await;
+        let before = relay.rss_kib().expect("rss");
+        flood(20_000).await;
+        let after = relay.rss_kib().expect("rss");
+        assert!(
+            after <= before + 8 * 1024,
+            "the relay's memory grew from {before} to {after} KiB over 20,000 refused requests"
+        );
+        eprintln!(
+            "relay RSS {before} KiB after a warm-up, {after} KiB after 20,000 refused requests"
+        );
+        let r = SignedClient::new(addr, &setup.server_key)
+            .post(&protocol::listen_path("db", "echo"))
+            .header(
+                CHANNEL_ID_HEADER,
+                ChannelId::random().expect("id").to_string(),
+            )
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "the relay still serves its principals"
+        );
+    })
+    .await;
+}
