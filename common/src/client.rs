@@ -31,8 +31,8 @@ use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
 use crate::protocol::{
-    CHANNEL_ID_HEADER, ChannelId, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
-    RELAY_ANSWER_HEADER,
+    CHANNEL_ID_HEADER, ChannelId, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME,
+    HTTP2_MAX_LOCAL_ERROR_RESETS, HTTP2_STREAM_WINDOW, RELAY_ANSWER_HEADER,
 };
 
 /// The error type of request bodies.
@@ -369,6 +369,7 @@ where
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .max_frame_size(HTTP2_MAX_FRAME)
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
@@ -426,6 +427,7 @@ pub(crate) async fn check(
     // carry inline for its whole life while waiting for its upload's answer.
     let mut reason = Box::pin(reason(answer)).await;
     if status == StatusCode::UNAUTHORIZED
+        && reason.contains("check the clocks")
         && let Some(skew) = skew
     {
         reason.push_str(&skew);

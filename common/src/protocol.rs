@@ -25,6 +25,13 @@ pub const HTTP2_STREAM_WINDOW: u32 = 1024 * 1024;
 pub const HTTP2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// Largest HTTP/2 frame accepted, both ways (measured best for bulk: docs/benchmarks.md).
 pub const HTTP2_MAX_FRAME: u32 = 64 * 1024;
+/// Streams an HTTP/2 peer may make the relay or an endpoint reset for its protocol errors
+/// before the connection is closed (`ENHANCE_YOUR_CALM`; "MadeYouReset"). The count never
+/// decreases, and honest peers add to it: data sent before learning that the other side had
+/// answered and closed a stream (a refused upload, an aborted tunnel's) is answered with a
+/// reset. The library's 1,024 would end an endpoint's connection, and every tunnel on it,
+/// after as many aborted tunnels.
+pub const HTTP2_MAX_LOCAL_ERROR_RESETS: usize = 65_536;
 
 /// Route of `listen` (server: a channel for connections to this port; the answer's body is its
 /// download), as a path template whose `{placeholders}` the relay's router matches and

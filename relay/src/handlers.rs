@@ -71,7 +71,7 @@ impl From<Denied> for ApiError {
 impl From<ListenRefusal> for ApiError {
     fn from(r: ListenRefusal) -> Self {
         match r {
-            ListenRefusal::Ports => ApiError(
+            ListenRefusal::PortNames => ApiError(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many ports for this server",
             ),
@@ -148,16 +148,14 @@ fn plain(status: StatusCode) -> Response {
     r
 }
 
-/// The `{server}` segment of a path, checked before anything else: a name, or `400`. (What
-/// is not a name is neither used nor logged.)
-fn server_name(segment: String) -> Result<Name> {
-    Name::try_from(segment).map_err(|_| ApiError(StatusCode::BAD_REQUEST, "invalid server name"))
+/// A `{server}` or `{port}` segment of a path, checked before anything else: a name, or `400`
+/// with `refusal`. (What is not a name is neither used nor logged.)
+fn name(segment: String, refusal: &'static str) -> Result<Name> {
+    Name::try_from(segment).map_err(|_| ApiError(StatusCode::BAD_REQUEST, refusal))
 }
 
-/// The `{port}` segment of a path, as [`server_name`].
-fn port_name(segment: String) -> Result<Name> {
-    Name::try_from(segment).map_err(|_| ApiError(StatusCode::BAD_REQUEST, "invalid port name"))
-}
+const INVALID_SERVER: &str = "invalid server name";
+const INVALID_PORT: &str = "invalid port name";
 
 /// The channel ID a `connect` or `listen` request carries.
 fn channel_id(req: &Request) -> Result<ChannelId> {
@@ -202,7 +200,7 @@ pub(crate) async fn listen(
     Path((server, port)): Path<(String, String)>,
     mut req: Request,
 ) -> Result<Response> {
-    let (server, port) = (server_name(server)?, port_name(port)?);
+    let (server, port) = (name(server, INVALID_SERVER)?, name(port, INVALID_PORT)?);
     let server = access::server(&shared, &req, &server)?;
     let id = channel_id(&req)?;
     expect_no_body(&shared, &mut req).await?;
@@ -229,7 +227,7 @@ pub(crate) async fn connect(
     Path((server, port)): Path<(String, String)>,
     mut req: Request,
 ) -> Result<Response> {
-    let (server, port) = (server_name(server)?, port_name(port)?);
+    let (server, port) = (name(server, INVALID_SERVER)?, name(port, INVALID_PORT)?);
     let client = access::connecting_client(&shared, &req, &server, &port)?;
     let Some(server_index) = shared.server(server.as_str()) else {
         return Err(ApiError(StatusCode::NOT_FOUND, "unknown server"));
@@ -269,7 +267,7 @@ pub(crate) async fn downstream(
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
-    let server = access::server(&shared, &req, &server_name(server)?)?;
+    let server = access::server(&shared, &req, &name(server, INVALID_SERVER)?)?;
     let id = access::channel_id(&id)?;
     let found = shared
         .channels
@@ -286,7 +284,7 @@ pub(crate) async fn upstream(
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
-    let server = server_name(server)?;
+    let server = name(server, INVALID_SERVER)?;
     let (client, id) = access::client_of(&shared, &req, &id)?;
     let found = shared
         .channels

@@ -61,8 +61,8 @@ use parking_lot::Mutex;
 use ptth_common::TrackedExecutor;
 use ptth_common::config::RelayConfig;
 use ptth_common::protocol::{
-    CONNECT_ROUTE, DOWNSTREAM_ROUTE, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
-    LISTEN_ROUTE, UPSTREAM_ROUTE,
+    CONNECT_ROUTE, DOWNSTREAM_ROUTE, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME,
+    HTTP2_MAX_LOCAL_ERROR_RESETS, HTTP2_STREAM_WINDOW, LISTEN_ROUTE, UPSTREAM_ROUTE,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -82,9 +82,6 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 32_768;
 /// past that, the connection is closed with `ENHANCE_YOUR_CALM` (rapid reset,
 /// CVE-2023-44487).
 const MAX_PENDING_RESETS: usize = 20;
-/// Streams the relay may reset for the peer's protocol errors on one HTTP/2 connection before
-/// it closes the connection (`ENHANCE_YOUR_CALM`).
-const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Time given to open HTTP connections to finish after shutdown starts.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -235,7 +232,7 @@ async fn serve(relay: Relay) {
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(16 * 1024)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_http_connections));
@@ -399,18 +396,29 @@ async fn serve_http<I, S>(
 {
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
-    tokio::select! {
+    let idle = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 debug!(error = %e, "HTTP connection ended with an error");
             }
             return;
         }
-        () = shutdown.cancelled() => {}
-        () = activity.idle_for(idle_timeout) => debug!("no request within http_idle_timeout; closing"),
-    }
+        () = shutdown.cancelled() => false,
+        () = activity.idle_for(idle_timeout) => true,
+    };
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, conn).await;
+    if idle {
+        // No new request is taken from now on; one that came just before is served to its
+        // end (a channel), and the connection ends with it.
+        debug!("no request within http_idle_timeout; closing");
+        activity.restart_idle();
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            () = activity.idle_for(HTTP_CLOSE_GRACE) => {}
+        }
+    } else {
+        let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, conn).await;
+    }
 }
 
 /// Whether an HTTP connection has requests in flight (from their headers to the end of their
@@ -444,6 +452,12 @@ impl Activity {
         BusyGuard(self.clone())
     }
 
+    /// Counts the time without a request in flight from now on.
+    fn restart_idle(&self) {
+        self.state.lock().idle_since = tokio::time::Instant::now();
+        self.changed.notify_one();
+    }
+
     /// Resolves once no request has been in flight for `limit`.
     async fn idle_for(&self, limit: Duration) {
         loop {
@@ -457,7 +471,13 @@ impl Activity {
             match idle_since {
                 None => changed.await,
                 Some(since) => tokio::select! {
-                    () = tokio::time::sleep_until(since + limit) => return,
+                    () = tokio::time::sleep_until(since + limit) => {
+                        // A request may have come as the time ran out.
+                        let state = self.state.lock();
+                        if state.in_flight == 0 && state.idle_since == since {
+                            return;
+                        }
+                    }
                     () = changed => {}
                 },
             }
@@ -487,6 +507,7 @@ struct BusyBody {
 }
 
 impl BusyBody {
+    /// `body`, keeping `busy`'s request in flight.
     fn new(body: Body, busy: BusyGuard) -> Self {
         Self { body, _busy: busy }
     }

@@ -67,6 +67,7 @@ struct Queue {
 }
 
 impl Queue {
+    /// Whether no connection waits.
     fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -120,6 +121,24 @@ impl Queue {
     /// Takes connection `number` out, if it is still there.
     fn remove(&mut self, number: u64) -> Option<Waiting> {
         let waiting = self.entries.remove(&number)?;
+        self.forget(&waiting);
+        Some(waiting)
+    }
+
+    /// Takes connection `number` of channel `id` out, if it is still there (a queue made anew
+    /// numbers its connections from 0 again).
+    fn leave(&mut self, number: u64, id: ChannelId) {
+        if let Some(waiting) = self.entries.remove(&number) {
+            if waiting.0.id == id {
+                self.forget(&waiting);
+            } else {
+                self.entries.insert(number, waiting);
+            }
+        }
+    }
+
+    /// Uncounts a connection taken out of the queue.
+    fn forget(&mut self, waiting: &Waiting) {
         if let Some(who) = waiting.0.client()
             && let Some(n) = self.per_client.get_mut(&who)
         {
@@ -128,7 +147,6 @@ impl Queue {
                 self.per_client.remove(&who);
             }
         }
-        Some(waiting)
     }
 }
 
@@ -136,7 +154,7 @@ impl Queue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ListenRefusal {
     /// The server already uses [`MAX_PORTS_PER_SERVER`] port names.
-    Ports,
+    PortNames,
     /// `max_listens_per_port` idle channels are open on this port already.
     PortListens,
     /// `max_listens_per_server` idle channels of this server are open already.
@@ -193,13 +211,14 @@ pub(crate) struct Place<'a> {
     server: usize,
     port: Name,
     number: u64,
+    channel: ChannelId,
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
         let mut server = self.shared.servers[self.server].lock();
         if let Some(entry) = server.ports.get_mut(&self.port) {
-            entry.waiting.remove(self.number);
+            entry.waiting.leave(self.number, self.channel);
         }
     }
 }
@@ -341,7 +360,7 @@ impl Shared {
             // Forget the ports that have no channel and no waiting client.
             ports.retain(|_, p| p.live > 0 || !p.waiting.is_empty());
             if ports.len() >= MAX_PORTS_PER_SERVER {
-                return Err(ListenRefusal::Ports);
+                return Err(ListenRefusal::PortNames);
             }
         }
         if ports.values().map(|p| p.idle.len()).sum::<usize>() >= self.config.max_listens_per_server
@@ -444,6 +463,7 @@ impl Shared {
             server: client.server,
             port: client.port.clone(),
             number,
+            channel: client.id,
         };
         Ok(Offer::Waiting(rx, place))
     }
@@ -592,7 +612,7 @@ mod tests {
             held.push(server_channel(&s, &format!("p{i}")));
         }
         let more = new_channel(&s, Side::Server, 0, "one-more");
-        assert_eq!(s.add_server_channel(&more), Err(ListenRefusal::Ports));
+        assert_eq!(s.add_server_channel(&more), Err(ListenRefusal::PortNames));
         // Ports without channels are forgotten to make room.
         let gone = held.pop().expect("one");
         s.remove_server_channel(&gone);

@@ -68,11 +68,6 @@ impl Program {
         Ok(Self { name, child, log })
     }
 
-    /// Its process ID.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     fn proc_file(&self, file: &str) -> PathBuf {
         PathBuf::from(format!("/proc/{}/{file}", self.child.id()))
     }
@@ -143,10 +138,10 @@ impl Program {
         }
     }
 
-    /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it (what dropping
+    /// it does).
+    pub fn kill(self) {
+        drop(self);
     }
 }
 

@@ -17,11 +17,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// Writes `proxy.toml` for alice: `local` forwards to `db/echo` through `relay_url`.
 fn proxy_toml(setup: &Setup, relay_url: &str, local: SocketAddr) -> PathBuf {
     let path = setup.path().join("proxy.toml");
-    let text = format!(
-        "relay_url = \"{relay_url}\"\nkey_file = \"alice.key\"\n\n\
-         [[forwards]]\nlisten = \"{local}\"\nserver = \"db\"\nport = \"echo\"\n"
-    );
-    std::fs::write(&path, text).expect("proxy.toml");
+    std::fs::write(&path, alice_toml(relay_url, &[(local, "db")])).expect("proxy.toml");
     path
 }
 
@@ -336,18 +332,7 @@ impl Processes {
 
     /// Waits (at most 20 s: the endpoints reconnect with backoff) until a round trip passes.
     async fn expect_working(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            match round_trip(self.local, b"ping").await {
-                Ok(r) if r == b"ping" => return,
-                other => assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "no round trip: {other:?}\n{}",
-                    self.logs()
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_working(self.local).await;
     }
 
     /// The open files of the running programs.
@@ -390,14 +375,6 @@ impl Processes {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-
-    fn logs(&self) -> String {
-        [&self.relay, &self.server, &self.proxy]
-            .into_iter()
-            .flatten()
-            .map(|p| format!("--- {}\n{}", p.name, p.log()))
-            .collect()
-    }
 }
 
 /// Kills `victim` with SIGKILL while [`TUNNELS`] transfers are in flight: the ends that
@@ -406,6 +383,7 @@ impl Processes {
 async fn killed_in_flight(victim: Victim) {
     let echo = CountedEcho::start().await;
     let mut p = Processes::start(echo.addr).await;
+    let _logs = LogsOnFailure(p.setup.path().to_owned());
     echo.expect_all_closed(Duration::from_secs(5), "after the first round trip")
         .await;
     let baseline = p.settled_open_files().await;
@@ -474,7 +452,7 @@ fn spawn(setup: &Setup, bin: &str, file: &str, text: &str) -> Program {
     Program::ptth(
         &binary(bin).expect("binary"),
         &path,
-        "debug",
+        "info",
         setup.path().join(format!("{file}.log")),
         name,
     )
