@@ -400,6 +400,8 @@ mod raw_h2 {
     /// A frame received.
     #[derive(Debug)]
     pub struct Frame {
+        /// Its 9-byte header.
+        pub head: [u8; 9],
         /// Its type.
         pub kind: u8,
         /// Its payload.
@@ -419,6 +421,45 @@ mod raw_h2 {
     /// An HPACK block for `POST /` with `:authority x` (static table only).
     pub fn post_root() -> Vec<u8> {
         vec![0x83, 0x86, 0x84, 0x01, 0x01, b'x']
+    }
+
+    /// Frame type `RST_STREAM`'s error code `REFUSED_STREAM`.
+    pub const REFUSED_STREAM: u32 = 0x7;
+
+    /// `value` as an HPACK integer with an `n`-bit prefix, the prefix's other bits `flags`.
+    fn integer(out: &mut Vec<u8>, flags: u8, n: u32, value: usize) {
+        let max = (1usize << n) - 1;
+        if value < max {
+            out.push(flags | u8::try_from(value).expect("small"));
+            return;
+        }
+        out.push(flags | u8::try_from(max).expect("prefix"));
+        let mut rest = value - max;
+        while rest >= 128 {
+            out.push(u8::try_from(rest % 128).expect("7 bits") | 0x80);
+            rest /= 128;
+        }
+        out.push(u8::try_from(rest).expect("7 bits"));
+    }
+
+    /// An HPACK block for a `POST` to `path` at `authority` with `headers`, without the
+    /// dynamic table or Huffman coding.
+    pub fn post(authority: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = vec![0x83, 0x86];
+        // Literals without indexing, names from the static table (:path 4, :authority 1).
+        for (index, value) in [(4, path), (1, authority)] {
+            integer(&mut out, 0, 4, index);
+            integer(&mut out, 0, 7, value.len());
+            out.extend_from_slice(value.as_bytes());
+        }
+        for (name, value) in headers {
+            out.push(0);
+            integer(&mut out, 0, 7, name.len());
+            out.extend_from_slice(name.as_bytes());
+            integer(&mut out, 0, 7, value.len());
+            out.extend_from_slice(value.as_bytes());
+        }
+        out
     }
 
     /// Sends the client preface and empty settings; reads the relay's settings (id, value)
@@ -448,13 +489,14 @@ mod raw_h2 {
     }
 
     /// The next frame, or `None` at the end of the connection.
-    pub async fn read_frame(io: &mut dyn Io) -> Option<Frame> {
+    pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(io: &mut R) -> Option<Frame> {
         let mut head = [0u8; 9];
         io.read_exact(&mut head).await.ok()?;
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
         let mut payload = vec![0u8; len];
         io.read_exact(&mut payload).await.ok()?;
         Some(Frame {
+            head,
             kind: head[3],
             payload,
         })
@@ -930,6 +972,70 @@ async fn unauthenticated_floods_cost_the_relay_nothing_that_lasts() {
             StatusCode::OK,
             "the relay still serves its principals"
         );
+    })
+    .await;
+}
+
+/// Streams past the 32,768 an HTTP/2 connection may have open at once are refused
+/// (`REFUSED_STREAM`), plain and with TLS. The streams held open are alice's signed uploads,
+/// each waiting (`accept_timeout`) for a channel that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_limit_are_refused() {
+    use ptth_common::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
+    within(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().expect("dir");
+        for (setup, relay, pki) in h2_relays(dir.path()) {
+            let mut io = h2_connection(&relay, pki.as_ref()).await;
+            raw_h2::handshake(&mut *io).await;
+            let authority = if pki.is_some() {
+                format!("localhost:{}", relay.addr.port())
+            } else {
+                relay.addr.to_string()
+            };
+            let alice = Signer::new(setup.alice_key.clone());
+            let limit = 32_768u32;
+            let (mut read, mut write) = tokio::io::split(io);
+            let refused = tokio::spawn(async move {
+                let last = 2 * limit + 1;
+                while let Some(f) = raw_h2::read_frame(&mut read).await {
+                    let stream =
+                        u32::from_be_bytes(f.head[5..9].try_into().expect("4 bytes")) & 0x7fff_ffff;
+                    if f.kind == raw_h2::RST_STREAM && stream == last {
+                        return Some(u32::from_be_bytes(f.payload[..4].try_into().expect("code")));
+                    }
+                }
+                None
+            });
+            // Streams 1, 3, ... up to one past the limit.
+            let mut batch = Vec::new();
+            for i in 0..=limit {
+                let id = ChannelId::random().expect("id");
+                let path = protocol::upstream_path("db", id);
+                let h = alice.sign("POST", &authority, &path);
+                let block = raw_h2::post(
+                    &authority,
+                    &path,
+                    &[(SIGNATURE_INPUT, &h.input), (SIGNATURE, &h.signature)],
+                );
+                batch.extend(raw_h2::frame(
+                    raw_h2::HEADERS,
+                    raw_h2::END_HEADERS,
+                    2 * i + 1,
+                    &block,
+                ));
+                if batch.len() > 1 << 20 || i == limit {
+                    write.write_all(&batch).await.expect("write");
+                    batch.clear();
+                }
+            }
+            let code = tokio::time::timeout(Duration::from_secs(30), refused)
+                .await
+                .expect("an answer for the stream past the limit")
+                .expect("reader");
+            assert_eq!(code, Some(raw_h2::REFUSED_STREAM), "TLS {}", pki.is_some());
+            drop(write);
+            expect_healthy_h2(&relay, pki.as_ref()).await;
+        }
     })
     .await;
 }
