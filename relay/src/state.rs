@@ -622,6 +622,30 @@ mod tests {
         assert_eq!(s.add_server_channel(&web), Ok(()));
     }
 
+    /// A connection to one server never waits on another server's ports (each has its own
+    /// lock; with one lock for all, this test waits for good).
+    #[test]
+    fn a_connection_to_one_server_does_not_wait_on_another() {
+        let s = Arc::new(shared(""));
+        let _db = server_channel(&s, "pg");
+        let web = new_channel(&s, Side::Server, 1, "pg");
+        s.add_server_channel(&web).expect("added");
+        s.ready(&web);
+        // Server db's ports are busy (locked) for as long as this test runs.
+        let _busy = s.servers[0].lock();
+        let (done, finished) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let client = new_channel(&s2, Side::Client(0), 1, "pg");
+            let joined = matches!(s2.offer(&client), Ok(Offer::Joined(_)));
+            let _ = done.send(joined);
+        });
+        let joined = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a connection to web waited on db's lock");
+        assert!(joined, "joined with web's ready channel");
+    }
+
     #[test]
     fn idle_server_channels_are_bounded_per_server() {
         let s = shared("max_listens_per_server = 3");
