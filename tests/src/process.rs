@@ -152,6 +152,27 @@ impl Drop for Program {
     }
 }
 
+/// Starts the ptth program `bin` on the configuration file `dir/config`, logging at `info` to
+/// `dir/config.log`. Fails the test if it cannot be started.
+pub fn start(dir: &Path, bin: &'static str, config: &str) -> Program {
+    let started = binary(bin).and_then(|path| {
+        Program::ptth(
+            &path,
+            &dir.join(config),
+            "info",
+            dir.join(format!("{config}.log")),
+            bin,
+        )
+    });
+    started.unwrap_or_else(|e| panic!("starting {bin}: {e:#}"))
+}
+
+/// Writes `text` to `dir/config` and starts `bin` on it, as [`start`] does.
+pub fn spawn(dir: &Path, bin: &'static str, config: &str, text: &str) -> Program {
+    std::fs::write(dir.join(config), text).unwrap_or_else(|e| panic!("writing {config}: {e}"));
+    start(dir, bin, config)
+}
+
 /// Waits until `addr` accepts connections, while `program` runs (at most 10 s).
 pub async fn wait_listening(addr: SocketAddr, program: &mut Program) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);

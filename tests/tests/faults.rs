@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ptth_tests::fronts::ensure_installed;
-use ptth_tests::process::{LogsOnFailure, Program, binary, free_port, wait_listening};
+use ptth_tests::process::{LogsOnFailure, Program, binary, free_port, spawn, wait_listening};
 use ptth_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -444,27 +444,17 @@ const DEAD_AFTER: Duration = Duration::from_secs(45);
 /// Allowance for the timers' own granularity and a loaded machine.
 const SLACK: Duration = Duration::from_secs(5);
 
-/// Writes `file` in `setup`'s folder and starts `bin` with it as its configuration.
-fn spawn(setup: &Setup, bin: &str, file: &str, text: &str) -> Program {
-    let path = setup.path().join(file);
-    std::fs::write(&path, text).expect("config");
-    let name: &'static str = Box::leak(file.to_owned().into_boxed_str());
-    Program::ptth(
-        &binary(bin).expect("binary"),
-        &path,
-        "info",
-        setup.path().join(format!("{file}.log")),
-        name,
-    )
-    .expect("start")
-}
-
 /// A relay process with short timers (see [`IDLE_TIMEOUT_S`]).
 async fn quick_relay(setup: &mut Setup) -> (Program, SocketAddr) {
     setup.relay_extra =
         format!("heartbeat_interval = \"1s\"\nidle_timeout = \"{IDLE_TIMEOUT_S}s\"\n");
     let addr = free_port().expect("port");
-    let mut relay = spawn(setup, "ptth_relay", "relay.toml", &setup.relay_toml(addr));
+    let mut relay = spawn(
+        setup.path(),
+        "ptth_relay",
+        "relay.toml",
+        &setup.relay_toml(addr),
+    );
     wait_listening(addr, &mut relay)
         .await
         .expect("relay listens");
@@ -543,13 +533,13 @@ async fn a_proxy_path_gone_silent_ends_its_tunnels_only() {
         let direct = format!("http://{relay_addr}");
         // Two servers, so that each proxy's tunnels reach a service of their own.
         let _db = spawn(
-            &setup,
+            setup.path(),
             "ptth_server",
             "db.toml",
             &server_toml(&direct, "db", echo1.addr),
         );
         let _web = spawn(
-            &setup,
+            setup.path(),
             "ptth_server",
             "web.toml",
             &server_toml(&direct, "web", echo2.addr),
@@ -560,13 +550,13 @@ async fn a_proxy_path_gone_silent_ends_its_tunnels_only() {
         let (local1, local2) = (free_port().expect("port"), free_port().expect("port"));
         let silent_url = format!("http://{}", path.addr);
         let _p1 = spawn(
-            &setup,
+            setup.path(),
             "ptth_proxy",
             "p1.toml",
             &alice_toml(&silent_url, &[(local1, "db")]),
         );
         let _p2 = spawn(
-            &setup,
+            setup.path(),
             "ptth_proxy",
             "p2.toml",
             &alice_toml(&direct, &[(local2, "web")]),
@@ -617,20 +607,20 @@ async fn a_server_path_gone_silent_ends_its_tunnels_only() {
             .expect("forwarder");
         let silent_url = format!("http://{}", path.addr);
         let _db = spawn(
-            &setup,
+            setup.path(),
             "ptth_server",
             "db.toml",
             &server_toml(&silent_url, "db", echo1.addr),
         );
         let _web = spawn(
-            &setup,
+            setup.path(),
             "ptth_server",
             "web.toml",
             &server_toml(&direct, "web", echo2.addr),
         );
         let (local1, local2) = (free_port().expect("port"), free_port().expect("port"));
         let _proxy = spawn(
-            &setup,
+            setup.path(),
             "ptth_proxy",
             "proxy.toml",
             &alice_toml(&direct, &[(local1, "db"), (local2, "web")]),

@@ -806,7 +806,7 @@ impl Reading {
 /// stall those (the heartbeats of idle channels among them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_that_stop_reading_cost_the_relay_a_bounded_amount() {
-    use ptth_tests::process::{LogsOnFailure, Program, binary, free_port, wait_listening};
+    use ptth_tests::process::{LogsOnFailure, free_port, start, wait_listening};
     within(Duration::from_secs(120), async {
         let source = source_service().await;
         for scheme in ["http", "h2c"] {
@@ -816,16 +816,7 @@ async fn readers_that_stop_reading_cost_the_relay_a_bounded_amount() {
             let dir = setup.path().to_owned();
             let _logs = LogsOnFailure(dir.clone());
             std::fs::write(dir.join("relay.toml"), setup.relay_toml(relay_addr)).expect("toml");
-            let start = |bin: &str, toml: &str| {
-                Program::ptth(
-                    &binary(bin).expect("binary"),
-                    &dir.join(toml),
-                    "info",
-                    dir.join(format!("{toml}.log")),
-                    "program",
-                )
-                .expect("start")
-            };
+            let start = |bin, toml: &str| start(&dir, bin, toml);
             let mut relay = start("ptth_relay", "relay.toml");
             wait_listening(relay_addr, &mut relay).await.expect("relay");
             let url = format!("{scheme}://{relay_addr}");
@@ -894,21 +885,14 @@ async fn readers_that_stop_reading_cost_the_relay_a_bounded_amount() {
 /// answered with resets, which must not end the connection (they did after 1,024).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_floods_cost_the_relay_nothing_that_lasts() {
-    use ptth_tests::process::{LogsOnFailure, Program, binary, free_port, wait_listening};
+    use ptth_tests::process::{LogsOnFailure, free_port, start, wait_listening};
     within(Duration::from_secs(120), async {
         let setup = Setup::new().expect("setup");
         let addr = free_port().expect("port");
         let dir = setup.path().to_owned();
         let _logs = LogsOnFailure(dir.clone());
         std::fs::write(dir.join("relay.toml"), setup.relay_toml(addr)).expect("toml");
-        let mut relay = Program::ptth(
-            &binary("ptth_relay").expect("binary"),
-            &dir.join("relay.toml"),
-            "info",
-            dir.join("relay.log"),
-            "ptth_relay",
-        )
-        .expect("start");
+        let mut relay = start(&dir, "ptth_relay", "relay.toml");
         wait_listening(addr, &mut relay).await.expect("listening");
         let stranger = PrivateKey::generate().expect("key");
         let flood = |count: usize| {
