@@ -44,9 +44,10 @@ use ptth_common::channel::{Channel, ChannelError, LocalSocket};
 use ptth_common::client::{Backoff, CallError, RelayClient, SetupError};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
+use ptth_common::metrics::{EndpointMetrics, PortLabels};
 use ptth_common::protocol::{connect_path, upstream_path};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -95,9 +96,13 @@ pub fn run(
             relay,
             slots: Arc::new(Semaphore::new(config.max_connections)),
             config,
+            draining: shutdown.child_token(),
             shutdown,
             tasks,
+            metrics: EndpointMetrics::default(),
+            tunnels: watch::Sender::new(0),
         }),
+        admin: None,
     })
 }
 
@@ -108,9 +113,29 @@ pub fn run(
 pub struct Proxy {
     forwards: Vec<(TcpListener, SocketAddr, Forward)>,
     ctx: Arc<Ctx>,
+    admin: Option<TcpListener>,
 }
 
 impl Proxy {
+    /// Also serves, on `listener`, the admin listener: `/metrics` (see
+    /// `ptth_common::admin`).
+    pub fn with_admin(mut self, listener: TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
+    }
+
+    /// A handle to drain the proxy while it runs.
+    pub fn control(&self) -> Control {
+        Control {
+            ctx: self.ctx.clone(),
+        }
+    }
+
+    /// Watches the number of tunnels open.
+    pub fn tunnels(&self) -> watch::Receiver<usize> {
+        self.ctx.tunnels.subscribe()
+    }
+
     /// The local address of each forward, in the order of `config.forwards`.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.forwards.iter().map(|(_, local, _)| *local).collect()
@@ -122,7 +147,26 @@ impl IntoFuture for Proxy {
     type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(serve(self.ctx, self.forwards))
+        Box::pin(serve(self.ctx, self.forwards, self.admin))
+    }
+}
+
+/// Drains a running proxy (see [`Proxy::control`]).
+#[derive(Debug, Clone)]
+pub struct Control {
+    ctx: Arc<Ctx>,
+}
+
+impl Control {
+    /// Drains, then shuts down: the local ports close (new connections are refused) and idle
+    /// channels are retired; open tunnels go on until they end, for at most `drain_grace`;
+    /// then the proxy shuts down as when its shutdown token is cancelled. Resolves once
+    /// shutdown has begun.
+    pub async fn drain(&self) {
+        let ctx = &self.ctx;
+        ctx.draining.cancel();
+        ptth_common::wait_for_tunnels(ctx.tunnels.subscribe(), ctx.config.drain_grace).await;
+        ctx.shutdown.cancel();
     }
 }
 
@@ -132,9 +176,14 @@ struct Ctx {
     relay: RelayClient,
     config: ProxyConfig,
     shutdown: CancellationToken,
+    /// Cancelled when the proxy drains: the local ports close, idle channels are retired.
+    draining: CancellationToken,
     tasks: TaskTracker,
     /// One per open tunnel, at most `max_connections`.
     slots: Arc<Semaphore>,
+    metrics: EndpointMetrics,
+    /// Tunnels open now.
+    tunnels: watch::Sender<usize>,
 }
 
 /// A local connection on its way to a channel, with its place among `max_connections`.
@@ -144,6 +193,8 @@ type Handoff = (LocalSocket, OwnedSemaphorePermit);
 #[derive(Debug)]
 struct Pool {
     fwd: Forward,
+    /// Its labels in the metrics.
+    labels: PortLabels,
     /// Where each idle channel waits for a local connection, oldest first. A channel that
     /// broke while idle leaves a closed sender behind.
     idle: Mutex<VecDeque<oneshot::Sender<Handoff>>>,
@@ -157,6 +208,15 @@ impl Pool {
         let mut idle = self.idle.lock();
         idle.retain(|tx| !tx.is_closed());
         idle.len()
+    }
+
+    /// Counts the idle channels in the metrics (`idle_channels`).
+    fn count_idle(&self, metrics: &EndpointMetrics) {
+        let n = self.idle_count();
+        metrics
+            .idle_channels
+            .get_or_create(&self.labels)
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Hands a local connection to an idle channel; gives it back if none is idle.
@@ -180,11 +240,29 @@ impl Pool {
     }
 }
 
-async fn serve(ctx: Arc<Ctx>, forwards: Vec<(TcpListener, SocketAddr, Forward)>) {
+async fn serve(
+    ctx: Arc<Ctx>,
+    forwards: Vec<(TcpListener, SocketAddr, Forward)>,
+    admin: Option<TcpListener>,
+) {
+    if let Some(admin) = admin {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("ptth_proxy");
+        ctx.metrics.register(&mut registry, ctx.relay.dials());
+        let admin_state = Arc::new(ptth_common::admin::Admin::new(registry, None));
+        ctx.tasks.spawn(ptth_common::admin::serve(
+            admin,
+            admin_state,
+            ctx.shutdown.clone(),
+        ));
+    }
     for (listener, local, fwd) in forwards {
         info!(listen = %local, server = %fwd.server, port = %fwd.port, relay = %ctx.config.relay_url, "forwarding");
         let span = info_span!("forward", listen = %local, server = %fwd.server, port = %fwd.port);
         let pool = Arc::new(Pool {
+            labels: PortLabels {
+                server: fwd.server.to_string(),
+                port: fwd.port.to_string(),
+            },
             fwd,
             idle: Mutex::new(VecDeque::new()),
             short: Notify::new(),
@@ -205,7 +283,10 @@ async fn serve(ctx: Arc<Ctx>, forwards: Vec<(TcpListener, SocketAddr, Forward)>)
 async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, pool: Arc<Pool>) {
     loop {
         let (stream, peer) = tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
+            () = ctx.draining.cancelled() => {
+                info!("draining: local port closed");
+                return;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -227,7 +308,7 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, pool: Arc<Pool>) {
         debug!(%peer, "local connection");
         if let Err(handoff) = pool.hand_over((socket, permit)) {
             // No idle channel: a new one, which carries this connection from its first request.
-            if let Some(channel) = open_channel(&ctx, &pool.fwd) {
+            if let Some(channel) = open_channel(&ctx, &pool) {
                 spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
             }
         }
@@ -237,13 +318,14 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, pool: Arc<Pool>) {
 
 /// A new channel for `fwd`: its `connect` and `upstream` (not sent before it is polled);
 /// `None` if the random source fails.
-fn open_channel(ctx: &Ctx, fwd: &Forward) -> Option<Channel> {
-    let (server, port) = (fwd.server.as_str(), fwd.port.as_str());
+fn open_channel(ctx: &Ctx, pool: &Pool) -> Option<Channel> {
+    let (server, port) = (pool.fwd.server.as_str(), pool.fwd.port.as_str());
     let opened = Channel::open(
         &ctx.relay,
         &connect_path(server, port),
         |id| upstream_path(server, id),
         ctx.config.heartbeat_interval,
+        ctx.metrics.channel(&pool.labels, true),
     );
     opened
         .inspect_err(|e| error!(error = %e, "no channel id: the random source failed"))
@@ -255,13 +337,14 @@ fn open_channel(ctx: &Ctx, fwd: &Forward) -> Option<Channel> {
 async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
+        pool.count_idle(&ctx.metrics);
         while pool.idle_count() >= READY_CHANNELS {
             tokio::select! {
-                () = ctx.shutdown.cancelled() => return,
-                () = pool.short.notified() => {}
+                () = ctx.draining.cancelled() => return,
+                () = pool.short.notified() => pool.count_idle(&ctx.metrics),
             }
         }
-        let Some(mut channel) = open_channel(&ctx, &pool.fwd) else {
+        let Some(mut channel) = open_channel(&ctx, &pool) else {
             return;
         };
         // Counted idle from now on: a local connection that comes while the relay answers
@@ -284,6 +367,8 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
             Err(ChannelError::Cancelled) => return,
             Err(problem) => {
                 rescue_handoff(&ctx, &pool, idle);
+                ctx.metrics.failed(&pool.labels, &problem);
+                ctx.metrics.reconnects.inc();
                 let (server, port) = (&pool.fwd.server, &pool.fwd.port);
                 let problem = format!("no channel to {server}/{port}: {problem}");
                 if !backoff.retry_after(&problem, &ctx.shutdown).await {
@@ -307,7 +392,7 @@ enum First {
 fn rescue_handoff(ctx: &Arc<Ctx>, pool: &Arc<Pool>, mut idle: oneshot::Receiver<Handoff>) {
     idle.close();
     if let Ok(handoff) = idle.try_recv()
-        && let Some(channel) = open_channel(ctx, &pool.fwd)
+        && let Some(channel) = open_channel(ctx, pool)
     {
         spawn_channel(ctx, pool, channel, First::Connection(handoff));
     }
@@ -334,6 +419,12 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
                         Err(_) => return,
                     },
                     e = Box::pin(channel.idle(&ctx.shutdown)) => Err(e),
+                    () = ctx.draining.cancelled() => {
+                        // The relay never gives a client's channel a connection.
+                        rescue_handoff(&ctx, &pool, idle);
+                        channel.retire(&ctx.shutdown).await;
+                        return;
+                    }
                 };
                 match broke {
                     Ok(handoff) => handoff,
@@ -354,9 +445,12 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
         };
         // Boxed, as the idle wait above: a task's future is as large as the largest it awaits
         // in place, for as long as the task lives.
+        let tunnel = OpenTunnel::new(&ctx, &pool);
         let carried = Box::pin(channel.carry(started, true, &ctx.shutdown)).await;
+        drop(tunnel);
         drop(permit);
         if let Err(e) = carried {
+            ctx.metrics.failed(&pool.labels, &e);
             report(&pool.fwd, &e);
             pool.short.notify_one();
             return;
@@ -364,13 +458,35 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
         debug!("connection closed");
         // Idle again: kept unless the pool has idle channels enough, or the channel has carried
         // many bytes.
-        if channel.worn() || pool.idle_count() >= MAX_IDLE_CHANNELS {
+        if channel.worn() || pool.idle_count() >= MAX_IDLE_CHANNELS || ctx.draining.is_cancelled() {
             // The relay never gives a client's channel a connection.
             channel.retire(&ctx.shutdown).await;
             pool.short.notify_one();
             return;
         }
         next = First::Idle(pool.wait_idle());
+    }
+}
+
+/// A tunnel, counted (in the proxy and the metrics) while it lives.
+struct OpenTunnel {
+    ctx: Arc<Ctx>,
+    _metric: ptth_common::metrics::TunnelGuard,
+}
+
+impl OpenTunnel {
+    fn new(ctx: &Arc<Ctx>, pool: &Pool) -> Self {
+        ctx.tunnels.send_modify(|n| *n += 1);
+        Self {
+            ctx: ctx.clone(),
+            _metric: ctx.metrics.tunnel(&pool.labels),
+        }
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.ctx.tunnels.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -1,10 +1,13 @@
 //! The `ptth_proxy` binary: the key commands, or reads the configuration and key, binds one
 //! listener per forward and calls [`ptth_proxy::run`].
 
+use std::future::IntoFuture;
+
 use anyhow::Context;
 use clap::Parser;
-use ptth_common::cli::{self, EndpointArgs};
+use ptth_common::cli::{self, EndpointArgs, Signal};
 use ptth_common::config::ProxyConfig;
+use tokio_util::sync::CancellationToken;
 
 /// PTTH client proxy: binds local ports and forwards each connection through a ptth_relay.
 #[derive(Debug, Parser)]
@@ -35,6 +38,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             cli::listen(fwd.listen).with_context(|| format!("cannot listen on {}", fwd.listen))?;
         listeners.push(l);
     }
-    ptth_proxy::run(listeners, config, key, cli::shutdown_on_signals())?.await;
+    let admin = cli::admin_listener(config.admin_listen)?;
+    let signals = cli::signals();
+    let mut proxy = ptth_proxy::run(listeners, config, key, CancellationToken::new())?;
+    if let Some(admin) = admin {
+        proxy = proxy.with_admin(admin);
+    }
+    let control = proxy.control();
+    cli::serve_with_signals(proxy.into_future(), signals, |signal| match signal {
+        Signal::Drain => {
+            let control = control.clone();
+            tokio::spawn(async move { control.drain().await });
+        }
+        Signal::Reload => {
+            tracing::info!(
+                "ptth_proxy reloads nothing on SIGHUP: restart it to apply a changed configuration"
+            );
+        }
+    })
+    .await;
     Ok(())
 }

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{self, BoxError, CallError, RelayClient, Response, channel_id};
 use crate::frame::{self, Decoder, FrameError, Item};
 use crate::mailbox::Mailbox;
+use crate::metrics::ChannelMeters;
 use crate::protocol::{CHANNEL_ID_HEADER, ChannelId, TUNNEL_CONTENT_TYPE};
 
 /// The first read of a burst from the local socket: a small buffer, since most messages are
@@ -177,6 +178,8 @@ struct UploadLink {
     ended: Notify,
     /// Bytes the upload body has sent in `DATA` frames so far.
     uploaded: AtomicU64,
+    /// Where the channel's bytes are counted.
+    meters: ChannelMeters,
 }
 
 impl UploadLink {
@@ -207,6 +210,7 @@ impl Channel {
         download_path: &str,
         upload_path: impl FnOnce(ChannelId) -> String,
         heartbeat: Duration,
+        meters: ChannelMeters,
     ) -> std::io::Result<Self> {
         let id = ChannelId::random()?;
         let id_header = HeaderValue::try_from(id.to_string()).map_err(std::io::Error::other)?;
@@ -221,6 +225,7 @@ impl Channel {
             commands: Mailbox::new(1),
             ended: Notify::new(),
             uploaded: AtomicU64::new(0),
+            meters,
         });
         let body = UploadBody::new(link.clone(), heartbeat);
         let upload = relay.post(
@@ -359,10 +364,13 @@ impl Channel {
             }
             loop {
                 match download.next().await? {
-                    Item::Data(d) => local_failed
-                        .write_all(&stream, &d)
-                        .await
-                        .map_err(ChannelError::Local)?,
+                    Item::Data(d) => {
+                        local_failed
+                            .write_all(&stream, &d)
+                            .await
+                            .map_err(ChannelError::Local)?;
+                        self.link.meters.downloaded.inc_by(d.len() as u64);
+                    }
                     Item::End => {
                         shutdown_write(&stream).map_err(ChannelError::Local)?;
                         return Ok(());
@@ -815,6 +823,7 @@ impl UploadBody {
                 Ok(n) => {
                     open.announce = false;
                     self.link.uploaded.fetch_add(n as u64, Ordering::Relaxed);
+                    self.link.meters.uploaded.inc_by(n as u64);
                     if n <= SMALL_READ {
                         // Copy a small read out and keep the buffer for the next one.
                         let mut small = BytesMut::with_capacity(self.buf.len());

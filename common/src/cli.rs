@@ -3,8 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use tokio_util::sync::CancellationToken;
-
 use crate::keys::{KeyError, PrivateKey};
 
 /// Sets up `tracing` output on stderr. `level` (from `--log-level`) wins; otherwise `RUST_LOG`
@@ -37,6 +35,24 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpList
     socket.listen(4096)
 }
 
+/// The admin listener on `admin_listen`, if set.
+pub fn admin_listener(
+    admin_listen: Option<std::net::SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>, AdminListenError> {
+    admin_listen
+        .map(|address| listen(address).map_err(|source| AdminListenError { address, source }))
+        .transpose()
+}
+
+/// The admin listener's address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address} (admin_listen)")]
+pub struct AdminListenError {
+    address: std::net::SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
 /// Raises this process's soft limit on open files to its hard limit, as far as the OS allows
 /// (every tunnel holds sockets), and logs the change.
 pub fn raise_open_files_limit() {
@@ -52,41 +68,93 @@ pub fn raise_open_files_limit() {
     }
 }
 
-/// A token cancelled on the first SIGINT or SIGTERM. A second signal exits at once.
+/// What a signal asks of a program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGHUP: read the configuration file again and apply what may change while running.
+    Reload,
+    /// The first SIGTERM or SIGINT: take no new work, give open tunnels `drain_grace` to end,
+    /// then exit. (A second one exits at once, code 130.)
+    Drain,
+}
+
+/// The signals a program acts on, as they come (see [`Signal`]).
+#[derive(Debug)]
+pub struct Signals(tokio::sync::mpsc::Receiver<Signal>);
+
+/// Installs the signal handlers (before this returns, so that a signal sent as soon as the
+/// program reports that it is ready is handled, never fatal) and returns the signals to act
+/// on. A second SIGTERM or SIGINT exits the process at once, with code 130, whatever the
+/// program is doing.
 ///
 /// The task that watches the signals is the one task of a program that no task tracker holds:
 /// it must outlive the program's own shutdown, to exit at once on the second signal.
-///
-/// The handlers are installed before this returns, so a signal sent as soon as the program
-/// reports that it is ready is handled, never fatal.
-pub fn shutdown_on_signals() -> CancellationToken {
+pub fn signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    let token = CancellationToken::new();
-    let t = token.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
+    let hup = signal(SignalKind::hangup());
+    match (term, int, hup) {
+        (Ok(mut term), Ok(mut int), Ok(mut hup)) => {
             tokio::spawn(async move {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+                let mut draining = false;
+                loop {
+                    let signal = tokio::select! {
+                        _ = term.recv() => Signal::Drain,
+                        _ = int.recv() => Signal::Drain,
+                        _ = hup.recv() => Signal::Reload,
+                    };
+                    if signal == Signal::Drain {
+                        if draining {
+                            std::process::exit(130);
+                        }
+                        draining = true;
+                    }
+                    // Reloads asked for faster than they are done fold into one.
+                    let _ = tx.try_send(signal);
                 }
-                // Cancel first: logging may fail (a closed stderr) and must not stop shutdown.
-                t.cancel();
-                tracing::info!("shutting down (send the signal again to exit at once)");
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-                std::process::exit(130);
             });
         }
-        (Err(e), _) | (_, Err(e)) => {
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             tracing::warn!(error = %e, "cannot install signal handlers; stop with SIGKILL");
         }
     }
-    token
+    Signals(rx)
+}
+
+impl Signals {
+    /// The next signal; never resolves if the handlers could not be installed.
+    pub async fn next(&mut self) -> Signal {
+        match self.0.recv().await {
+            Some(signal) => signal,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Awaits `serving` (a program's future) while acting on `signals`: `on_signal` is called for
+/// each (it should start a drain without waiting for it, or reload). Returns when `serving`
+/// ends.
+pub async fn serve_with_signals<F>(
+    serving: F,
+    mut signals: Signals,
+    mut on_signal: impl FnMut(Signal),
+) where
+    F: std::future::Future<Output = ()>,
+{
+    tokio::pin!(serving);
+    loop {
+        tokio::select! {
+            () = &mut serving => return,
+            signal = signals.next() => {
+                if signal == Signal::Drain {
+                    tracing::info!("draining (send the signal again to exit at once)");
+                }
+                on_signal(signal);
+            }
+        }
+    }
 }
 
 /// The exit code of a binary whose `main` ended with `result`: success, or 1 after the error

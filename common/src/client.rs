@@ -142,6 +142,8 @@ struct Inner {
     tasks: TaskTracker,
     /// Set by [`RelayClient::close`]: no connection is dialled any more.
     closed: AtomicBool,
+    /// Connections dialled so far (TCP connects attempted), for the metrics.
+    dials: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for Inner {
@@ -199,8 +201,14 @@ impl RelayClient {
                 attempts: AtomicU64::new(0),
                 tasks,
                 closed: AtomicBool::new(false),
+                dials: Default::default(),
             }),
         })
+    }
+
+    /// The count of connections dialled to the relay so far (a handle that follows it).
+    pub fn dials(&self) -> prometheus_client::metrics::counter::Counter {
+        self.inner.dials.clone()
     }
 
     /// Dials no more, and lets go of the shared HTTP/2 connection, which then closes once its
@@ -311,6 +319,7 @@ impl RelayClient {
     async fn dial(&self) -> Result<Sender, CallError> {
         let inner = &self.inner;
         let unreachable = |e: &dyn std::error::Error| CallError::Unreachable(error_chain(e));
+        inner.dials.inc();
         let dial = async {
             let tcp = TcpStream::connect((inner.host.as_str(), inner.port))
                 .await

@@ -247,6 +247,9 @@ pub struct Decoder {
     header: [u8; HEADER_LEN],
     header_len: usize,
     payload: Payload,
+    /// `DATA` payload bytes announced by the headers [`Decoder::check`] has passed since
+    /// [`Decoder::take_data_len`] was last called.
+    data_len: u64,
 }
 
 impl Decoder {
@@ -351,12 +354,19 @@ impl Decoder {
                 Step::Failed(_) => {
                     return Err(FrameError::Unexpected("FAILED inside a connection"));
                 }
-                Step::Header(Header::Data(_) | Header::Heartbeat | Header::Failed(_))
+                Step::Header(Header::Data(len)) => self.data_len += len as u64,
+                Step::Header(Header::Heartbeat | Header::Failed(_))
                 | Step::Partial
                 | Step::Payload => {}
             }
         }
         Ok(None)
+    }
+
+    /// The `DATA` payload bytes whose headers [`Decoder::check`] has passed since the last
+    /// call: what a connection carried, without the framing.
+    pub fn take_data_len(&mut self) -> u64 {
+        std::mem::take(&mut self.data_len)
     }
 
     /// Checks that the body may end here.

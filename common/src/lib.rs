@@ -18,12 +18,14 @@
 //! * [`auth`]: request signing and verification (an RFC 9421 profile with ed25519).
 //! * [`keys`]: key files and public key encoding.
 //! * [`config`]: the three TOML configuration files.
+//! * [`admin`]: the admin listener (`/metrics` and the relay's status page); [`audit`]: the
+//!   audit log.
 //! * [`cli`]: logging, signals, error reports and key commands for the binaries.
 //! * [`mailbox`]: the small queue each channel is told what to do through.
 //! * With the `endpoint` feature (what the two endpoints use, and the relay does not):
 //!   [`client`], the signed HTTP client to the relay, and [`channel`], an endpoint's channel,
 //!   which carries connections between a local TCP socket and the relay
-//!   ([`channel::Channel`]).
+//!   ([`channel::Channel`]), and [`metrics`], what they count.
 //!
 //! Every call to the relay is signed; the relay verifies it before anything else:
 //!
@@ -49,6 +51,8 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod audit;
 pub mod auth;
 #[cfg(feature = "endpoint")]
 pub mod channel;
@@ -59,6 +63,8 @@ pub mod config;
 pub mod frame;
 pub mod keys;
 pub mod mailbox;
+#[cfg(feature = "endpoint")]
+pub mod metrics;
 pub mod protocol;
 
 use std::time::Duration;
@@ -80,6 +86,25 @@ pub async fn drain(tracker: &TaskTracker) {
             tasks = tracker.len(),
             grace = ?SHUTDOWN_GRACE,
             "tasks still running after the shutdown grace period; leaving them"
+        );
+    }
+}
+
+/// Waits until `tunnels` (the open tunnels of a draining program) is zero, for at most
+/// `grace`, and logs how it ended.
+pub async fn wait_for_tunnels(mut tunnels: tokio::sync::watch::Receiver<usize>, grace: Duration) {
+    let open = *tunnels.borrow();
+    tracing::info!(tunnels = open, grace = ?grace, "draining: taking no new connections; open tunnels may finish");
+    let all_ended = tokio::time::timeout(grace, tunnels.wait_for(|n| *n == 0))
+        .await
+        .is_ok();
+    if all_ended {
+        tracing::info!("drained: every tunnel has ended");
+    } else {
+        let left = *tunnels.borrow();
+        tracing::warn!(
+            tunnels = left,
+            "drain_grace is over; closing the tunnels still open"
         );
     }
 }

@@ -41,7 +41,7 @@ pub(crate) enum Denied {
 
 /// The address of the real client: the TCP peer, or, when the peer is a trusted reverse
 /// proxy, the rightmost `X-Forwarded-For` entry that is not itself a trusted proxy.
-pub(crate) fn client_addr(shared: &Shared, req: &Request) -> Option<IpAddr> {
+pub(crate) fn client_addr<B>(shared: &Shared, req: &http::Request<B>) -> Option<IpAddr> {
     let peer = req.extensions().get::<Peer>()?.0.ip();
     let trusted = |ip: IpAddr| shared.config.trusted_proxies.iter().any(|c| c.contains(ip));
     if !trusted(peer) {

@@ -11,6 +11,7 @@
 //! its limits and the reaper that frees each entry.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -18,12 +19,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use ptth_common::audit::Audit;
 use ptth_common::config::Name;
 use ptth_common::mailbox::Mailbox;
 use ptth_common::protocol::ChannelId;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, TunnelLabels, TunnelMeters};
 
 /// Which endpoint a channel belongs to, by its index in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +88,9 @@ pub(crate) struct Channel {
     pub server: usize,
     /// The port it serves or leads to.
     pub port: Name,
+    /// The address of the endpoint that opened it (behind trusted proxies, the one they
+    /// name).
+    pub peer: Option<IpAddr>,
     /// Cancelled when the channel ends, for whatever reason: its download then ends with an
     /// error, and its upload is answered `410`.
     pub cancel: CancellationToken,
@@ -102,7 +109,8 @@ pub(crate) struct Channel {
 const INBOX: usize = 4;
 
 impl Channel {
-    /// A new channel.
+    /// A new channel, of an endpoint whose address is unknown.
+    #[cfg(test)]
     pub fn new(
         id: ChannelId,
         side: Side,
@@ -110,11 +118,24 @@ impl Channel {
         port: Name,
         cancel: CancellationToken,
     ) -> Arc<Self> {
+        Self::opened_from(id, side, server, port, cancel, None)
+    }
+
+    /// A new channel, opened by the endpoint at `peer`.
+    pub fn opened_from(
+        id: ChannelId,
+        side: Side,
+        server: usize,
+        port: Name,
+        cancel: CancellationToken,
+        peer: Option<IpAddr>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             id,
             side,
             server,
             port,
+            peer,
             cancel,
             inbox: Mailbox::new(INBOX),
             upload_taken: AtomicBool::new(false),
@@ -214,23 +235,67 @@ pub(crate) struct Tunnel {
     held: [AtomicBool; 2],
     /// Cancelled once both directions have ended.
     finished: CancellationToken,
-    /// The table's count of tunnels, decremented when this one is dropped.
-    count: Arc<watch::Sender<usize>>,
+    /// Where it is counted and recorded.
+    book: Arc<TunnelBook>,
+    /// Who it joins.
+    pub labels: TunnelLabels,
+    /// When it was joined.
+    pub opened: Instant,
+    /// Bytes passed on so far: upstream (the client's upload), downstream (the server's).
+    bytes: [AtomicU64; 2],
+    meters: TunnelMeters,
+}
+
+/// Where tunnels are counted and recorded: the count the embedding program watches, the
+/// metrics and the audit log.
+#[derive(Debug)]
+pub(crate) struct TunnelBook {
+    /// Tunnels open now.
+    pub count: watch::Sender<usize>,
+    /// The relay's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The relay's audit log.
+    pub audit: Arc<Audit>,
+}
+
+impl TunnelBook {
+    /// A book with its own metrics, recording to the log.
+    #[cfg(test)]
+    pub fn for_test() -> Arc<Self> {
+        Arc::new(Self {
+            count: watch::Sender::new(0),
+            metrics: Arc::default(),
+            audit: Arc::new(Audit::to_log("ptth_relay")),
+        })
+    }
 }
 
 impl Tunnel {
-    /// Joins `client` and `server` for a connection; `None` if either carries one already.
+    /// Joins `client` and `server` for a connection of `labels`, counted and recorded in
+    /// `book`; `None` if either carries one already.
     pub fn join(
         client: &Arc<Channel>,
         server: &Arc<Channel>,
-        count: &Arc<watch::Sender<usize>>,
+        labels: TunnelLabels,
+        book: &Arc<TunnelBook>,
     ) -> Option<Arc<Self>> {
         let mut client_slot = client.tunnel.lock();
         let mut server_slot = server.tunnel.lock();
         if client_slot.is_some() || server_slot.is_some() {
             return None;
         }
-        count.send_modify(|n| *n += 1);
+        book.count.send_modify(|n| *n += 1);
+        let meters = book.metrics.tunnel_opened(&labels);
+        book.audit.record("tunnel_opened", || {
+            serde_json::json!({
+                "server": labels.server,
+                "port": labels.port,
+                "client": labels.client,
+                "client_ip": client.peer,
+                "server_ip": server.peer,
+                "channel": client.id.to_string(),
+            })
+        });
         let tunnel = Arc::new(Self {
             client: client.clone(),
             server: server.clone(),
@@ -238,7 +303,11 @@ impl Tunnel {
             answered: AtomicBool::new(false),
             held: [AtomicBool::new(false), AtomicBool::new(false)],
             finished: CancellationToken::new(),
-            count: count.clone(),
+            book: book.clone(),
+            labels,
+            opened: Instant::now(),
+            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+            meters,
         });
         *client_slot = Some(tunnel.clone());
         *server_slot = Some(tunnel.clone());
@@ -285,6 +354,30 @@ impl Tunnel {
         self.held[usize::from(channel.is_server())].load(Ordering::Relaxed)
     }
 
+    /// `n` bytes of `sender`'s upload (`DATA` payload) were passed on.
+    pub fn carried(&self, sender: &Channel, n: u64) {
+        let direction = usize::from(sender.is_server());
+        self.bytes[direction].fetch_add(n, Ordering::Relaxed);
+        self.meters.bytes[direction].inc_by(n);
+    }
+
+    /// Bytes passed on so far: upstream, downstream.
+    pub fn bytes(&self) -> [u64; 2] {
+        [0, 1].map(|d| self.bytes[d].load(Ordering::Relaxed))
+    }
+
+    /// How it ended (or is ending): both directions closed, refused before the server
+    /// answered, or aborted.
+    fn outcome(&self) -> &'static str {
+        if self.ended.load(Ordering::Acquire) >= 2 {
+            "closed"
+        } else if !self.is_answered() {
+            "not_answered"
+        } else {
+            "aborted"
+        }
+    }
+
     /// The channel of this tunnel that is not `channel`.
     pub fn other(&self, channel: &Channel) -> &Arc<Channel> {
         if channel.is_server() {
@@ -307,7 +400,22 @@ impl Tunnel {
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        self.count.send_modify(|n| *n = n.saturating_sub(1));
+        self.book.count.send_modify(|n| *n = n.saturating_sub(1));
+        self.meters.open.dec();
+        let [upstream, downstream] = self.bytes();
+        self.book.audit.record("tunnel_closed", || {
+            serde_json::json!({
+                "server": self.labels.server,
+                "port": self.labels.port,
+                "client": self.labels.client,
+                "client_ip": self.client.peer,
+                "channel": self.client.id.to_string(),
+                "bytes_upstream": upstream,
+                "bytes_downstream": downstream,
+                "duration_ms": u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "outcome": self.outcome(),
+            })
+        });
     }
 }
 
@@ -359,8 +467,8 @@ pub(crate) struct Channels {
     count: watch::Sender<usize>,
     /// Channels opened so far, observable from outside.
     opened: watch::Sender<u64>,
-    /// Tunnels (connections in progress), observable from outside.
-    pub tunnels: Arc<watch::Sender<usize>>,
+    /// Where tunnels are counted and recorded.
+    pub tunnels: Arc<TunnelBook>,
     /// Uploads that arrived before their channel's download request, each waiting for it (at
     /// most `max`, or [`MIN_EARLY`]).
     early: Mutex<HashMap<ChannelId, oneshot::Sender<Arc<Channel>>>>,
@@ -369,7 +477,12 @@ pub(crate) struct Channels {
 impl Channels {
     /// An empty table for `clients` clients, with at most `max` client channels, and
     /// `max_per_client` per client.
-    pub fn new(clients: usize, max: usize, max_per_client: usize) -> Self {
+    pub fn new(
+        clients: usize,
+        max: usize,
+        max_per_client: usize,
+        tunnels: Arc<TunnelBook>,
+    ) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
@@ -378,7 +491,7 @@ impl Channels {
             max_per_client,
             count: watch::Sender::new(0),
             opened: watch::Sender::new(0),
-            tunnels: Arc::new(watch::Sender::new(0)),
+            tunnels,
             early: Mutex::new(HashMap::new()),
         }
     }
@@ -434,6 +547,7 @@ impl Channels {
         }
         map.insert(channel.id, channel.clone());
         self.count.send_replace(map.len());
+        self.tunnels.metrics.channels.set(map.len() as i64);
         self.opened.send_modify(|n| *n += 1);
         if let Some(waiter) = self.early.lock().remove(&channel.id) {
             let _ = waiter.send(channel);
@@ -451,6 +565,38 @@ impl Channels {
             self.clients.fetch_sub(1, Ordering::Relaxed);
         }
         self.count.send_replace(map.len());
+        self.tunnels.metrics.channels.set(map.len() as i64);
+    }
+
+    /// The tunnels open now, at most `limit` of them (in no particular order).
+    pub fn open_tunnels(&self, limit: usize) -> Vec<Arc<Tunnel>> {
+        let map = self.map.lock();
+        map.values()
+            .filter(|c| !c.is_server())
+            .filter_map(|c| c.tunnel())
+            .take(limit)
+            .collect()
+    }
+
+    /// Closes every channel that carries no connection.
+    pub fn close_idle(&self) {
+        let idle: Vec<Arc<Channel>> = self
+            .map
+            .lock()
+            .values()
+            .filter(|c| c.tunnel().is_none())
+            .cloned()
+            .collect();
+        for channel in idle {
+            channel.close();
+        }
+    }
+
+    /// Client channels of client `client` (by index).
+    pub fn client_channels(&self, client: usize) -> usize {
+        self.per_client
+            .get(client)
+            .map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
     /// Watches the number of channels held.
@@ -481,6 +627,7 @@ impl Channels {
                         continue;
                     }
                     tracing::info!(idle_timeout = ?idle, "closing idle channel");
+                    self.tunnels.metrics.idle_channels_closed.inc();
                     break;
                 }
             }
@@ -504,13 +651,22 @@ mod tests {
         )
     }
 
+    fn labels() -> TunnelLabels {
+        TunnelLabels {
+            server: "db".into(),
+            port: "pg".into(),
+            client: "alice".into(),
+        }
+    }
+
     #[test]
     fn a_tunnel_joins_free_channels_only_and_frees_them_when_both_directions_end() {
-        let count = Arc::new(watch::Sender::new(0));
+        let book = TunnelBook::for_test();
+        let count = book.count.subscribe();
         let (c, s) = (channel(Side::Client(0)), channel(Side::Server));
-        let t = Tunnel::join(&c, &s, &count).expect("joined");
+        let t = Tunnel::join(&c, &s, labels(), &book).expect("joined");
         assert_eq!(*count.borrow(), 1);
-        assert!(Tunnel::join(&c, &channel(Side::Server), &count).is_none());
+        assert!(Tunnel::join(&c, &channel(Side::Server), labels(), &book).is_none());
         assert!(t.answer(), "first answer");
         assert!(!t.answer(), "second answer");
         t.direction_ended();
@@ -522,7 +678,7 @@ mod tests {
         drop(t);
         assert_eq!(*count.borrow(), 0);
         // A failed one ends both channels.
-        let t = Tunnel::join(&c, &s, &count).expect("joined again");
+        let t = Tunnel::join(&c, &s, labels(), &book).expect("joined again");
         t.fail();
         assert!(c.cancel.is_cancelled() && s.cancel.is_cancelled());
         assert!(c.tunnel().is_none());
@@ -557,7 +713,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_upload_may_wait_for_its_channel() {
-        let table = Channels::new(1, 10, 10);
+        let table = Channels::new(1, 10, 10, TunnelBook::for_test());
         let c = channel(Side::Client(0));
         let (waited, ()) = tokio::join!(table.find_or_wait(c.id, Duration::from_secs(10)), async {
             tokio::task::yield_now().await;
@@ -578,7 +734,7 @@ mod tests {
 
     #[test]
     fn the_table_limits_client_channels_and_counts_all() {
-        let table = Channels::new(2, 3, 2);
+        let table = Channels::new(2, 3, 2, TunnelBook::for_test());
         let count = table.count();
         let a = channel(Side::Client(0));
         table.insert(a.clone()).expect("a");
@@ -608,12 +764,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_reaper_frees_idle_and_cancelled_channels_and_fails_their_tunnel() {
-        let table = Channels::new(1, 10, 10);
+        let table = Channels::new(1, 10, 10, TunnelBook::for_test());
         let idle = Duration::from_secs(60);
         let (c, s) = (channel(Side::Client(0)), channel(Side::Server));
         table.insert(c.clone()).expect("c");
         table.insert(s.clone()).expect("s");
-        let t = Tunnel::join(&c, &s, &table.tunnels).expect("joined");
+        let t = Tunnel::join(&c, &s, labels(), &table.tunnels).expect("joined");
         let mut count = table.count();
         s.cancel.cancel();
         table.reap(&s, idle).await;
@@ -623,7 +779,7 @@ mod tests {
             "the tunnel failed with its server channel"
         );
         drop(t);
-        assert_eq!(*table.tunnels.borrow(), 0);
+        assert_eq!(*table.tunnels.count.borrow(), 0);
         let lone = channel(Side::Client(0));
         table.insert(lone.clone()).expect("lone");
         // Paused time advances to the idle deadline once everything waits.

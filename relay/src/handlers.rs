@@ -28,9 +28,15 @@ use crate::upload::{self, UploadEnd};
 #[derive(Debug)]
 pub(crate) struct ApiError(StatusCode, &'static str);
 
+/// The reason of an error answer, as an extension of the response: what `lib.rs` counts and
+/// records for every refused request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refused(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.0, format!("{}\n", self.1)).into_response();
+        r.extensions_mut().insert(Refused(self.1));
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         r.headers_mut()
@@ -42,7 +48,10 @@ impl IntoResponse for ApiError {
 type Result<T> = std::result::Result<T, ApiError>;
 
 const NO_SUCH_CHANNEL: ApiError = ApiError(StatusCode::NOT_FOUND, "no such channel");
-const SHUTTING_DOWN: ApiError = ApiError(StatusCode::SERVICE_UNAVAILABLE, "relay shutting down");
+const SHUTTING_DOWN: ApiError = ApiError(
+    StatusCode::SERVICE_UNAVAILABLE,
+    "relay draining or shutting down, retry",
+);
 const CHANNEL_CLOSED: ApiError = ApiError(StatusCode::GONE, "channel closed");
 
 impl From<Denied> for ApiError {
@@ -89,11 +98,7 @@ impl From<ListenRefusal> for ApiError {
 
 impl From<PortRefusal> for ApiError {
     fn from(r: PortRefusal) -> Self {
-        let status = match r {
-            PortRefusal::PortNotOffered => StatusCode::NOT_FOUND,
-            PortRefusal::ServerOffline | PortRefusal::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError(status, r.reason())
+        ApiError(r.status(), r.reason())
     }
 }
 
@@ -204,19 +209,20 @@ pub(crate) async fn listen(
     let server = access::server(&shared, &req, &server)?;
     let id = channel_id(&req)?;
     expect_no_body(&shared, &mut req).await?;
-    if shared.shutdown.is_cancelled() {
+    if shared.is_draining() {
         return Err(SHUTTING_DOWN);
     }
-    let channel = Channel::new(
+    let channel = Channel::opened_from(
         id,
         Side::Server,
         server,
         port,
         shared.shutdown.child_token(),
+        client_addr(&shared, &req),
     );
     let span = info_span!("channel", channel = %id, server = %shared.server_names[server], port = %channel.port);
     shared.open_channel(&channel, span)?;
-    let body = PipeBody::new(channel, shared.config.heartbeat_interval);
+    let body = PipeBody::new(channel, &shared);
     Ok(streaming_response(body, id))
 }
 
@@ -234,20 +240,19 @@ pub(crate) async fn connect(
     };
     let id = channel_id(&req)?;
     expect_no_body(&shared, &mut req).await?;
-    if shared.shutdown.is_cancelled() {
+    if shared.is_draining() {
         return Err(SHUTTING_DOWN);
     }
     shared.port_status(server_index, &port)?;
-    let channel = Channel::new(
+    let channel = Channel::opened_from(
         id,
         Side::Client(client),
         server_index,
         port,
         shared.shutdown.child_token(),
+        client_addr(&shared, &req),
     );
-    let client_ip = client_addr(&shared, &req)
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let client_ip = channel.peer.map(|a| a.to_string()).unwrap_or_default();
     let span = info_span!("channel", channel = %id, client = %shared.client_names[client], %client_ip, %server, port = %channel.port);
     if let Err(refusal) = shared.open_channel(&channel, span) {
         let refusal = ApiError::from(refusal);
@@ -256,7 +261,7 @@ pub(crate) async fn connect(
         }
         return Err(refusal);
     }
-    let body = PipeBody::new(channel, shared.config.heartbeat_interval);
+    let body = PipeBody::new(channel, &shared);
     Ok(streaming_response(body, id))
 }
 

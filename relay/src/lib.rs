@@ -40,8 +40,10 @@ mod access;
 mod channel;
 mod handlers;
 mod log_limit;
+mod metrics;
 mod pipe;
 mod state;
+mod status;
 mod tls;
 mod upload;
 
@@ -59,6 +61,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
 use ptth_common::TrackedExecutor;
+use ptth_common::audit::Audit;
 use ptth_common::config::RelayConfig;
 use ptth_common::protocol::{
     CONNECT_ROUTE, DOWNSTREAM_ROUTE, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME,
@@ -82,6 +85,9 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 32_768;
 /// past that, the connection is closed with `ENHANCE_YOUR_CALM` (rapid reset,
 /// CVE-2023-44487).
 const MAX_PENDING_RESETS: usize = 20;
+/// How the path of a `connect` ends (see `CONNECT_ROUTE`): its refusals are also counted as
+/// connections that could not be made.
+const CONNECT_SUFFIX: &str = "/connect";
 /// Time given to open HTTP connections to finish after shutdown starts.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -94,6 +100,15 @@ pub enum RelayError {
     /// The listener is unusable.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The audit log file cannot be opened.
+    #[error("cannot open the audit log {path}")]
+    AuditLog {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Prepares a relay with `config` on `listener`, serving until `shutdown` is cancelled: await
@@ -109,13 +124,27 @@ pub fn run(
         _ => None,
     };
     let local = listener.local_addr()?;
-    let shared = Arc::new(Shared::new(config, shutdown.child_token()));
+    let audit = match &config.audit_log {
+        Some(path) => {
+            Audit::to_file("ptth_relay", path).map_err(|source| RelayError::AuditLog {
+                path: path.clone(),
+                source,
+            })?
+        }
+        None => Audit::to_log("ptth_relay"),
+    };
+    let shared = Arc::new(Shared::with_audit(
+        config,
+        shutdown.child_token(),
+        Arc::new(audit),
+    ));
     Ok(Relay {
         shared,
         listener,
         local,
         shutdown,
         tls,
+        admin: None,
     })
 }
 
@@ -129,6 +158,8 @@ pub struct Relay {
     local: SocketAddr,
     shutdown: CancellationToken,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The admin listener, if any.
+    admin: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -141,6 +172,21 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
+    /// Also serves, on `listener`, the admin listener: `/metrics`, the status page at `/`
+    /// and its JSON at `/api/status` (see `ptth_common::admin`).
+    pub fn with_admin(mut self, listener: TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
+    }
+
+    /// A handle to drain the relay while it serves.
+    pub fn control(&self) -> Control {
+        Control {
+            shared: self.shared.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
     /// Watches the number of channels (clients' and servers', idle or carrying a connection)
     /// the relay holds.
     pub fn channels(&self) -> watch::Receiver<usize> {
@@ -154,7 +200,7 @@ impl Relay {
 
     /// Watches the number of tunnels: connections in progress.
     pub fn tunnels(&self) -> watch::Receiver<usize> {
-        self.shared.channels.tunnels.subscribe()
+        self.shared.channels.tunnels.count.subscribe()
     }
 
     /// Watches the number of server channels ready for a connection.
@@ -169,6 +215,43 @@ impl IntoFuture for Relay {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(serve(self))
+    }
+}
+
+/// Drains a serving relay (see [`Relay::control`]).
+#[derive(Debug, Clone)]
+pub struct Control {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+}
+
+impl Control {
+    /// Drains the relay, then shuts it down: from now on `listen` and `connect` are answered
+    /// 503 and idle channels are closed; open tunnels go on until they end, for at most
+    /// `drain_grace`; then the relay shuts down as when its shutdown token is cancelled.
+    /// Resolves once shutdown has begun.
+    pub async fn drain(&self) {
+        let tunnels = self.shared.channels.tunnels.count.subscribe();
+        self.shared.drain();
+        ptth_common::wait_for_tunnels(tunnels, self.shared.config.drain_grace).await;
+        self.shutdown.cancel();
+    }
+
+    /// Reads the configuration file `path` again and applies it (see [`Control::reload`]);
+    /// a file that does not load is logged, with its line, and the configuration in force
+    /// stays.
+    pub fn reload_from(&self, path: &std::path::Path) {
+        match RelayConfig::load(path) {
+            Ok(config) => self.reload(config),
+            Err(e) => self.shared.reload_rejected(&e.to_string()),
+        }
+    }
+
+    /// Applies `config`'s servers, clients, allow lists and authorities to the serving relay:
+    /// channels (and their tunnels) that it no longer allows are closed, the others go on.
+    /// Other settings take effect at the next start (a warning names those that changed).
+    pub fn reload(&self, config: RelayConfig) {
+        self.shared.reload(config);
     }
 }
 
@@ -189,7 +272,19 @@ async fn serve(relay: Relay) {
         local,
         shutdown,
         tls,
+        admin,
     } = relay;
+    if let Some(admin) = admin {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("ptth_relay");
+        shared.metrics.register(&mut registry);
+        let pages = Arc::new(status::StatusPages::new(shared.clone()));
+        let admin_state = Arc::new(ptth_common::admin::Admin::new(registry, Some(pages)));
+        shared.tasks.spawn(ptth_common::admin::serve(
+            admin,
+            admin_state,
+            shared.shutdown.clone(),
+        ));
+    }
     let config = &shared.config;
     info!(
         address = %local,
@@ -269,19 +364,22 @@ async fn serve(relay: Relay) {
             debug!(error = %e, "set_nodelay failed");
         }
         let connection = serve_connection(
+            shared.clone(),
             builder.clone(),
             stream,
             peer,
             router.clone(),
             tls.clone(),
-            config.http_idle_timeout,
             shutdown.clone(),
         );
+        let open = shared.metrics.http_connections.clone();
+        open.inc();
         shared.tasks.spawn(
             async move {
                 let _permit = permit;
                 let _per_ip = per_ip;
                 connection.await;
+                open.dec();
             }
             .instrument(info_span!("http", %peer)),
         );
@@ -293,7 +391,7 @@ async fn serve(relay: Relay) {
 
 /// Serves one TCP connection: its TLS handshake if configured, then HTTP until it ends or
 /// shutdown is requested. The connection is closed once it has had no request in flight for
-/// `idle_timeout`, counted from now: its first byte, its TLS handshake and its first request's
+/// `http_idle_timeout`, counted from now: its first byte, its TLS handshake and its first request's
 /// headers must all come within that time, whatever the protocol (a few bytes of the HTTP/2
 /// preface, or an HTTP/2 connection that opens no stream, hold a slot no longer than silence).
 ///
@@ -301,14 +399,15 @@ async fn serve(relay: Relay) {
 /// over HTTP/1.1 without TLS, for as long as it lasts, then holds only what that needs, rather
 /// than room for the largest of the four (with and without TLS, before and after it).
 async fn serve_connection(
+    shared: Arc<Shared>,
     builder: auto::Builder<TrackedExecutor>,
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    idle_timeout: Duration,
     shutdown: CancellationToken,
 ) {
+    let idle_timeout = shared.config.http_idle_timeout;
     let activity = Activity::new();
     let first_deadline = tokio::time::Instant::now() + idle_timeout;
     let service = {
@@ -316,9 +415,15 @@ async fn serve_connection(
         hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(Peer(peer));
             let busy = activity.busy();
+            let client_ip = access::client_addr(&shared, &req);
+            let connect = req.uri().path().ends_with(CONNECT_SUFFIX);
             let answer = router.clone().oneshot(req);
+            let shared = shared.clone();
             async move {
                 let response = answer.await?;
+                if let Some(handlers::Refused(reason)) = response.extensions().get() {
+                    shared.refused(response.status().as_u16(), reason, connect, client_ip);
+                }
                 Ok::<_, std::convert::Infallible>(
                     response.map(|body| Body::new(BusyBody::new(body, busy))),
                 )

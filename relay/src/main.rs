@@ -1,12 +1,15 @@
 //! The `ptth_relay` binary: reads the configuration, binds the listener and calls
 //! [`ptth_relay::run`].
 
+use std::future::IntoFuture;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use ptth_common::cli::Signal;
 use ptth_common::config::RelayConfig;
 use ptth_relay::RelayError;
+use tokio_util::sync::CancellationToken;
 
 /// PTTH relay: pairs ptth_proxy clients with ptth_server servers over streaming HTTP.
 #[derive(Debug, Parser)]
@@ -34,13 +37,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = RelayConfig::load(&args.config)?;
     let listener = ptth_common::cli::listen(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let shutdown = ptth_common::cli::shutdown_on_signals();
-    let relay = ptth_relay::run(listener, config, shutdown).map_err(|e| match e {
+    let admin = ptth_common::cli::admin_listener(config.admin_listen)?;
+    let signals = ptth_common::cli::signals();
+    let shutdown = CancellationToken::new();
+    let mut relay = ptth_relay::run(listener, config, shutdown).map_err(|e| match e {
         RelayError::Tls(_) => {
             anyhow::Error::new(e).context(format!("TLS settings in {}", args.config.display()))
         }
         e => e.into(),
     })?;
-    relay.await;
+    if let Some(admin) = admin {
+        relay = relay.with_admin(admin);
+    }
+    let control = relay.control();
+    ptth_common::cli::serve_with_signals(relay.into_future(), signals, |signal| match signal {
+        Signal::Drain => {
+            let control = control.clone();
+            tokio::spawn(async move { control.drain().await });
+        }
+        Signal::Reload => control.reload_from(&args.config),
+    })
+    .await;
     Ok(())
 }

@@ -18,6 +18,8 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::channel::{Channel, Feed, Returned, ToDownload};
+use crate::metrics::Metrics;
+use crate::state::Shared;
 
 /// What a body's `poll_frame` returns.
 type PollFrame = Poll<Option<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>>;
@@ -56,6 +58,8 @@ pub(crate) struct PipeBody {
     heartbeat: Pin<Box<Sleep>>,
     interval: Duration,
     cancel: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Where a connection the server did not take in time is counted.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for PipeBody {
@@ -67,8 +71,10 @@ impl std::fmt::Debug for PipeBody {
 }
 
 impl PipeBody {
-    /// The download of `channel`, with a heartbeat every `interval` of idleness.
-    pub(crate) fn new(channel: Arc<Channel>, interval: Duration) -> Self {
+    /// The download of `channel` of the relay `shared`, with a heartbeat every
+    /// `heartbeat_interval` of idleness.
+    pub(crate) fn new(channel: Arc<Channel>, shared: &Shared) -> Self {
+        let interval = shared.config.heartbeat_interval;
         let cancel = Box::pin(channel.cancel.clone().cancelled_owned());
         Self {
             channel,
@@ -80,6 +86,7 @@ impl PipeBody {
             heartbeat: Box::pin(tokio::time::sleep(Duration::ZERO)),
             interval,
             cancel,
+            metrics: shared.metrics.clone(),
         }
     }
 
@@ -191,6 +198,7 @@ impl PipeBody {
             // writes to its download succeed while its path has room for them, even when the
             // path has died without a word.)
             sender.touch_at(Instant::now());
+            s.feed.tunnel.carried(sender, s.frames.take_data_len());
             let Some(at) = end else {
                 // Held back until this download asks for more.
                 s.feed.tunnel.hold(sender, true);
@@ -248,6 +256,7 @@ impl Body for PipeBody {
             && deadline.as_mut().poll(cx).is_ready()
         {
             this.deadline = None;
+            this.metrics.connect_failed(504, NOT_TAKEN);
             return this.send_failed(frame::failed(NOT_TAKEN));
         }
         this.poll_heartbeat(cx)

@@ -13,16 +13,48 @@ use ptth_common::protocol::ChannelId;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug};
+use tracing::{Instrument, debug, error};
 
-use crate::channel::{Channel, Channels, TableRefusal, ToDownload, Tunnel};
+use ptth_common::audit::Audit;
+
+use crate::channel::{Channel, Channels, TableRefusal, ToDownload, Tunnel, TunnelBook};
 use crate::log_limit::RefusalLogs;
+use crate::metrics::{FailureLabels, Metrics, OutcomeLabels, TunnelLabels};
 
 /// Who signed a request: a server or a client, by its index in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Principal {
     Server(usize),
     Client(usize),
+}
+
+/// A port as the status page shows it.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct PortView {
+    /// Its name.
+    pub name: String,
+    /// Server channels alive on it.
+    pub channels: usize,
+    /// Of those, ready for a connection.
+    pub ready: usize,
+    /// Client connections waiting for one.
+    pub waiting: usize,
+}
+
+/// Requests refused lately, as the status page shows them.
+pub(crate) const RECENT_REJECTIONS: usize = 50;
+
+/// A request refused, as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Rejection {
+    /// When (RFC 3339, UTC).
+    pub time: String,
+    /// Why: the one-line reason answered.
+    pub reason: &'static str,
+    /// The HTTP status answered.
+    pub status: u16,
+    /// The caller's address, if known.
+    pub client_ip: Option<std::net::IpAddr>,
 }
 
 /// Most distinct ports remembered per server.
@@ -191,6 +223,14 @@ impl PortRefusal {
             Self::QueueFull => "too many pending connections",
         }
     }
+
+    /// The HTTP status of the refusal.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            Self::PortNotOffered => http::StatusCode::NOT_FOUND,
+            Self::ServerOffline | Self::QueueFull => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
 }
 
 /// What a client's connection gets.
@@ -241,15 +281,29 @@ pub(crate) struct Shared {
     ready_count: watch::Sender<usize>,
     /// Cancelled when the relay shuts down; every channel's token is a child.
     pub shutdown: CancellationToken,
+    /// Set when the relay drains: no new channel, and none stays once idle.
+    draining: std::sync::atomic::AtomicBool,
     /// Every task the relay starts.
     pub tasks: TaskTracker,
     /// The rate limits of the refusals the relay logs.
     pub refusal_logs: RefusalLogs,
+    /// What the relay counts.
+    pub metrics: Arc<Metrics>,
+    /// Requests refused lately, newest last (at most [`RECENT_REJECTIONS`]).
+    recent_rejections: Mutex<VecDeque<Rejection>>,
+    /// The audit log.
+    pub audit: Arc<Audit>,
 }
 
 impl Shared {
-    /// State for `config`, ending with `shutdown`.
+    /// State for `config`, ending with `shutdown`, with the audit log in the log.
+    #[cfg(test)]
     pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Self {
+        Self::with_audit(config, shutdown, Arc::new(Audit::to_log("ptth_relay")))
+    }
+
+    /// State for `config`, ending with `shutdown`, recording to `audit`.
+    pub fn with_audit(config: RelayConfig, shutdown: CancellationToken, audit: Arc<Audit>) -> Self {
         let mut keys = Vec::new();
         let mut server_index = HashMap::new();
         let mut server_names = Vec::new();
@@ -280,6 +334,7 @@ impl Shared {
                 }
             }
         }
+        let metrics = Arc::new(Metrics::default());
         Self {
             verifier: Verifier::new(keys, config.max_nonces),
             server_index,
@@ -294,11 +349,20 @@ impl Shared {
                 config.clients.len(),
                 config.max_connections,
                 config.max_connections_per_client,
+                Arc::new(TunnelBook {
+                    count: watch::Sender::new(0),
+                    metrics: metrics.clone(),
+                    audit: audit.clone(),
+                }),
             ),
             ready_count: watch::Sender::new(0),
             shutdown,
+            draining: std::sync::atomic::AtomicBool::new(false),
             tasks: TaskTracker::new(),
             refusal_logs: RefusalLogs::default(),
+            metrics,
+            recent_rejections: Mutex::new(VecDeque::with_capacity(RECENT_REJECTIONS)),
+            audit,
             config,
         }
     }
@@ -396,6 +460,7 @@ impl Shared {
         let was_ready = entry.ready.len() != before;
         if was_ready {
             self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
+            self.metrics.listens_ready.dec();
         }
         was_ready
     }
@@ -403,6 +468,10 @@ impl Shared {
     /// A server channel is ready for a connection (its upload has arrived, or its last
     /// connection has ended): it takes the oldest waiting client connection, or waits for one.
     pub fn ready(&self, server: &Arc<Channel>) {
+        if self.is_draining() {
+            server.close();
+            return;
+        }
         let mut ports = self.servers[server.server].lock();
         if server.cancel.is_cancelled() {
             return;
@@ -412,7 +481,7 @@ impl Shared {
         };
         entry.idle.insert(server.id);
         while let Some((client, to)) = entry.waiting.pop() {
-            let Some(tunnel) = Tunnel::join(&client, server, &self.channels.tunnels) else {
+            let Some(tunnel) = self.join(&client, server) else {
                 continue;
             };
             entry.idle.remove(&server.id);
@@ -424,6 +493,109 @@ impl Shared {
         }
         entry.ready.push_back(server.clone());
         self.ready_count.send_modify(|n| *n += 1);
+        self.metrics.listens_ready.inc();
+    }
+
+    /// Starts draining: new channels are refused from now on, idle ones are closed now, and
+    /// the others once their connection has ended.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.channels.close_idle();
+    }
+
+    /// Whether the relay drains (or shuts down): no new channel is taken.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst) || self.shutdown.is_cancelled()
+    }
+
+    /// A configuration reload failed: logged and recorded; the configuration in force stays.
+    pub fn reload_rejected(&self, error: &str) {
+        error!(error, "configuration not reloaded; the one in force stays");
+        self.metrics
+            .reloads
+            .get_or_create(&OutcomeLabels {
+                outcome: "rejected",
+            })
+            .inc();
+        self.audit.record(
+            "config_reload_rejected",
+            || serde_json::json!({ "error": error }),
+        );
+    }
+
+    /// TEMPORARY
+    pub fn reload(&self, _config: RelayConfig) {
+        error!("reload: TODO");
+    }
+
+    /// Records a refused request (`status`, `reason`) from `client_ip`: counted (a refused
+    /// `connect` also as a connection that could not be made), kept for the status page and
+    /// written to the audit log.
+    pub fn refused(
+        &self,
+        status: u16,
+        reason: &'static str,
+        connect: bool,
+        client_ip: Option<std::net::IpAddr>,
+    ) {
+        self.metrics
+            .rejections
+            .get_or_create(&FailureLabels { status, reason })
+            .inc();
+        if connect {
+            self.metrics.connect_failed(status, reason);
+        }
+        self.audit.record(
+            "request_refused",
+            || serde_json::json!({"status": status, "reason": reason, "client_ip": client_ip}),
+        );
+        let mut recent = self.recent_rejections.lock();
+        if recent.len() >= RECENT_REJECTIONS {
+            recent.pop_front();
+        }
+        recent.push_back(Rejection {
+            time: ptth_common::audit::rfc3339_now(),
+            reason,
+            status,
+            client_ip,
+        });
+    }
+
+    /// Requests refused lately, newest last.
+    pub fn recent_rejections(&self) -> Vec<Rejection> {
+        self.recent_rejections.lock().iter().cloned().collect()
+    }
+
+    /// The ports of server `server` (by index) and whether it is online.
+    pub fn server_view(&self, server: usize) -> (bool, Vec<PortView>) {
+        let ports = self.servers[server].lock();
+        let mut view: Vec<PortView> = ports
+            .ports
+            .iter()
+            .filter(|(_, p)| p.live > 0)
+            .map(|(name, p)| PortView {
+                name: name.to_string(),
+                channels: p.live,
+                ready: p.ready.len(),
+                waiting: p.waiting.entries.len(),
+            })
+            .collect();
+        view.sort_by(|a, b| a.name.cmp(&b.name));
+        (ports.live > 0, view)
+    }
+
+    /// Joins `client`'s connection with `server` (see [`Tunnel::join`]).
+    fn join(&self, client: &Arc<Channel>, server: &Arc<Channel>) -> Option<Arc<Tunnel>> {
+        let labels = TunnelLabels {
+            server: self.server_names[server.server].to_string(),
+            port: server.port.to_string(),
+            client: client
+                .client()
+                .map(|c| self.client_names[c].to_string())
+                .unwrap_or_default(),
+        };
+        Tunnel::join(client, server, labels, &self.channels.tunnels)
     }
 
     /// The server retires its idle channel `server`: it leaves the port's ready queue, unless
@@ -443,10 +615,11 @@ impl Shared {
         let entry = server.port(&client.port)?;
         while let Some(server) = entry.ready.pop_front() {
             self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
+            self.metrics.listens_ready.dec();
             if server.cancel.is_cancelled() {
                 continue;
             }
-            let Some(tunnel) = Tunnel::join(client, &server, &self.channels.tunnels) else {
+            let Some(tunnel) = self.join(client, &server) else {
                 continue;
             };
             entry.idle.remove(&server.id);

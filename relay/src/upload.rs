@@ -21,6 +21,10 @@ use tracing::debug;
 use crate::channel::{Channel, Feed, ToDownload, Tunnel};
 use crate::state::{Offer, Shared};
 
+/// The reason a client's connection fails with when the server cannot connect to its target
+/// (then the server's own reason in parentheses): a 502 of the protocol.
+const TARGET_UNREACHABLE: &str = "the server could not reach its target";
+
 /// Why an upload ended.
 #[derive(Debug)]
 pub(crate) enum UploadEnd {
@@ -142,7 +146,8 @@ async fn serve(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -> 
             }
             (Item::Failed(reason), Some(tunnel), true) if tunnel.answer() => {
                 debug!(channel = %channel.id, %reason, "server refused a connection");
-                let reason = format!("the server could not reach its target ({reason})");
+                shared.metrics.connect_failed(502, TARGET_UNREACHABLE);
+                let reason = format!("{TARGET_UNREACHABLE} ({reason})");
                 tunnel.client.tell(ToDownload::Fail(reason));
                 return UploadEnd::Closed;
             }
@@ -151,7 +156,8 @@ async fn serve(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -> 
                 Err(())
             }
         };
-        if next.is_err() {
+        // A connection has ended: a draining relay keeps no idle channel.
+        if next.is_err() || shared.is_draining() {
             return UploadEnd::Closed;
         }
     }
@@ -174,6 +180,8 @@ async fn connect(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -
         }
         Err(refusal) => {
             debug!(channel = %channel.id, reason = refusal.reason(), "connection refused");
+            let status = refusal.status().as_u16();
+            shared.metrics.connect_failed(status, refusal.reason());
             channel.tell(ToDownload::Fail(refusal.reason().to_owned()));
             return Err(());
         }

@@ -29,18 +29,22 @@
 //! ```
 #![warn(missing_docs)]
 
+use std::collections::BTreeMap;
 use std::future::{Future, IntoFuture};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use parking_lot::Mutex;
 use ptth_common::channel::{Channel, ChannelError, LocalSocket};
 use ptth_common::client::{Backoff, RelayClient, SetupError};
 use ptth_common::config::{Name, ServerConfig, Target};
 use ptth_common::keys::PrivateKey;
+use ptth_common::metrics::{EndpointMetrics, PortLabels};
 use ptth_common::protocol::{downstream_path, listen_path};
-use tokio::net::TcpStream;
-use tokio::sync::{Notify, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -64,10 +68,15 @@ pub fn run(
         ctx: Arc::new(Ctx {
             relay,
             slots: Arc::new(Semaphore::new(config.max_connections)),
+            draining: shutdown.child_token(),
             config,
             shutdown,
             tasks,
+            metrics: EndpointMetrics::default(),
+            pools: Mutex::new(BTreeMap::new()),
+            tunnels: watch::Sender::new(0),
         }),
+        admin: None,
     })
 }
 
@@ -77,6 +86,28 @@ pub fn run(
 #[derive(Debug)]
 pub struct Server {
     ctx: Arc<Ctx>,
+    admin: Option<TcpListener>,
+}
+
+impl Server {
+    /// Also serves, on `listener`, the admin listener: `/metrics` (see
+    /// `ptth_common::admin`).
+    pub fn with_admin(mut self, listener: TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
+    }
+
+    /// A handle to drain or reload the server proxy while it runs.
+    pub fn control(&self) -> Control {
+        Control {
+            ctx: self.ctx.clone(),
+        }
+    }
+
+    /// Watches the number of tunnels open.
+    pub fn tunnels(&self) -> watch::Receiver<usize> {
+        self.ctx.tunnels.subscribe()
+    }
 }
 
 impl IntoFuture for Server {
@@ -84,7 +115,112 @@ impl IntoFuture for Server {
     type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(serve(self.ctx))
+        Box::pin(serve(self.ctx, self.admin))
+    }
+}
+
+/// Drains or reloads a running server proxy (see [`Server::control`]).
+#[derive(Debug, Clone)]
+pub struct Control {
+    ctx: Arc<Ctx>,
+}
+
+impl Control {
+    /// Drains, then shuts down: no new channel is opened and idle ones are retired; open
+    /// tunnels go on until they end, for at most `drain_grace`; then the server proxy shuts
+    /// down as when its shutdown token is cancelled. Resolves once shutdown has begun.
+    pub async fn drain(&self) {
+        let ctx = &self.ctx;
+        ctx.draining.cancel();
+        for pool in ctx.pools.lock().values() {
+            pool.short.notify_waiters();
+        }
+        ptth_common::wait_for_tunnels(ctx.tunnels.subscribe(), ctx.config.drain_grace).await;
+        ctx.shutdown.cancel();
+    }
+
+    /// Reads the configuration file `path` again and applies its ports (see
+    /// [`Control::reload`]); a file that does not load is logged, with its line, and the
+    /// configuration in force stays.
+    pub fn reload_from(&self, path: &Path) {
+        match ServerConfig::load(path) {
+            Ok(config) => self.reload(config),
+            Err(e) => error!(
+                error = %e,
+                "configuration not reloaded; the one in force stays"
+            ),
+        }
+    }
+
+    /// Applies `config`'s ports: a port no longer offered is closed with its tunnels, a new
+    /// one is offered, a port whose target changed sends its next connections to the new
+    /// target (open tunnels go on). Other settings take effect at the next start (a warning
+    /// names those that changed).
+    pub fn reload(&self, config: ServerConfig) {
+        let ctx = &self.ctx;
+        let old = &ctx.config;
+        let restart_needed: Vec<&str> = [
+            (
+                "relay_url",
+                old.relay_url.to_string() != config.relay_url.to_string(),
+            ),
+            ("name", old.name != config.name),
+            ("key_file", old.key_file != config.key_file),
+            ("ca_file", old.ca_file != config.ca_file),
+            ("listen_pool", old.listen_pool != config.listen_pool),
+            (
+                "heartbeat_interval",
+                old.heartbeat_interval != config.heartbeat_interval,
+            ),
+            (
+                "connect_timeout",
+                old.connect_timeout != config.connect_timeout,
+            ),
+            ("max_backoff", old.max_backoff != config.max_backoff),
+            (
+                "max_connections",
+                old.max_connections != config.max_connections,
+            ),
+            ("admin_listen", old.admin_listen != config.admin_listen),
+            ("drain_grace", old.drain_grace != config.drain_grace),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect();
+        if !restart_needed.is_empty() {
+            warn!(settings = ?restart_needed, "these settings changed; they take effect at the next start");
+        }
+        let (mut added, mut removed, mut retargeted) = (Vec::new(), Vec::new(), Vec::new());
+        {
+            let mut pools = ctx.pools.lock();
+            pools.retain(|port, pool| {
+                if config.ports.contains_key(port) {
+                    return true;
+                }
+                let tunnels = pool.tunnels.load(Ordering::Acquire);
+                warn!(port = %port, tunnels, "port no longer offered: closing it and its tunnels");
+                pool.closed.cancel();
+                removed.push(port.to_string());
+                false
+            });
+            for (port, target) in &config.ports {
+                match pools.get(port) {
+                    Some(pool) => {
+                        let mut current = pool.target.lock();
+                        if *current != *target {
+                            info!(port = %port, from = %current, to = %target, "port retargeted: new connections go to the new target");
+                            *current = target.clone();
+                            retargeted.push(port.to_string());
+                        }
+                    }
+                    None => {
+                        added.push(port.to_string());
+                        pools.insert(port.clone(), offer(ctx, port, target));
+                    }
+                }
+            }
+        }
+        info!(?added, ?removed, ?retargeted, "configuration reloaded");
     }
 }
 
@@ -92,40 +228,82 @@ impl IntoFuture for Server {
 #[derive(Debug)]
 struct Ctx {
     relay: RelayClient,
+    /// The configuration it started with (a reload changes only the ports, in `pools`).
     config: ServerConfig,
     shutdown: CancellationToken,
+    /// Cancelled when the server proxy drains: no new channel, idle ones retired.
+    draining: CancellationToken,
     tasks: TaskTracker,
     /// One per open tunnel, at most `max_connections`.
     slots: Arc<Semaphore>,
+    metrics: EndpointMetrics,
+    /// The ports offered now.
+    pools: Mutex<BTreeMap<Name, Arc<Pool>>>,
+    /// Tunnels open now.
+    tunnels: watch::Sender<usize>,
 }
 
 /// One port's idle channels.
 #[derive(Debug)]
 struct Pool {
     port: Name,
-    target: Target,
+    /// Where its next connections go (a reload may change it).
+    target: Mutex<Target>,
+    /// Its labels in the metrics.
+    labels: PortLabels,
     /// Channels open and carrying no connection.
     idle: AtomicUsize,
+    /// Tunnels open now.
+    tunnels: AtomicUsize,
     /// Told when the pool may be short of idle channels.
     short: Notify,
+    /// Cancelled when the port is no longer offered (or at shutdown): its channels and
+    /// tunnels end.
+    closed: CancellationToken,
 }
 
-async fn serve(ctx: Arc<Ctx>) {
+/// Starts offering `port` (connections go to `target`): its pool and the task that fills it.
+fn offer(ctx: &Arc<Ctx>, port: &Name, target: &Target) -> Arc<Pool> {
+    let pool = Arc::new(Pool {
+        port: port.clone(),
+        target: Mutex::new(target.clone()),
+        labels: PortLabels {
+            server: ctx.config.name.to_string(),
+            port: port.to_string(),
+        },
+        idle: AtomicUsize::new(0),
+        tunnels: AtomicUsize::new(0),
+        short: Notify::new(),
+        closed: ctx.shutdown.child_token(),
+    });
+    let span = info_span!("port", port = %port);
+    ctx.tasks
+        .spawn(fill(ctx.clone(), pool.clone()).instrument(span));
+    pool
+}
+
+async fn serve(ctx: Arc<Ctx>, admin: Option<TcpListener>) {
     info!(
         relay = %ctx.config.relay_url,
         server = %ctx.config.name,
         ports = ?ctx.config.ports.keys().collect::<Vec<_>>(),
         "server proxy started"
     );
-    for (port, target) in &ctx.config.ports {
-        let pool = Arc::new(Pool {
-            port: port.clone(),
-            target: target.clone(),
-            idle: AtomicUsize::new(0),
-            short: Notify::new(),
-        });
-        let span = info_span!("port", port = %port);
-        ctx.tasks.spawn(fill(ctx.clone(), pool).instrument(span));
+    if let Some(admin) = admin {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("ptth_server");
+        ctx.metrics.register(&mut registry, ctx.relay.dials());
+        let admin_state = Arc::new(ptth_common::admin::Admin::new(registry, None));
+        ctx.tasks.spawn(ptth_common::admin::serve(
+            admin,
+            admin_state,
+            ctx.shutdown.clone(),
+        ));
+    }
+    {
+        let mut pools = ctx.pools.lock();
+        for (port, target) in &ctx.config.ports {
+            pools.insert(port.clone(), offer(&ctx, port, target));
+        }
     }
     ctx.shutdown.cancelled().await;
     info!("server proxy shutting down");
@@ -140,25 +318,32 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
     loop {
         while pool.idle.load(Ordering::Acquire) >= ctx.config.listen_pool {
             tokio::select! {
-                () = ctx.shutdown.cancelled() => return,
+                () = pool.closed.cancelled() => return,
+                () = ctx.draining.cancelled() => return,
                 () = pool.short.notified() => {}
             }
         }
-        let opened = match open_channel(&ctx, &pool.port) {
-            Some(mut channel) => channel.ready(&ctx.shutdown).await.map(|()| channel),
+        if ctx.draining.is_cancelled() {
+            return;
+        }
+        let opened = match open_channel(&ctx, &pool) {
+            Some(mut channel) => channel.ready(&pool.closed).await.map(|()| channel),
             None => return,
         };
         match opened {
             Ok(channel) => {
                 backoff.succeeded();
                 pool.idle.fetch_add(1, Ordering::AcqRel);
+                ctx.metrics.idle_channels.get_or_create(&pool.labels).inc();
                 let span = info_span!("channel", channel = %channel.id());
                 ctx.tasks
                     .spawn(run_channel(ctx.clone(), pool.clone(), channel).instrument(span));
             }
             Err(ChannelError::Cancelled) => return,
             Err(problem) => {
-                if !backoff.retry_after(&problem, &ctx.shutdown).await {
+                ctx.metrics.failed(&pool.labels, &problem);
+                ctx.metrics.reconnects.inc();
+                if !backoff.retry_after(&problem, &pool.closed).await {
                     return;
                 }
             }
@@ -168,22 +353,25 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
 
 /// A new channel for `port`: its `listen` and `downstream` (not sent before it is polled);
 /// `None` if the random source fails.
-fn open_channel(ctx: &Ctx, port: &Name) -> Option<Channel> {
+fn open_channel(ctx: &Ctx, pool: &Pool) -> Option<Channel> {
     let name = ctx.config.name.as_str();
     let opened = Channel::open(
         &ctx.relay,
-        &listen_path(name, port.as_str()),
+        &listen_path(name, pool.port.as_str()),
         |id| downstream_path(name, id),
         ctx.config.heartbeat_interval,
+        ctx.metrics.channel(&pool.labels, false),
     );
     opened
         .inspect_err(|e| error!(error = %e, "no channel id: the random source failed"))
         .ok()
 }
 
-/// Serves the connections the relay gives `channel`, one after the other, until it breaks or
-/// the pool has idle channels enough (then it is retired). `channel` is counted idle.
+/// Serves the connections the relay gives `channel`, one after the other, until it breaks, the
+/// pool has idle channels enough (then it is retired) or the server proxy drains. `channel` is
+/// counted idle.
 async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
+    let closed = &pool.closed;
     let mut given_already = false;
     loop {
         let given = if given_already {
@@ -191,19 +379,33 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
         } else {
             // Boxed, as `carry` below: a task's future is as large as the largest it awaits in
             // place, for as long as the task lives.
-            Box::pin(channel.idle(&ctx.shutdown)).await
+            tokio::select! {
+                r = Box::pin(channel.idle(closed)) => r,
+                () = ctx.draining.cancelled() => {
+                    // The relay may have given it a connection just before: then it serves
+                    // that one.
+                    if channel.retire(closed).await {
+                        Ok(())
+                    } else {
+                        Err(ChannelError::Cancelled)
+                    }
+                }
+            }
         };
         given_already = false;
         pool.idle.fetch_sub(1, Ordering::AcqRel);
+        ctx.metrics.idle_channels.get_or_create(&pool.labels).dec();
         pool.short.notify_one();
         match given {
             Ok(()) => {}
             Err(ChannelError::Cancelled) => return,
             Err(e) if e.is_front_problem() => {
+                ctx.metrics.failed(&pool.labels, &e);
                 warn!(error = %e, "channel closed");
                 return;
             }
             Err(e) => {
+                ctx.metrics.failed(&pool.labels, &e);
                 debug!(error = %e, "channel closed");
                 return;
             }
@@ -213,10 +415,14 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
             channel.refuse("the server is at its max_connections").await;
             return;
         };
-        let target = pool.target.as_str();
-        let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target));
+        let _tunnel = OpenTunnel::new(&ctx, &pool);
+        let target = pool.target.lock().clone();
+        let connect = tokio::time::timeout(
+            ctx.config.connect_timeout,
+            TcpStream::connect(target.as_str()),
+        );
         let connected = tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
+            () = closed.cancelled() => return,
             r = connect => r,
         };
         let stream = match connected {
@@ -244,29 +450,64 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
             return;
         };
         debug!("connection open");
-        match Box::pin(channel.carry(started, false, &ctx.shutdown)).await {
+        match Box::pin(channel.carry(started, false, closed)).await {
             Ok(()) => debug!("connection closed"),
             Err(ChannelError::Cancelled) => return,
             Err(e) if e.is_front_problem() => {
+                ctx.metrics.failed(&pool.labels, &e);
                 warn!(error = %e, "connection aborted");
                 return;
             }
             Err(e) => {
+                ctx.metrics.failed(&pool.labels, &e);
                 info!(error = %e, "connection aborted");
                 return;
             }
         }
+        drop(_tunnel);
+        if ctx.draining.is_cancelled() {
+            channel.retire(closed).await;
+            return;
+        }
         // Idle again: kept unless the pool has idle channels enough (twice `listen_pool`, so
         // that connections one after another reuse channels instead of opening new ones).
         pool.idle.fetch_add(1, Ordering::AcqRel);
+        ctx.metrics.idle_channels.get_or_create(&pool.labels).inc();
         if channel.worn() || pool.idle.load(Ordering::Acquire) > 2 * ctx.config.listen_pool {
             // The relay may have given it a connection just before: then it serves that one.
-            given_already = channel.retire(&ctx.shutdown).await;
+            given_already = channel.retire(closed).await;
             if !given_already {
                 pool.idle.fetch_sub(1, Ordering::AcqRel);
+                ctx.metrics.idle_channels.get_or_create(&pool.labels).dec();
                 pool.short.notify_one();
                 return;
             }
         }
+    }
+}
+
+/// A tunnel of a port, counted (in the port, the server proxy and the metrics) while it lives.
+struct OpenTunnel {
+    ctx: Arc<Ctx>,
+    pool: Arc<Pool>,
+    _metric: ptth_common::metrics::TunnelGuard,
+}
+
+impl OpenTunnel {
+    fn new(ctx: &Arc<Ctx>, pool: &Arc<Pool>) -> Self {
+        pool.tunnels.fetch_add(1, Ordering::AcqRel);
+        ctx.tunnels.send_modify(|n| *n += 1);
+        Self {
+            ctx: ctx.clone(),
+            pool: pool.clone(),
+            _metric: ctx.metrics.tunnel(&pool.labels),
+        }
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.pool.tunnels.fetch_sub(1, Ordering::AcqRel);
+        self.ctx.tunnels.send_modify(|n| *n = n.saturating_sub(1));
     }
 }

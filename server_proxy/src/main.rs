@@ -1,9 +1,12 @@
 //! The `ptth_server` binary: the key commands, or reads the configuration and key and calls
 //! [`ptth_server::run`].
 
+use std::future::IntoFuture;
+
 use clap::Parser;
-use ptth_common::cli::{self, EndpointArgs};
+use ptth_common::cli::{self, EndpointArgs, Signal};
 use ptth_common::config::ServerConfig;
+use tokio_util::sync::CancellationToken;
 
 /// PTTH server proxy: offers local TCP services through a ptth_relay, dialing out only.
 #[derive(Debug, Parser)]
@@ -28,6 +31,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let config = ServerConfig::load(config_path)?;
     let key = cli::load_key(config_path, &config.key_file)?;
-    ptth_server::run(config, key, cli::shutdown_on_signals())?.await;
+    let admin = cli::admin_listener(config.admin_listen)?;
+    let signals = cli::signals();
+    let mut server = ptth_server::run(config, key, CancellationToken::new())?;
+    if let Some(admin) = admin {
+        server = server.with_admin(admin);
+    }
+    let control = server.control();
+    cli::serve_with_signals(server.into_future(), signals, |signal| match signal {
+        Signal::Drain => {
+            let control = control.clone();
+            tokio::spawn(async move { control.drain().await });
+        }
+        Signal::Reload => control.reload_from(config_path),
+    })
+    .await;
     Ok(())
 }

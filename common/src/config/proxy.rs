@@ -10,8 +10,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::shared::{
-    ConfigError, Name, RelayUrl, at_line, default_heartbeat, default_max_connections, parse,
-    positive_duration, positive_usize, read, resolve, whole_file,
+    ConfigError, Name, RelayUrl, at_line, default_drain_grace, default_heartbeat,
+    default_max_connections, parse, positive_duration, positive_usize, read, resolve, whole_file,
 };
 
 /// `proxy.toml`.
@@ -34,6 +34,14 @@ pub struct ProxyConfig {
         deserialize_with = "positive_usize"
     )]
     pub max_connections: usize,
+    /// Address of the admin listener (`/metrics`); off when absent. Meant for loopback or a
+    /// private network: it answers without authentication.
+    #[serde(default)]
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM, how long open tunnels may go on before the program exits (a second
+    /// signal exits at once).
+    #[serde(default = "default_drain_grace", with = "humantime_serde")]
+    pub drain_grace: Duration,
     /// Ports to forward.
     pub forwards: Vec<Forward>,
 }

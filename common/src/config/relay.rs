@@ -11,8 +11,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::shared::{
-    ConfigError, Name, at_line, default_heartbeat, default_max_connections, parse,
-    positive_duration, positive_usize, read, resolve, whole_file,
+    ConfigError, Name, at_line, default_drain_grace, default_heartbeat, default_max_connections,
+    parse, positive_duration, positive_usize, read, resolve, whole_file,
 };
 use crate::keys::PublicKey;
 
@@ -107,6 +107,18 @@ pub struct RelayConfig {
         deserialize_with = "positive_usize"
     )]
     pub max_pending_connects: usize,
+    /// Address of the admin listener (`/metrics`, the status page at `/` and its JSON at `/api/status`); off when absent. Meant for
+    /// loopback or a private network: it answers without authentication.
+    #[serde(default)]
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM, how long open tunnels may go on before the program exits (a second
+    /// signal exits at once).
+    #[serde(default = "default_drain_grace", with = "humantime_serde")]
+    pub drain_grace: Duration,
+    /// File the audit log is appended to (JSON lines, see docs/operations.md); when absent,
+    /// its lines go to the log under the target `ptth_audit`.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
     /// Servers.
     #[serde(default)]
     pub servers: Vec<ServerEntry>,
@@ -176,6 +188,7 @@ impl RelayConfig {
         }
         config.tls_cert = config.tls_cert.map(|p| resolve(path, &p));
         config.tls_key = config.tls_key.map(|p| resolve(path, &p));
+        config.audit_log = config.audit_log.map(|p| resolve(path, &p));
         let mut names = HashSet::new();
         let mut keys = HashSet::new();
         let entries = config

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::shared::{
-    ConfigError, Name, RelayUrl, default_heartbeat, default_max_connections, parse,
-    positive_duration, positive_usize, read, resolve, whole_file,
+    ConfigError, Name, RelayUrl, default_drain_grace, default_heartbeat, default_max_connections,
+    parse, positive_duration, positive_usize, read, resolve, whole_file,
 };
 
 /// `server.toml`.
@@ -51,6 +51,14 @@ pub struct ServerConfig {
         deserialize_with = "positive_usize"
     )]
     pub max_connections: usize,
+    /// Address of the admin listener (`/metrics`); off when absent. Meant for
+    /// loopback or a private network: it answers without authentication.
+    #[serde(default)]
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM, how long open tunnels may go on before the program exits (a second
+    /// signal exits at once).
+    #[serde(default = "default_drain_grace", with = "humantime_serde")]
+    pub drain_grace: Duration,
 }
 
 fn default_listen_pool() -> usize {

@@ -152,6 +152,11 @@ pub(super) fn positive_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u
     Ok(v)
 }
 
+/// Time open tunnels get to end on SIGTERM: 30 s.
+pub(super) fn default_drain_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
 /// `heartbeat_interval` of all three programs.
 pub(super) fn default_heartbeat() -> Duration {
     Duration::from_secs(15)

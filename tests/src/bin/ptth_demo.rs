@@ -49,7 +49,14 @@ async fn main() -> anyhow::Result<()> {
     ptth_common::cli::init_logging(Some(&level)).map_err(anyhow::Error::msg)?;
     // Before anything is written: Ctrl-C at any point must still remove the folder with the
     // private keys in it.
-    let signal = ptth_common::cli::shutdown_on_signals();
+    // The first Ctrl-C (or SIGTERM) stops the demo; a second exits at once.
+    let mut signals = ptth_common::cli::signals();
+    let signal = tokio_util::sync::CancellationToken::new();
+    let stop = signal.clone();
+    tokio::spawn(async move {
+        while signals.next().await != ptth_common::cli::Signal::Drain {}
+        stop.cancel();
+    });
     let dir = tempfile::tempdir()?;
     let path = dir.path();
     println!("ptth demo: files in {}", path.display());

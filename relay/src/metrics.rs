@@ -1,0 +1,152 @@
+//! What the relay counts, for `/metrics` on its admin listener (names in docs/operations.md).
+//!
+//! Counting costs the hot path one relaxed atomic add per chunk passed on: a tunnel resolves its
+//! labelled counters once, when it is joined.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Who a tunnel joins: the labels of the tunnel metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TunnelLabels {
+    /// The server's name.
+    pub server: String,
+    /// The port's name.
+    pub port: String,
+    /// The client's name.
+    pub client: String,
+}
+
+/// A tunnel's labels and the direction of its bytes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ByteLabels {
+    server: String,
+    port: String,
+    client: String,
+    /// `upstream` (the client's bytes, towards the service) or `downstream`.
+    direction: &'static str,
+}
+
+/// Why something was refused or failed: the labels of the failure counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct FailureLabels {
+    /// The HTTP status, or the status the protocol gives an in-band failure (502, 503, 504).
+    pub status: u16,
+    /// The one-line reason the relay answers with.
+    pub reason: &'static str,
+}
+
+/// The outcome of a configuration reload: the label of the reload counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OutcomeLabels {
+    /// `applied` or `rejected`.
+    pub outcome: &'static str,
+}
+
+/// The relay's metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    /// Tunnels open now, by server, port and client.
+    pub tunnels_open: Family<TunnelLabels, Gauge>,
+    /// Tunnels opened so far.
+    pub tunnels: Family<TunnelLabels, Counter>,
+    /// Bytes passed on, by tunnel labels and direction.
+    pub tunnel_bytes: Family<ByteLabels, Counter>,
+    /// Client connections that could not be made: `connect` refused, or failed in-band.
+    pub connect_failures: Family<FailureLabels, Counter>,
+    /// Requests refused (signatures, permissions, limits), by status and reason.
+    pub rejections: Family<FailureLabels, Counter>,
+    /// Server channels ready for a connection: the servers' outstanding listens.
+    pub listens_ready: Gauge,
+    /// Channels held (clients' and servers', idle or carrying a connection).
+    pub channels: Gauge,
+    /// HTTP connections open on the public listener.
+    pub http_connections: Gauge,
+    /// Channels closed because nothing, heartbeats included, crossed them for `idle_timeout`.
+    pub idle_channels_closed: Counter,
+    /// Configuration reloads, by outcome.
+    pub reloads: Family<OutcomeLabels, Counter>,
+}
+
+/// The counters a tunnel updates while it lives.
+#[derive(Debug)]
+pub(crate) struct TunnelMeters {
+    /// `tunnels_open` of its labels.
+    pub open: Gauge,
+    /// `tunnel_bytes` of its labels: upstream, downstream.
+    pub bytes: [Counter; 2],
+}
+
+impl Metrics {
+    /// Registers every metric in `registry` (prefix `ptth_relay`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "tunnels_open",
+            "Tunnels open now",
+            self.tunnels_open.clone(),
+        );
+        registry.register("tunnels", "Tunnels opened", self.tunnels.clone());
+        registry.register(
+            "tunnel_bytes",
+            "Bytes passed on through tunnels",
+            self.tunnel_bytes.clone(),
+        );
+        registry.register(
+            "connect_failures",
+            "Client connections that could not be made",
+            self.connect_failures.clone(),
+        );
+        registry.register("rejections", "Requests refused", self.rejections.clone());
+        registry.register(
+            "listens_ready",
+            "Server channels ready for a connection",
+            self.listens_ready.clone(),
+        );
+        registry.register(
+            "channels",
+            "Channels held, idle or carrying a connection",
+            self.channels.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "HTTP connections open on the public listener",
+            self.http_connections.clone(),
+        );
+        registry.register(
+            "idle_channels_closed",
+            "Channels closed after idle_timeout without a byte or heartbeat",
+            self.idle_channels_closed.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Configuration reloads by outcome",
+            self.reloads.clone(),
+        );
+    }
+
+    /// A new tunnel of `labels`: counted, and its meters.
+    pub fn tunnel_opened(&self, labels: &TunnelLabels) -> TunnelMeters {
+        self.tunnels.get_or_create(labels).inc();
+        let open = self.tunnels_open.get_or_create_owned(labels);
+        open.inc();
+        let bytes = ["upstream", "downstream"].map(|direction| {
+            self.tunnel_bytes.get_or_create_owned(&ByteLabels {
+                server: labels.server.clone(),
+                port: labels.port.clone(),
+                client: labels.client.clone(),
+                direction,
+            })
+        });
+        TunnelMeters { open, bytes }
+    }
+
+    /// Counts a client connection that could not be made.
+    pub fn connect_failed(&self, status: u16, reason: &'static str) {
+        self.connect_failures
+            .get_or_create(&FailureLabels { status, reason })
+            .inc();
+    }
+}
