@@ -210,6 +210,13 @@ impl Channel {
         self.cancel.cancel();
     }
 
+    /// Ends an idle channel cleanly: its download ends after what it has passed on (rather
+    /// than with an error, which may cut what is still on its way), then the channel closes.
+    pub fn end_idle(&self) {
+        self.tell(ToDownload::Retired);
+        self.cancel.cancel();
+    }
+
     /// When bytes last crossed.
     fn last_activity(&self) -> Instant {
         self.started + Duration::from_millis(self.activity_ms.load(Ordering::Relaxed))
@@ -588,7 +595,7 @@ impl Channels {
             .cloned()
             .collect();
         for channel in idle {
-            channel.close();
+            channel.end_idle();
         }
     }
 

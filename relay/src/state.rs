@@ -469,7 +469,7 @@ impl Shared {
     /// connection has ended): it takes the oldest waiting client connection, or waits for one.
     pub fn ready(&self, server: &Arc<Channel>) {
         if self.is_draining() {
-            server.close();
+            server.end_idle();
             return;
         }
         let mut ports = self.servers[server.server].lock();

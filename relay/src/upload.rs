@@ -127,22 +127,14 @@ async fn serve(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -> 
                 if channel.is_server() && !shared.retire(channel) {
                     continue;
                 }
-                channel.tell(ToDownload::Retired);
-                // The endpoint, seeing its download end, ends its upload.
-                return match reader.next().await {
-                    Ok(None) => UploadEnd::Retired,
-                    _ => UploadEnd::Closed,
-                };
+                return retire(channel, reader).await;
             }
             (Item::End, Some(tunnel), true) if !tunnel.is_answered() => continue,
             (Item::Open, None, false) => connect(shared, channel, reader).await,
             (Item::Open, Some(tunnel), true) if tunnel.answer() => {
-                let lent = lend(channel, reader, &tunnel.client, &tunnel).await;
-                // Ready again once the whole connection has ended.
-                match lent {
-                    Ok(()) => finish(shared, channel, reader, &tunnel).await,
-                    Err(()) => Err(()),
-                }
+                lend(channel, reader, &tunnel.client, &tunnel)
+                    .await
+                    .map(|()| tunnel)
             }
             (Item::Failed(reason), Some(tunnel), true) if tunnel.answer() => {
                 debug!(channel = %channel.id, %reason, "server refused a connection");
@@ -156,16 +148,25 @@ async fn serve(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -> 
                 Err(())
             }
         };
-        // A connection has ended: a draining relay keeps no idle channel.
-        if next.is_err() || shared.is_draining() {
+        // This channel's direction of a connection has ended.
+        let Ok(tunnel) = next else {
             return UploadEnd::Closed;
+        };
+        match after_connection(shared, channel, reader, &tunnel).await {
+            Ok(Idle::Ready) => {}
+            Ok(Idle::Retired) => return retire(channel, reader).await,
+            Err(()) => return UploadEnd::Closed,
         }
     }
 }
 
 /// A client's `OPEN`: its connection is joined with a server channel (at once, or once one is
 /// ready), and the upload is lent to that channel's download until its `END`.
-async fn connect(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -> Result<(), ()> {
+async fn connect(
+    shared: &Shared,
+    channel: &Arc<Channel>,
+    reader: &mut Reader,
+) -> Result<Arc<Tunnel>, ()> {
     // The server must answer within accept_timeout; the client's download enforces it.
     let deadline = Instant::now() + shared.config.accept_timeout;
     if !channel.tell(ToDownload::Pending(deadline)) {
@@ -186,7 +187,8 @@ async fn connect(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -
             return Err(());
         }
     };
-    lend(channel, reader, &tunnel.server, &tunnel).await
+    lend(channel, reader, &tunnel.server, &tunnel).await?;
+    Ok(tunnel)
 }
 
 /// Lends the upload, from the `OPEN` just read, to `to`'s download, and takes it back at its
@@ -216,26 +218,56 @@ async fn lend(
     Ok(())
 }
 
-/// A server channel whose downstream has ended waits, reading its idle upload, for the upstream
-/// to end too; then it is ready for the next connection.
-async fn finish(
+/// What a channel is once its connection has ended.
+enum Idle {
+    /// Idle, for the next connection (a server's is ready for one).
+    Ready,
+    /// Its endpoint retired it (`END`) as the connection ended.
+    Retired,
+}
+
+/// Once the channel's own direction of a connection has ended, waits (reading its idle
+/// upload) for the other direction to end too: then the channel is idle. A server's is ready
+/// for the next connection; on a draining relay, the channel ends instead (cleanly: its
+/// download ends after all it has passed on). An `END` that comes before the other direction
+/// has ended (the endpoint retires the channel as soon as it has seen the whole connection
+/// end) retires the channel once it has.
+async fn after_connection(
     shared: &Shared,
     channel: &Arc<Channel>,
     reader: &mut Reader,
     tunnel: &Tunnel,
-) -> Result<(), ()> {
+) -> Result<Idle, ()> {
     loop {
-        // Biased: the server may retire the channel (`END`) as soon as it has seen the whole
-        // connection end, and the tunnel has finished by then.
         tokio::select! {
             biased;
             () = tunnel.finished() => break,
             item = reader.next() => match item {
                 Ok(Some(Item::Heartbeat)) => channel.touch(),
+                Ok(Some(Item::End)) => {
+                    tunnel.finished().await;
+                    return Ok(Idle::Retired);
+                }
                 _ => return Err(()),
             },
         }
     }
-    shared.ready(channel);
-    Ok(())
+    if shared.is_draining() {
+        channel.end_idle();
+        return Err(());
+    }
+    if channel.is_server() {
+        shared.ready(channel);
+    }
+    Ok(Idle::Ready)
+}
+
+/// The endpoint retires its idle channel: its download ends, and then its upload.
+async fn retire(channel: &Channel, reader: &mut Reader) -> UploadEnd {
+    channel.tell(ToDownload::Retired);
+    // The endpoint, seeing its download end, ends its upload.
+    match reader.next().await {
+        Ok(None) => UploadEnd::Retired,
+        _ => UploadEnd::Closed,
+    }
 }

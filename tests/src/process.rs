@@ -138,6 +138,49 @@ impl Program {
         }
     }
 
+    /// Sends it `signal` (`TERM`, `HUP`, ...).
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill -{signal} failed");
+        Ok(())
+    }
+
+    /// Waits at most `limit` for it to exit: its exit status, or an error if it still runs.
+    pub async fn exited(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} still running after {limit:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (at most 20 s) until its log has a line with every one of `words`: that line.
+    pub async fn logged(&mut self, words: &[&str]) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| words.iter().all(|w| l.contains(w))) {
+                return Ok(line.to_owned());
+            }
+            if Instant::now() > deadline {
+                bail!("{}: no line with {words:?}:\n{log}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it (what dropping
     /// it does).
     pub fn kill(self) {

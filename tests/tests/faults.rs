@@ -49,24 +49,6 @@ fn proxy_with_clock(config: &Path, offset: &str, log: PathBuf) -> Program {
     Program::start("ptth_proxy", cmd, log).expect("start ptth_proxy")
 }
 
-/// Waits (at most 20 s) until `program`'s log has a line with every one of `words`.
-async fn wait_for_log(program: &mut Program, words: &[&str]) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = program.log();
-        if let Some(line) = log.lines().find(|l| words.iter().all(|w| l.contains(w))) {
-            return line.to_owned();
-        }
-        program.check_running().expect("still running");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}: no line with {words:?}:\n{log}",
-            program.name
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A proxy whose clock is 30 s ahead of the relay's, or 30 s behind, works; one 90 s ahead is
 /// refused, and says that the clocks differ and by how much.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,15 +83,14 @@ async fn clocks_may_differ_by_30_s_and_90_s_is_explained() {
         let config = proxy_toml(&setup, &url, local);
         let log = setup.path().join("proxy+90s.log");
         let mut proxy = proxy_with_clock(&config, "+90s", log);
-        let line = wait_for_log(
-            &mut proxy,
-            &[
+        let line = proxy
+            .logged(&[
                 "check the clocks",
                 "our clock is 9",
                 "s ahead of the relay's",
-            ],
-        )
-        .await;
+            ])
+            .await
+            .expect("the clock difference explained");
         assert!(line.contains("401"), "{line}");
     })
     .await;
