@@ -239,8 +239,10 @@ impl Control {
 
     /// Reads the configuration file `path` again and applies it (see [`Control::reload`]);
     /// a file that does not load is logged, with its line, and the configuration in force
-    /// stays.
+    /// stays. The audit log's file is opened again first (for log rotation).
     pub fn reload_from(&self, path: &std::path::Path) {
+        // After a log rotation, the audit log goes on in a new file.
+        self.shared.audit.reopen();
         match RelayConfig::load(path) {
             Ok(config) => self.reload(config),
             Err(e) => self.shared.reload_rejected(&e.to_string()),
