@@ -173,6 +173,38 @@ pub fn spawn(dir: &Path, bin: &'static str, config: &str, text: &str) -> Program
     start(dir, bin, config)
 }
 
+/// Starts the ptth program `bin` with `--config config`, logging at `info` to `log`, its clock
+/// moved by `offset` (faketime's syntax: `+30s`). Fails the test if it cannot be started.
+pub fn start_with_clock(bin: &'static str, config: &Path, offset: &str, log: PathBuf) -> Program {
+    let faketime = crate::fronts::ensure_installed("faketime", "faketime").expect("faketime");
+    let mut cmd = Command::new(faketime);
+    cmd.args(["-f", offset])
+        .arg(binary(bin).expect(bin))
+        .arg("--config")
+        .arg(config)
+        .args(["--log-level", "info"]);
+    Program::start(bin, cmd, log).unwrap_or_else(|e| panic!("starting {bin}: {e:#}"))
+}
+
+/// Waits (at most 20 s) until `program`'s log has a line with every one of `words`: that
+/// line. Fails the test otherwise.
+pub async fn wait_for_log(program: &mut Program, words: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = program.log();
+        if let Some(line) = log.lines().find(|l| words.iter().all(|w| l.contains(w))) {
+            return line.to_owned();
+        }
+        program.check_running().expect("still running");
+        assert!(
+            Instant::now() < deadline,
+            "{}: no line with {words:?}:\n{log}",
+            program.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `addr` accepts connections, while `program` runs (at most 10 s).
 pub async fn wait_listening(addr: SocketAddr, program: &mut Program) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
