@@ -512,9 +512,6 @@ fn explain(status: StatusCode) -> &'static str {
         StatusCode::SERVICE_UNAVAILABLE => "server offline (or relay busy)",
         StatusCode::NOT_FOUND => "unknown port: the server does not offer it",
         StatusCode::FORBIDDEN => "not allowed: this client's allow list does not grant the port",
-        StatusCode::UNAUTHORIZED => {
-            "the relay refused our signature (key not configured there, or clocks differ)"
-        }
         _ => "unexpected answer from the relay",
     }
 }

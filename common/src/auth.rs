@@ -28,6 +28,27 @@ use crate::keys::{PrivateKey, PublicKey};
 pub const SIGNATURE_INPUT: &str = "signature-input";
 /// Header holding the signature.
 pub const SIGNATURE: &str = "signature";
+/// Header naming the authority a request was signed for (the `@authority` of its signature
+/// base), so that a relay that sees the request under another authority can tell why its
+/// signature fails.
+pub const SIGNED_AUTHORITY: &str = "ptth-signed-authority";
+/// Header on a relay's `401` naming the authority it checked the signature against when that
+/// is the request's own (`Host` or `:authority`, lowercased; `authorities` unset), so that
+/// a caller whose `Host` a front changed can tell.
+pub const RELAY_AUTHORITY: &str = "ptth-relay-authority";
+/// The one-line reasons (the body) of a relay's `401` answers, which the endpoints read to say
+/// what to do.
+pub mod reason {
+    /// Headers missing, oversized or not of this profile.
+    pub const MALFORMED: &str = "missing or malformed signature";
+    /// Unknown key, a signature that does not verify, or one over another authority: one
+    /// answer, so that a caller cannot tell which keys are configured.
+    pub const INVALID: &str = "invalid signature";
+    /// Outside the time window.
+    pub const STALE: &str = "signature expired or not yet valid: check the clocks";
+    /// The nonce was used before.
+    pub const REPLAYED: &str = "replayed request";
+}
 /// The signature label used in both headers.
 pub const LABEL: &str = "ptth";
 /// The application tag that scopes signatures to this protocol.
@@ -55,13 +76,40 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The two header values of a signed request.
+/// The header values of a signed request.
 #[derive(Debug, Clone)]
 pub struct SignedHeaders {
     /// Value of `Signature-Input`.
     pub input: String,
     /// Value of `Signature`.
     pub signature: String,
+    /// The authority signed for, sent as [`SIGNED_AUTHORITY`] so that a relay that sees
+    /// another one can say so.
+    pub authority: String,
+}
+
+impl SignedHeaders {
+    /// These headers as a relay receives them.
+    pub fn as_received(&self) -> ReceivedHeaders<'_> {
+        ReceivedHeaders {
+            input: Some(&self.input),
+            signature: Some(&self.signature),
+            signed_for: Some(&self.authority),
+        }
+    }
+}
+
+/// The signature headers of a request as received (each `None` when absent or not text).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReceivedHeaders<'a> {
+    /// Value of `Signature-Input`.
+    pub input: Option<&'a str>,
+    /// Value of `Signature`.
+    pub signature: Option<&'a str>,
+    /// Value of [`SIGNED_AUTHORITY`]: the authority the caller says it signed for. Not
+    /// covered by the signature, and never trusted: a relay tries it only to explain a
+    /// signature that failed.
+    pub signed_for: Option<&'a str>,
 }
 
 /// Signs requests with one private key.
@@ -76,6 +124,11 @@ impl Signer {
     pub fn new(key: PrivateKey) -> Self {
         let keyid = key.public().to_base64();
         Self { key, keyid }
+    }
+
+    /// The `keyid` it signs with: the standard base64 of its public key, as in `relay.toml`.
+    pub fn keyid(&self) -> &str {
+        &self.keyid
     }
 
     /// Signs `method authority path`, created now.
@@ -109,6 +162,7 @@ impl Signer {
         SignedHeaders {
             input: format!("{LABEL}={params}"),
             signature: format!("{LABEL}=:{}:", STANDARD.encode(sig.to_bytes())),
+            authority: authority.to_owned(),
         }
     }
 }
@@ -119,24 +173,57 @@ fn signature_base(method: &str, authority: &str, path: &str, params: &str) -> St
     )
 }
 
-/// Why a request was not authenticated.
+/// Why a request was not authenticated. The relay answers [`AuthError::UnknownKey`],
+/// [`AuthError::BadSignature`] and [`AuthError::OtherAuthority`] alike, so that a caller cannot
+/// tell which keys are configured; they differ for the relay's own log.
 #[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     /// Headers missing, oversized or not of this profile.
     #[error("missing or malformed signature headers: {0}")]
     Malformed(&'static str),
-    /// Unknown key or a signature that does not verify (deliberately one variant).
-    #[error("invalid signature")]
-    BadSignature,
-    /// Outside the accepted time window.
-    #[error("signature expired or not yet valid (check the clocks)")]
-    Stale,
+    /// The `keyid` names no configured key (`None`: it is not base64 of 32 bytes).
+    #[error("unknown key {}", key_text(.0.as_ref()))]
+    UnknownKey(Option<[u8; 32]>),
+    /// The signature of a configured key (its `keyid`) verifies over none of the authorities
+    /// checked, nor over the one the caller says it signed for.
+    #[error("the signature by key {} does not verify", key_text(Some(.0)))]
+    BadSignature([u8; 32]),
+    /// The signature of a configured key (its `keyid`) verifies over the authority the caller
+    /// says it signed for, which is none of those checked.
+    #[error("the signature by key {} is for another authority", key_text(Some(.0)))]
+    OtherAuthority([u8; 32]),
+    /// Outside the accepted time window: `created` minus the relay's clock, in seconds
+    /// (positive when the signer's clock is ahead).
+    #[error("{}", stale_text(*.0))]
+    Stale(i64),
     /// The nonce was used before.
     #[error("replayed request")]
     Replay,
     /// The nonce cache is full; refuse rather than forget live nonces.
     #[error("too many requests in flight, retry shortly")]
     Busy,
+}
+
+/// A `keyid` for the relay's log: the key's base64 (as in `relay.toml`).
+fn key_text(keyid: Option<&[u8; 32]>) -> String {
+    keyid.map_or_else(
+        || "(keyid is not base64 of 32 bytes)".to_owned(),
+        |k| STANDARD.encode(k),
+    )
+}
+
+/// A stale signature for the relay's log: which way and how far `created` is off. (One
+/// created ahead of the relay's clock is refused only beyond the allowance; one expires only
+/// after it was created.)
+fn stale_text(created_minus_now: i64) -> String {
+    let by = created_minus_now.unsigned_abs();
+    if created_minus_now > 0 {
+        format!("signed {by} s ahead of the relay's clock (at most {MAX_SKEW_SECS} s allowed)")
+    } else {
+        format!(
+            "signed {by} s before the relay's clock, and expired (valid at most {MAX_AGE_SECS} s)"
+        )
+    }
 }
 
 struct Parsed<'a> {
@@ -212,7 +299,7 @@ fn parse<'a>(input: &'a str, signature: &str) -> Result<Parsed<'a>, AuthError> {
     let mut keyid_bytes = [0u8; 32];
     match STANDARD.decode_slice(string(keyid, "keyid")?, &mut keyid_bytes) {
         Ok(32) => {}
-        _ => return Err(AuthError::BadSignature),
+        _ => return Err(AuthError::UnknownKey(None)),
     }
     let sig_b64 = signature
         .strip_prefix(LABEL)
@@ -336,36 +423,48 @@ impl<P> Verifier<P> {
 
     /// Verifies a request signed over any one of `authorities` (the names the relay answers
     /// to: its configured public names, or the request's own `Host`). `now` is seconds since
-    /// the epoch. Returns the principal of the key that signed it.
+    /// the epoch. The authority the caller says it signed for is never accepted: it is tried
+    /// only once the signature has failed, to tell [`AuthError::OtherAuthority`] from
+    /// [`AuthError::BadSignature`]. Returns the principal of the key that signed it.
     pub fn verify(
         &self,
         method: &str,
         authorities: &[&str],
         path: &str,
-        input: Option<&str>,
-        signature: Option<&str>,
+        received: ReceivedHeaders<'_>,
         now: u64,
     ) -> Result<&P, AuthError> {
-        let input = input.ok_or(AuthError::Malformed("signature-input missing"))?;
-        let signature = signature.ok_or(AuthError::Malformed("signature missing"))?;
+        let input = received
+            .input
+            .ok_or(AuthError::Malformed("signature-input missing"))?;
+        let signature = received
+            .signature
+            .ok_or(AuthError::Malformed("signature missing"))?;
         let p = parse(input, signature)?;
-        if p.expires <= p.created
-            || p.expires - p.created > MAX_AGE_SECS
-            || p.created > now + MAX_SKEW_SECS
-            || now > p.expires
-            || now.saturating_sub(p.created) > MAX_AGE_SECS
-        {
-            return Err(AuthError::Stale);
+        if p.expires <= p.created || p.expires - p.created > MAX_AGE_SECS {
+            return Err(AuthError::Malformed("expires"));
         }
-        let (who, key, principal) = self.keys.get(&p.keyid).ok_or(AuthError::BadSignature)?;
-        let verified = authorities.iter().any(|authority| {
+        if p.created > now + MAX_SKEW_SECS || now > p.expires {
+            // Both at most 15 digits: no overflow.
+            return Err(AuthError::Stale(p.created as i64 - now as i64));
+        }
+        let (who, key, principal) = self
+            .keys
+            .get(&p.keyid)
+            .ok_or(AuthError::UnknownKey(Some(p.keyid)))?;
+        let verifies = |authority: &str| {
             let base = signature_base(method, authority, path, p.params);
             key.verifying_key()
                 .verify_strict(base.as_bytes(), &p.signature)
                 .is_ok()
-        });
-        if !verified {
-            return Err(AuthError::BadSignature);
+        };
+        if !authorities.iter().any(|a| verifies(a)) {
+            return Err(match received.signed_for {
+                Some(other) if !authorities.contains(&other) && verifies(other) => {
+                    AuthError::OtherAuthority(p.keyid)
+                }
+                _ => AuthError::BadSignature(p.keyid),
+            });
         }
         // A signature is accepted until min(expires, created + 60 s), and created is at most
         // now + skew: keeping every nonce for max age + skew from now covers that, and keeps
@@ -395,8 +494,7 @@ mod tests {
         path: &str,
         now: u64,
     ) -> Result<&'static str, AuthError> {
-        v.verify("POST", &[A], path, Some(&h.input), Some(&h.signature), now)
-            .copied()
+        v.verify("POST", &[A], path, h.as_received(), now).copied()
     }
 
     #[test]
@@ -407,6 +505,11 @@ mod tests {
         assert_eq!(check(&v, &h, P, unix_now()), Err(AuthError::Replay));
     }
 
+    /// The `keyid` of `signer`'s key.
+    fn keyid(signer: &Signer) -> [u8; 32] {
+        signer.key.public().to_bytes()
+    }
+
     #[test]
     fn refuses_tampering_and_unknown_keys() {
         let (s, v) = setup(10);
@@ -414,28 +517,59 @@ mod tests {
         let now = unix_now();
         assert_eq!(
             check(&v, &h, "/v1/servers/web/ports/pg/connect", now),
-            Err(AuthError::BadSignature)
-        );
-        assert_eq!(
-            v.verify(
-                "POST",
-                &["other:4000"],
-                P,
-                Some(&h.input),
-                Some(&h.signature),
-                now
-            )
-            .copied(),
-            Err(AuthError::BadSignature)
+            Err(AuthError::BadSignature(keyid(&s)))
         );
         let other = Signer::new(PrivateKey::generate().expect("gen"));
         assert_eq!(
             check(&v, &other.sign("POST", A, P), P, now),
-            Err(AuthError::BadSignature)
+            Err(AuthError::UnknownKey(Some(keyid(&other))))
         );
         let mut bad = h.clone();
         bad.input = bad.input.replace("created=", "created=1");
         assert!(check(&v, &bad, P, now).is_err());
+        let short_keyid = h.input.replace(&s.keyid, "AAAA");
+        let received = ReceivedHeaders {
+            input: Some(&short_keyid),
+            ..h.as_received()
+        };
+        assert_eq!(
+            v.verify("POST", &[A], P, received, now).copied(),
+            Err(AuthError::UnknownKey(None))
+        );
+    }
+
+    /// A signature over another authority than those checked is told apart when the caller
+    /// names the authority it signed for, and only if the signature verifies over it.
+    #[test]
+    fn another_authority_is_told_apart_only_when_it_verifies() {
+        let (s, v) = setup(10);
+        let h = s.sign("POST", A, P);
+        let now = unix_now();
+        let at_other = |received| v.verify("POST", &["other:4000"], P, received, now).copied();
+        assert_eq!(
+            at_other(h.as_received()),
+            Err(AuthError::OtherAuthority(keyid(&s)))
+        );
+        let unnamed = ReceivedHeaders {
+            signed_for: None,
+            ..h.as_received()
+        };
+        assert_eq!(at_other(unnamed), Err(AuthError::BadSignature(keyid(&s))));
+        let misnamed = ReceivedHeaders {
+            signed_for: Some("third:4000"),
+            ..h.as_received()
+        };
+        assert_eq!(at_other(misnamed), Err(AuthError::BadSignature(keyid(&s))));
+        // Naming an authority is never enough to be accepted there.
+        let named_other = ReceivedHeaders {
+            signed_for: Some("other:4000"),
+            ..h.as_received()
+        };
+        assert_eq!(
+            at_other(named_other),
+            Err(AuthError::BadSignature(keyid(&s)))
+        );
+        assert_eq!(check(&v, &h, P, now), Ok("alice"));
     }
 
     #[test]
@@ -458,25 +592,28 @@ mod tests {
         ];
         for input in tampered {
             assert_ne!(input, h.input, "the replacement must change something");
+            let received = ReceivedHeaders {
+                input: Some(&input),
+                ..h.as_received()
+            };
             assert_eq!(
-                v.verify("POST", &[A], P, Some(&input), Some(&h.signature), now)
-                    .copied(),
-                Err(AuthError::BadSignature),
+                v.verify("POST", &[A], P, received, now).copied(),
+                Err(AuthError::BadSignature(keyid(&s))),
                 "{input}"
             );
         }
         assert_eq!(
-            v.verify("GET", &[A], P, Some(&h.input), Some(&h.signature), now)
-                .copied(),
-            Err(AuthError::BadSignature),
+            v.verify("GET", &[A], P, h.as_received(), now).copied(),
+            Err(AuthError::BadSignature(keyid(&s))),
             "method"
         );
         // Unchanged, the same request passes (once).
         assert_eq!(check(&v, &h, P, now), Ok("alice"));
     }
 
+    /// Only a caller of another profile does that: not a matter of clocks.
     #[test]
-    fn a_longer_validity_than_sixty_seconds_is_refused() {
+    fn a_longer_validity_than_sixty_seconds_is_malformed() {
         let (s, v) = setup(10);
         let now = unix_now();
         let h = s.sign_with("POST", A, P, now, &[6; 16]);
@@ -485,7 +622,10 @@ mod tests {
             &format!("expires={}", now + MAX_AGE_SECS),
             &format!("expires={}", now + 3600),
         );
-        assert_eq!(check(&v, &long, P, now), Err(AuthError::Stale));
+        assert_eq!(
+            check(&v, &long, P, now),
+            Err(AuthError::Malformed("expires"))
+        );
     }
 
     /// The worked example of docs/protocol.md, byte for byte.
@@ -516,18 +656,11 @@ mod tests {
         );
         let v = Verifier::new([(key.public(), "example")], 10);
         let at = |now| {
-            v.verify(
-                "POST",
-                &["relay.example.com"],
-                path,
-                Some(&h.input),
-                Some(&h.signature),
-                now,
-            )
-            .copied()
+            v.verify("POST", &["relay.example.com"], path, h.as_received(), now)
+                .copied()
         };
-        assert_eq!(at(1_699_999_954), Err(AuthError::Stale));
-        assert_eq!(at(1_700_000_061), Err(AuthError::Stale));
+        assert_eq!(at(1_699_999_954), Err(AuthError::Stale(46)));
+        assert_eq!(at(1_700_000_061), Err(AuthError::Stale(-61)));
         assert_eq!(at(1_699_999_955), Ok("example"));
         assert_eq!(at(1_700_000_060), Err(AuthError::Replay));
     }
@@ -537,9 +670,17 @@ mod tests {
         let (s, v) = setup(10);
         let now = unix_now();
         let old = s.sign_with("POST", A, P, now - MAX_AGE_SECS - 1, &[1; 16]);
-        assert_eq!(check(&v, &old, P, now), Err(AuthError::Stale));
+        assert_eq!(check(&v, &old, P, now), Err(AuthError::Stale(-61)));
         let future = s.sign_with("POST", A, P, now + MAX_SKEW_SECS + 5, &[2; 16]);
-        assert_eq!(check(&v, &future, P, now), Err(AuthError::Stale));
+        assert_eq!(check(&v, &future, P, now), Err(AuthError::Stale(50)));
+        assert_eq!(
+            AuthError::Stale(50).to_string(),
+            "signed 50 s ahead of the relay's clock (at most 45 s allowed)"
+        );
+        assert_eq!(
+            AuthError::Stale(-61).to_string(),
+            "signed 61 s before the relay's clock, and expired (valid at most 60 s)"
+        );
         let edge = s.sign_with("POST", A, P, now - MAX_AGE_SECS + 1, &[3; 16]);
         assert_eq!(check(&v, &edge, P, now), Ok("alice"));
     }
@@ -640,25 +781,22 @@ mod tests {
         let (s, v) = setup(10);
         let h = s.sign("POST", A, P);
         let now = unix_now();
+        let with_input = |input| ReceivedHeaders {
+            input,
+            ..h.as_received()
+        };
         assert!(matches!(
-            v.verify("POST", &[A], P, None, Some(&h.signature), now),
+            v.verify("POST", &[A], P, with_input(None), now),
             Err(AuthError::Malformed(_))
         ));
         let long = format!("{}{}", h.input, "x".repeat(600));
         assert!(matches!(
-            v.verify("POST", &[A], P, Some(&long), Some(&h.signature), now),
+            v.verify("POST", &[A], P, with_input(Some(&long)), now),
             Err(AuthError::Malformed(_))
         ));
         let other_components = h.input.replace(r#""@path")"#, r#""@path" "@query")"#);
         assert!(matches!(
-            v.verify(
-                "POST",
-                &[A],
-                P,
-                Some(&other_components),
-                Some(&h.signature),
-                now
-            ),
+            v.verify("POST", &[A], P, with_input(Some(&other_components)), now),
             Err(AuthError::Malformed(_))
         ));
     }
@@ -676,15 +814,8 @@ mod tests {
             now: u64,
         ) -> Result<&'static str, AuthError> {
             let v = Verifier::new([(key.public(), "alice")], 16);
-            v.verify(
-                method,
-                &[authority],
-                path,
-                Some(&h.input),
-                Some(&h.signature),
-                now,
-            )
-            .copied()
+            v.verify(method, &[authority], path, h.as_received(), now)
+                .copied()
         }
 
         /// Request components as the endpoints send them: a method, a lowercase authority and
@@ -748,6 +879,7 @@ mod tests {
                 let changed = SignedHeaders {
                     input: text[3].clone(),
                     signature: text[4].clone(),
+                    authority: h.authority,
                 };
                 prop_assert!(
                     verify(&key, &text[1], (&text[0], &text[2]), &changed, now).is_err(),

@@ -27,7 +27,9 @@ use tokio_rustls::TlsConnector;
 use tokio_util::task::TaskTracker;
 
 use crate::TrackedExecutor;
-use crate::auth::{SIGNATURE, SIGNATURE_INPUT, Signer};
+use crate::auth::{
+    MAX_SKEW_SECS, RELAY_AUTHORITY, SIGNATURE, SIGNATURE_INPUT, SIGNED_AUTHORITY, Signer, reason,
+};
 use crate::config::RelayUrl;
 use crate::keys::PrivateKey;
 use crate::protocol::{
@@ -236,6 +238,8 @@ impl RelayClient {
                 .map_err(|e| CallError::Unreachable(e.to_string()))?;
             let signature = HeaderValue::try_from(signed.signature)
                 .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            let signed_for = HeaderValue::try_from(signed.authority.as_str())
+                .map_err(|e| CallError::Unreachable(e.to_string()))?;
             let request = |absolute: bool| -> Result<Request<RequestBody>, CallError> {
                 // HTTP/2 takes the authority from the URI; HTTP/1.1 from `Host`.
                 let uri: Uri = if absolute {
@@ -247,6 +251,7 @@ impl RelayClient {
                 let mut builder = Request::post(uri)
                     .header(SIGNATURE_INPUT, signature_input.clone())
                     .header(SIGNATURE, signature.clone())
+                    .header(SIGNED_AUTHORITY, signed_for.clone())
                     .header(header.0.clone(), header.1.clone());
                 if !absolute {
                     builder = builder.header(HOST, client.inner.authority.as_str());
@@ -255,17 +260,24 @@ impl RelayClient {
                     .body(body)
                     .map_err(|e| CallError::Unreachable(e.to_string()))
             };
-            match Box::pin(client.connection()).await? {
+            let mut answer = match Box::pin(client.connection()).await? {
                 Sender::Http1(mut sender) => {
                     let request = request(false)?;
                     sender.ready().await.map_err(unreachable)?;
-                    sender.send_request(request).await.map_err(unreachable)
+                    sender.send_request(request).await.map_err(unreachable)?
                 }
                 Sender::Http2(mut sender) => {
                     let request = request(true)?;
-                    sender.send_request(request).await.map_err(unreachable)
+                    sender.send_request(request).await.map_err(unreachable)?
                 }
+            };
+            if answer.status() == StatusCode::UNAUTHORIZED {
+                answer.extensions_mut().insert(SignedAs {
+                    authority: signed.authority,
+                    keyid: client.inner.signer.keyid().to_owned(),
+                });
             }
+            Ok(answer)
         }
     }
 
@@ -405,6 +417,14 @@ pub enum CallError {
     /// A reverse proxy in front of the relay answered instead of the relay.
     #[error("{}", front_problem(*.0))]
     Front(StatusCode),
+    /// The relay refused our signature (`401`).
+    #[error("relay answered 401 Unauthorized: {reason}: {advice}")]
+    SignatureRefused {
+        /// the one-line reason in the answer's body
+        reason: String,
+        /// what to do, from what the answer tells of the relay's view
+        advice: String,
+    },
     /// The relay answered with another status, and this reason.
     #[error("relay answered {status}: {reason}")]
     Refused {
@@ -415,9 +435,18 @@ pub enum CallError {
     },
 }
 
+/// What a request was signed as, kept on a `401` answer for [`check`] to explain it.
+#[derive(Debug, Clone)]
+struct SignedAs {
+    /// The authority signed for.
+    authority: String,
+    /// Our public key.
+    keyid: String,
+}
+
 /// The answer to a call, if it is one of the `expected` statuses and came from the relay
 /// itself: it carries `ptth-relay`, which a reverse proxy's own 502 or 413 does not. A
-/// refusal's reason is read from the body (bounded).
+/// refusal's reason is read from the body (bounded); a refused signature is explained.
 pub(crate) async fn check(
     answer: Result<Response, CallError>,
     expected: &[StatusCode],
@@ -431,37 +460,100 @@ pub(crate) async fn check(
     if expected.contains(&status) {
         return Ok(answer);
     }
-    let skew = clock_skew(&answer);
+    let relay_view = (status == StatusCode::UNAUTHORIZED).then(|| RelayView::of(&answer));
     // Boxed: reading the reason takes a large future, which every channel would otherwise
     // carry inline for its whole life while waiting for its upload's answer.
-    let mut reason = Box::pin(reason(answer)).await;
-    if status == StatusCode::UNAUTHORIZED
-        && reason.contains("check the clocks")
-        && let Some(skew) = skew
-    {
-        reason.push_str(&skew);
-    }
-    Err(CallError::Refused { status, reason })
+    let reason = Box::pin(reason(answer)).await;
+    Err(match relay_view {
+        Some(view) => CallError::SignatureRefused {
+            advice: view.advice(&reason),
+            reason,
+        },
+        None => CallError::Refused { status, reason },
+    })
 }
 
-/// How far the relay's clock (its answer's `Date`) is from ours, said when it is more than a
-/// few seconds: a signature refused as expired or not yet valid is then explained.
-fn clock_skew(answer: &Response) -> Option<String> {
-    let date = answer.headers().get(http::header::DATE)?.to_str().ok()?;
-    let relay = httpdate::parse_http_date(date).ok()?;
-    let ours = std::time::SystemTime::now();
-    let (ahead, by) = match ours.duration_since(relay) {
-        Ok(by) => ("ahead of", by),
-        Err(e) => ("behind", e.duration()),
-    };
-    (by.as_secs() >= 5).then(|| {
-        format!(
-            " (our clock is {} s {ahead} the relay's: the clocks may differ by at most {} s; \
-             run NTP on both hosts)",
-            by.as_secs(),
-            crate::auth::MAX_SKEW_SECS
-        )
-    })
+/// What a `401` answer tells of how the relay saw our request, beside its reason.
+#[derive(Debug)]
+struct RelayView {
+    /// What we signed as.
+    signed: Option<SignedAs>,
+    /// The authority the relay checked our signature against, if it says.
+    authority: Option<String>,
+    /// Our clock minus the relay's (its answer's `Date`), in seconds.
+    our_clock_ahead: Option<i64>,
+}
+
+impl RelayView {
+    fn of(answer: &Response) -> Self {
+        let header = |name: &str| answer.headers().get(name)?.to_str().ok();
+        let our_clock_ahead = header(http::header::DATE.as_str())
+            .and_then(|date| httpdate::parse_http_date(date).ok())
+            .map(
+                |relay| match std::time::SystemTime::now().duration_since(relay) {
+                    Ok(ahead) => ahead.as_secs() as i64,
+                    Err(behind) => -(behind.duration().as_secs() as i64),
+                },
+            );
+        Self {
+            signed: answer.extensions().get::<SignedAs>().cloned(),
+            authority: header(RELAY_AUTHORITY).map(str::to_owned),
+            our_clock_ahead,
+        }
+    }
+
+    /// What to do about a refusal for `relay_reason` (the answer's body).
+    fn advice(&self, relay_reason: &str) -> String {
+        match relay_reason {
+            reason::STALE => self.clock_advice(),
+            reason::REPLAYED => "the relay had seen this signed request before: a front in \
+                between may send requests twice"
+                .to_owned(),
+            reason::MALFORMED => "a front in between may drop or alter the Signature and \
+                Signature-Input headers"
+                .to_owned(),
+            _ => self.key_advice(),
+        }
+    }
+
+    /// For a signature refused as expired or not yet valid: how far the clocks differ.
+    fn clock_advice(&self) -> String {
+        match self.our_clock_ahead {
+            Some(ahead) if ahead.unsigned_abs() >= 5 => {
+                let way = if ahead > 0 { "ahead of" } else { "behind" };
+                format!(
+                    "our clock is {} s {way} the relay's (the clocks may differ by at most \
+                     {MAX_SKEW_SECS} s): sync the clocks (NTP)",
+                    ahead.unsigned_abs()
+                )
+            }
+            Some(_) => "our clock agrees with the relay's: the request took over a minute to \
+                reach it"
+                .to_owned(),
+            None => "the clocks differ: sync the clocks (NTP)".to_owned(),
+        }
+    }
+
+    /// For an invalid signature: the authority the relay saw, if it differs from ours; else
+    /// the key.
+    fn key_advice(&self) -> String {
+        let Some(signed) = &self.signed else {
+            return "is our public key in relay.toml?".to_owned();
+        };
+        match &self.authority {
+            Some(seen) if !seen.eq_ignore_ascii_case(&signed.authority) => format!(
+                "the relay saw this request as `{seen}`, but we signed it for `{}`: a front \
+                 in between changes the Host; set `authorities = [\"{}\"]` in relay.toml (or \
+                 make the front keep the Host)",
+                signed.authority, signed.authority
+            ),
+            _ => format!(
+                "is our public key ({}) in relay.toml, under [[servers]] or [[clients]] with \
+                 our name? If relay.toml sets `authorities`, it must include `{}`",
+                signed.keyid, signed.authority
+            ),
+        }
+    }
 }
 
 /// The channel ID that a `listen` or `connect` answer carries, if it is valid.

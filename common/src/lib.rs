@@ -42,8 +42,7 @@
 //!     "POST",
 //!     &["relay.example.com"],
 //!     &path,
-//!     Some(&signed.input),
-//!     Some(&signed.signature),
+//!     signed.as_received(),
 //!     unix_now(),
 //! );
 //! assert_eq!(who, Ok(&"alice"));

@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ptth_common::auth::Verifier;
+use ptth_common::auth::{ReceivedHeaders, Verifier};
 use ptth_common::keys::PrivateKey;
 
 /// RFC 8032's test key 1.
@@ -30,14 +30,13 @@ fuzz_target!(|input: &[u8]| {
     let signature = fields.next();
     let key = PrivateKey::from_seed(&SECRET);
     let verifier = Verifier::new([(key.public(), "alice")], 16);
-    let verified = verifier.verify(
-        method,
-        &["relay.example.com"],
-        path,
-        signature_input,
+    // The authority the caller says it signed for: tried only once the signature has failed.
+    let received = ReceivedHeaders {
+        input: signature_input,
         signature,
-        1_700_000_000,
-    );
+        signed_for: Some("other.example.com"),
+    };
+    let verified = verifier.verify(method, &["relay.example.com"], path, received, 1_700_000_000);
     if verified.is_ok() {
         assert_eq!(
             (method, path),

@@ -8,8 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::Request;
-use http::header;
-use ptth_common::auth::{AuthError, SIGNATURE, SIGNATURE_INPUT, unix_now};
+use http::{HeaderValue, header};
+use ptth_common::auth::{
+    AuthError, ReceivedHeaders, SIGNATURE, SIGNATURE_INPUT, SIGNED_AUTHORITY, unix_now,
+};
 use ptth_common::config::Name;
 use ptth_common::protocol::ChannelId;
 use tracing::{info, warn};
@@ -22,10 +24,17 @@ use crate::state::{Principal, Shared};
 pub(crate) struct Peer(pub SocketAddr);
 
 /// Why a request may not do what it asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Denied {
     /// The signature did not verify.
-    Auth(AuthError),
+    Auth {
+        /// Why.
+        error: AuthError,
+        /// The authority the signature was checked against, when that is the request's own
+        /// (`authorities` unset), for the answer: the caller may compare it with the one it
+        /// signed for. It depends on the request and the configuration only, never on the key.
+        relay_authority: Option<HeaderValue>,
+    },
     /// A server key used with another server's name in the path.
     OtherServer,
     /// A client key on a server's endpoint.
@@ -74,34 +83,130 @@ fn authority_of(req: &Request) -> Option<&str> {
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
 }
 
+/// Longest authority a `401` repeats or the relay tries a signature over: a DNS name (253)
+/// and a port.
+const LONGEST_AUTHORITY: usize = 253 + ":65535".len();
+
 /// Verifies the request's signature: who signed it. Refusals are logged with the client's
-/// address.
+/// address, the cause and what to do.
 pub(crate) fn authenticate(shared: &Shared, req: &Request) -> Result<Principal, Denied> {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-    let host;
+    let own;
     let authorities: Vec<&str> = if shared.authorities.is_empty() {
-        host = authority_of(req).unwrap_or_default().to_ascii_lowercase();
-        vec![host.as_str()]
+        own = authority_of(req).unwrap_or_default().to_ascii_lowercase();
+        vec![own.as_str()]
     } else {
         shared.authorities.iter().map(String::as_str).collect()
+    };
+    let received = ReceivedHeaders {
+        input: header(SIGNATURE_INPUT),
+        signature: header(SIGNATURE),
+        signed_for: header(SIGNED_AUTHORITY).filter(|a| a.len() <= LONGEST_AUTHORITY),
     };
     let result = shared.verifier.verify(
         req.method().as_str(),
         &authorities,
         req.uri().path(),
-        header(SIGNATURE_INPUT),
-        header(SIGNATURE),
+        received,
         unix_now(),
     );
-    result.copied().map_err(|e| {
+    result.copied().map_err(|error| {
         if let Some(left_out) = shared.refusal_logs.auth.admit() {
             let client = client_addr(shared, req)
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            info!(path = req.uri().path(), %client, error = %e, left_out, "request refused");
+            let why = Refusal {
+                error,
+                checked: &authorities,
+                configured: !shared.authorities.is_empty(),
+                signed_for: received.signed_for.unwrap_or_default(),
+            };
+            info!(path = req.uri().path(), %client, left_out, "request refused: {why}");
         }
-        Denied::Auth(e)
+        let relay_authority = match authorities[..] {
+            [own]
+                if shared.authorities.is_empty()
+                    && !own.is_empty()
+                    && own.len() <= LONGEST_AUTHORITY =>
+            {
+                HeaderValue::from_str(own).ok()
+            }
+            _ => None,
+        };
+        Denied::Auth {
+            error,
+            relay_authority,
+        }
     })
+}
+
+/// A refused signature, for the relay's log: the cause and what to do about it.
+struct Refusal<'a> {
+    error: AuthError,
+    /// The authorities the signature was checked against.
+    checked: &'a [&'a str],
+    /// Whether those are `authorities` of relay.toml (else the request's own).
+    configured: bool,
+    /// The authority the caller says it signed for (empty if it does not say).
+    signed_for: &'a str,
+}
+
+impl std::fmt::Display for Refusal<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            error,
+            checked,
+            configured,
+            signed_for,
+        } = self;
+        write!(f, "{error}")?;
+        match error {
+            AuthError::Malformed(_) => f.write_str(
+                ": not a ptth endpoint (a scan?), or a front in between drops or alters the \
+                 Signature and Signature-Input headers",
+            ),
+            AuthError::UnknownKey(_) => f.write_str(
+                ": if this caller is yours, add its public key to relay.toml, under [[servers]] \
+                 or [[clients]]",
+            ),
+            AuthError::BadSignature(_) => write!(
+                f,
+                " over {checked:?}: a front in between may rewrite the path (it must pass /v1/ \
+                 on unchanged), the caller may sign for another authority without saying \
+                 which, or the request is forged"
+            ),
+            AuthError::OtherAuthority(_) if *configured => write!(
+                f,
+                ": {signed_for:?}, which is not in `authorities` {checked:?}: add it there in \
+                 relay.toml if this relay answers to that name (or give the caller a relay_url \
+                 with one of those)"
+            ),
+            AuthError::OtherAuthority(_) => write!(
+                f,
+                ": {signed_for:?}, but the request arrived as {:?}: a front in between changes \
+                 the Host; set `authorities = [{signed_for:?}]` in relay.toml (or make the \
+                 front pass the Host on unchanged)",
+                checked.first().copied().unwrap_or_default()
+            ),
+            AuthError::Stale(skew) if *skew > 0 => {
+                write!(f, ": the clocks differ by {skew} s: sync them (NTP)")
+            }
+            AuthError::Stale(skew) => write!(
+                f,
+                ": the clocks differ by {} s, or the request took that long to come: sync the \
+                 clocks (NTP)",
+                skew.unsigned_abs()
+            ),
+            AuthError::Replay => f.write_str(
+                ": the same signed request came twice: a front in between that retries \
+                 requests, or a replay by someone who saw it (use TLS)",
+            ),
+            AuthError::Busy => f.write_str(
+                ": this key has its share of the nonce cache: raise `max_nonces` in relay.toml \
+                 if this caller is legitimate",
+            ),
+        }
+    }
 }
 
 /// Authenticates a server acting as the server named `server` in the path; its index.

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use ptth_common::auth::AuthError;
+use ptth_common::auth::{AuthError, RELAY_AUTHORITY, reason};
 use ptth_common::config::Name;
 use ptth_common::protocol::{
     CHANNEL_ID_HEADER, ChannelId, RELAY_ANSWER_HEADER, TUNNEL_CONTENT_TYPE,
@@ -26,7 +26,24 @@ use crate::upload::{self, UploadEnd};
 
 /// An error answer: a status and a one-line reason in plain text.
 #[derive(Debug)]
-pub(crate) struct ApiError(StatusCode, &'static str);
+pub(crate) struct ApiError {
+    status: StatusCode,
+    reason: &'static str,
+    /// On a refused signature: the authority it was checked against, when that is the
+    /// request's own (sent as `ptth-relay-authority`).
+    relay_authority: Option<HeaderValue>,
+}
+
+impl ApiError {
+    /// An answer of `status` with `reason`.
+    const fn new(status: StatusCode, reason: &'static str) -> Self {
+        Self {
+            status,
+            reason,
+            relay_authority: None,
+        }
+    }
+}
 
 /// The reason of an error answer, as an extension of the response: what `lib.rs` counts and
 /// records for every refused request.
@@ -35,43 +52,61 @@ pub(crate) struct Refused(pub &'static str);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (self.0, format!("{}\n", self.1)).into_response();
-        r.extensions_mut().insert(Refused(self.1));
-        r.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        r.headers_mut()
-            .insert(RELAY_ANSWER_HEADER, HeaderValue::from_static("1"));
+        let mut r = (self.status, format!("{}\n", self.reason)).into_response();
+        r.extensions_mut().insert(Refused(self.reason));
+        let h = r.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(RELAY_ANSWER_HEADER, HeaderValue::from_static("1"));
+        if let Some(authority) = self.relay_authority {
+            h.insert(RELAY_AUTHORITY, authority);
+        }
         r
     }
 }
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-const NO_SUCH_CHANNEL: ApiError = ApiError(StatusCode::NOT_FOUND, "no such channel");
-const SHUTTING_DOWN: ApiError = ApiError(
+const NO_SUCH_CHANNEL: ApiError = ApiError::new(StatusCode::NOT_FOUND, "no such channel");
+const SHUTTING_DOWN: ApiError = ApiError::new(
     StatusCode::SERVICE_UNAVAILABLE,
     "relay draining or shutting down, retry",
 );
-const CHANNEL_CLOSED: ApiError = ApiError(StatusCode::GONE, "channel closed");
+const CHANNEL_CLOSED: ApiError = ApiError::new(StatusCode::GONE, "channel closed");
 
 impl From<Denied> for ApiError {
     fn from(d: Denied) -> Self {
         use StatusCode as S;
         match d {
-            Denied::Auth(AuthError::Busy) => ApiError(S::SERVICE_UNAVAILABLE, "relay busy, retry"),
-            Denied::Auth(AuthError::Stale) => ApiError(
-                S::UNAUTHORIZED,
-                "signature expired or not yet valid: check the clocks",
-            ),
-            Denied::Auth(AuthError::Replay) => ApiError(S::UNAUTHORIZED, "replayed request"),
-            Denied::Auth(AuthError::Malformed(_)) => {
-                ApiError(S::UNAUTHORIZED, "missing or malformed signature")
+            Denied::Auth {
+                error,
+                relay_authority,
+            } => {
+                let reason = match error {
+                    AuthError::Busy => {
+                        return ApiError::new(S::SERVICE_UNAVAILABLE, "relay busy, retry");
+                    }
+                    AuthError::Malformed(_) => reason::MALFORMED,
+                    // One answer: a caller must not learn which keys are configured.
+                    AuthError::UnknownKey(_)
+                    | AuthError::BadSignature(_)
+                    | AuthError::OtherAuthority(_) => reason::INVALID,
+                    AuthError::Stale(_) => reason::STALE,
+                    AuthError::Replay => reason::REPLAYED,
+                };
+                ApiError {
+                    status: S::UNAUTHORIZED,
+                    reason,
+                    relay_authority,
+                }
             }
-            Denied::Auth(AuthError::BadSignature) => ApiError(S::UNAUTHORIZED, "invalid signature"),
-            Denied::OtherServer => ApiError(S::FORBIDDEN, "this key may not act as that server"),
-            Denied::NotAServer => ApiError(S::FORBIDDEN, "clients may not do this"),
-            Denied::NotAClient => ApiError(S::FORBIDDEN, "servers may not connect"),
-            Denied::NotAllowed => ApiError(S::FORBIDDEN, "not allowed to connect to this port"),
+            Denied::OtherServer => {
+                ApiError::new(S::FORBIDDEN, "this key may not act as that server")
+            }
+            Denied::NotAServer => ApiError::new(S::FORBIDDEN, "clients may not do this"),
+            Denied::NotAClient => ApiError::new(S::FORBIDDEN, "servers may not connect"),
+            Denied::NotAllowed => {
+                ApiError::new(S::FORBIDDEN, "not allowed to connect to this port")
+            }
             Denied::NoSuchChannel => NO_SUCH_CHANNEL,
         }
     }
@@ -80,15 +115,15 @@ impl From<Denied> for ApiError {
 impl From<ListenRefusal> for ApiError {
     fn from(r: ListenRefusal) -> Self {
         match r {
-            ListenRefusal::PortNames => ApiError(
+            ListenRefusal::PortNames => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many ports for this server",
             ),
-            ListenRefusal::PortListens => ApiError(
+            ListenRefusal::PortListens => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many idle channels on this port",
             ),
-            ListenRefusal::ServerListens => ApiError(
+            ListenRefusal::ServerListens => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many idle channels for this server",
             ),
@@ -98,7 +133,7 @@ impl From<ListenRefusal> for ApiError {
 
 impl From<PortRefusal> for ApiError {
     fn from(r: PortRefusal) -> Self {
-        ApiError(r.status(), r.reason())
+        ApiError::new(r.status(), r.reason())
     }
 }
 
@@ -115,10 +150,12 @@ impl From<TableRefusal> for ApiError {
     fn from(r: TableRefusal) -> Self {
         use StatusCode as S;
         match r {
-            TableRefusal::IdInUse => ApiError(S::CONFLICT, "channel id in use"),
-            TableRefusal::RelayFull => ApiError(S::SERVICE_UNAVAILABLE, "relay at channel limit"),
+            TableRefusal::IdInUse => ApiError::new(S::CONFLICT, "channel id in use"),
+            TableRefusal::RelayFull => {
+                ApiError::new(S::SERVICE_UNAVAILABLE, "relay at channel limit")
+            }
             TableRefusal::ClientFull => {
-                ApiError(S::SERVICE_UNAVAILABLE, "too many channels for this client")
+                ApiError::new(S::SERVICE_UNAVAILABLE, "too many channels for this client")
             }
         }
     }
@@ -156,7 +193,7 @@ fn plain(status: StatusCode) -> Response {
 /// A `{server}` or `{port}` segment of a path, checked before anything else: a name, or `400`
 /// with `refusal`. (What is not a name is neither used nor logged.)
 fn name(segment: String, refusal: &'static str) -> Result<Name> {
-    Name::try_from(segment).map_err(|_| ApiError(StatusCode::BAD_REQUEST, refusal))
+    Name::try_from(segment).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, refusal))
 }
 
 const INVALID_SERVER: &str = "invalid server name";
@@ -168,7 +205,7 @@ fn channel_id(req: &Request) -> Result<ChannelId> {
         .get(CHANNEL_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<ChannelId>().ok())
-        .ok_or(ApiError(
+        .ok_or(ApiError::new(
             StatusCode::BAD_REQUEST,
             "missing or malformed channel id",
         ))
@@ -179,7 +216,7 @@ fn channel_id(req: &Request) -> Result<ChannelId> {
 /// `http_idle_timeout`. Nothing of it is kept.
 async fn expect_no_body(shared: &Shared, req: &mut Request) -> Result<()> {
     const TAKES_NO_BODY: ApiError =
-        ApiError(StatusCode::PAYLOAD_TOO_LARGE, "this request takes no body");
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "this request takes no body");
     let body = req.body_mut();
     if body.is_end_stream() {
         return Ok(());
@@ -236,7 +273,7 @@ pub(crate) async fn connect(
     let (server, port) = (name(server, INVALID_SERVER)?, name(port, INVALID_PORT)?);
     let client = access::connecting_client(&shared, &req, &server, &port)?;
     let Some(server_index) = shared.server(server.as_str()) else {
-        return Err(ApiError(StatusCode::NOT_FOUND, "unknown server"));
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown server"));
     };
     let id = channel_id(&req)?;
     expect_no_body(&shared, &mut req).await?;
@@ -257,7 +294,7 @@ pub(crate) async fn connect(
     if let Err(refusal) = shared.open_channel(&channel, span) {
         let refusal = ApiError::from(refusal);
         if let Some(left_out) = shared.refusal_logs.connect.admit() {
-            warn!(channel = %id, left_out, "{}", refusal.1);
+            warn!(channel = %id, left_out, "{}", refusal.reason);
         }
         return Err(refusal);
     }

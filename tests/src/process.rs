@@ -216,6 +216,19 @@ pub fn spawn(dir: &Path, bin: &'static str, config: &str, text: &str) -> Program
     start(dir, bin, config)
 }
 
+/// Starts the ptth program `bin` with `--config config`, logging at `info` to `log`, its clock
+/// moved by `offset` (faketime's syntax: `+30s`). Fails the test if it cannot be started.
+pub fn start_with_clock(bin: &'static str, config: &Path, offset: &str, log: PathBuf) -> Program {
+    let faketime = crate::fronts::ensure_installed("faketime", "faketime").expect("faketime");
+    let mut cmd = Command::new(faketime);
+    cmd.args(["-f", offset])
+        .arg(binary(bin).expect(bin))
+        .arg("--config")
+        .arg(config)
+        .args(["--log-level", "info"]);
+    Program::start(bin, cmd, log).unwrap_or_else(|e| panic!("starting {bin}: {e:#}"))
+}
+
 /// Waits until `addr` accepts connections, while `program` runs (at most 10 s).
 pub async fn wait_listening(addr: SocketAddr, program: &mut Program) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -4,12 +4,12 @@
 //! after a change, `cargo build --workspace` first, or it tests the binaries built before.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use ptth_tests::fronts::ensure_installed;
-use ptth_tests::process::{LogsOnFailure, Program, binary, free_port, spawn, wait_listening};
+use ptth_tests::process::{
+    LogsOnFailure, Program, binary, free_port, spawn, start_with_clock, wait_listening,
+};
 use ptth_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -37,18 +37,6 @@ async fn relay_and_server(target: SocketAddr) -> (Setup, RelayHandle, Component)
     (setup, relay, server)
 }
 
-/// `ptth_proxy` with `config`, its clock moved by `offset` (faketime's syntax: `+30s`).
-fn proxy_with_clock(config: &Path, offset: &str, log: PathBuf) -> Program {
-    let faketime = ensure_installed("faketime", "faketime").expect("faketime");
-    let mut cmd = Command::new(faketime);
-    cmd.args(["-f", offset])
-        .arg(binary("ptth_proxy").expect("ptth_proxy"))
-        .arg("--config")
-        .arg(config)
-        .args(["--log-level", "info"]);
-    Program::start("ptth_proxy", cmd, log).expect("start ptth_proxy")
-}
-
 /// A proxy whose clock is 30 s ahead of the relay's, or 30 s behind, works; one 90 s ahead is
 /// refused, and says that the clocks differ and by how much.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +49,7 @@ async fn clocks_may_differ_by_30_s_and_90_s_is_explained() {
             let local = free_port().expect("port");
             let config = proxy_toml(&setup, &url, local);
             let log = setup.path().join(format!("proxy{offset}.log"));
-            let mut proxy = proxy_with_clock(&config, offset, log);
+            let mut proxy = start_with_clock("ptth_proxy", &config, offset, log);
             wait_listening(local, &mut proxy).await.expect("listening");
             let reply = round_trip(local, b"what time is it")
                 .await
@@ -82,7 +70,7 @@ async fn clocks_may_differ_by_30_s_and_90_s_is_explained() {
         let local = free_port().expect("port");
         let config = proxy_toml(&setup, &url, local);
         let log = setup.path().join("proxy+90s.log");
-        let mut proxy = proxy_with_clock(&config, "+90s", log);
+        let mut proxy = start_with_clock("ptth_proxy", &config, "+90s", log);
         let line = proxy
             .logged(&[
                 "check the clocks",
