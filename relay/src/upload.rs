@@ -222,14 +222,13 @@ async fn lend(
 enum Idle {
     /// Idle, for the next connection (a server's is ready for one).
     Ready,
-    /// Its endpoint retired it (`END`) as the connection ended.
+    /// Its endpoint retired it (`END`) as the connection ended, or the relay drains.
     Retired,
 }
 
 /// Once the channel's own direction of a connection has ended, waits (reading its idle
 /// upload) for the other direction to end too: then the channel is idle. A server's is ready
-/// for the next connection; on a draining relay, the channel ends instead (cleanly: its
-/// download ends after all it has passed on). An `END` that comes before the other direction
+/// for the next connection; on a draining relay, the channel is retired instead. An `END` that comes before the other direction
 /// has ended (the endpoint retires the channel as soon as it has seen the whole connection
 /// end) retires the channel once it has.
 async fn after_connection(
@@ -253,8 +252,9 @@ async fn after_connection(
         }
     }
     if shared.is_draining() {
-        channel.end_idle();
-        return Err(());
+        // Retired as if by its endpoint: its upload is answered only once the endpoint has
+        // ended it, after it has read the whole connection from its download.
+        return Ok(Idle::Retired);
     }
     if channel.is_server() {
         shared.ready(channel);
