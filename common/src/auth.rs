@@ -15,6 +15,7 @@
 //! the signature (`verify_strict`), and only then records the nonce in a bounded cache.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -339,22 +340,38 @@ struct NonceCache {
     pooled: usize,
     /// Most entries of the pool one key may take.
     pool_per_key: usize,
+    /// Most entries in all.
+    capacity: usize,
 }
 
 impl NonceCache {
     /// A cache of at most `capacity` entries for `keys` keys.
     fn new(capacity: usize, keys: usize) -> Self {
-        let reserve = capacity / 2 / keys.max(1);
-        let pool = capacity - reserve * keys;
-        Self {
+        let mut cache = Self {
             seen: HashMap::new(),
             order: VecDeque::new(),
             per_key: HashMap::new(),
-            reserve,
-            pool,
+            reserve: 0,
+            pool: 0,
             pooled: 0,
-            pool_per_key: (pool / 4).max(1),
-        }
+            pool_per_key: 0,
+            capacity,
+        };
+        cache.share_between(keys);
+        cache
+    }
+
+    /// Shares the cache between `keys` keys from now on: the entries it holds stay, each
+    /// counted against its key's new share (a key over it waits for its entries to expire).
+    fn share_between(&mut self, keys: usize) {
+        self.reserve = self.capacity / 2 / keys.max(1);
+        self.pool = self.capacity - self.reserve * keys.max(1);
+        self.pool_per_key = (self.pool / 4).max(1);
+        self.pooled = self
+            .per_key
+            .values()
+            .map(|n| n.saturating_sub(self.reserve))
+            .sum();
     }
 
     /// Records a nonce until `keep_until`. Entries are kept for the same span from insertion
@@ -375,7 +392,7 @@ impl NonceCache {
                 && let Some(c) = self.per_key.get_mut(&w)
             {
                 if *c > self.reserve {
-                    self.pooled -= 1;
+                    self.pooled = self.pooled.saturating_sub(1);
                 }
                 *c -= 1;
                 if *c == 0 {
@@ -403,22 +420,60 @@ impl NonceCache {
 /// Verifies signed requests against a fixed set of public keys, each mapped to a principal.
 #[derive(Debug)]
 pub struct Verifier<P> {
-    /// By the key's 32 bytes (the `keyid`): its index, the key decoded once for all, and its
-    /// principal.
-    keys: HashMap<[u8; 32], (usize, PublicKey, P)>,
+    keys: Mutex<KeySet<P>>,
     nonces: Mutex<NonceCache>,
 }
 
-impl<P> Verifier<P> {
+/// The keys a [`Verifier`] knows.
+#[derive(Debug)]
+struct KeySet<P> {
+    /// By the key's 32 bytes (the `keyid`): its index in the nonce cache, the key decoded
+    /// once for all, and its principal. Shared with the verifications in progress, so that
+    /// the lock is held only to take it.
+    by_id: Arc<HashMap<[u8; 32], (usize, PublicKey, P)>>,
+    /// The index the next new key gets: a key keeps its index when the set is replaced, and
+    /// with it its nonces.
+    next_index: usize,
+}
+
+impl<P: Clone> Verifier<P> {
     /// A verifier for `keys`, remembering at most `nonce_capacity` nonces.
     pub fn new(keys: impl IntoIterator<Item = (PublicKey, P)>, nonce_capacity: usize) -> Self {
-        let keys: HashMap<_, _> = keys
+        let by_id: HashMap<_, _> = keys
             .into_iter()
             .enumerate()
             .map(|(i, (k, p))| (k.to_bytes(), (i, k, p)))
             .collect();
-        let nonces = Mutex::new(NonceCache::new(nonce_capacity, keys.len()));
-        Self { keys, nonces }
+        let nonces = Mutex::new(NonceCache::new(nonce_capacity, by_id.len()));
+        Self {
+            keys: Mutex::new(KeySet {
+                next_index: by_id.len(),
+                by_id: Arc::new(by_id),
+            }),
+            nonces,
+        }
+    }
+
+    /// Replaces the keys (a configuration reload): requests signed by a key no longer among
+    /// them are refused from now on. The nonces seen so far stay remembered (a request seen
+    /// before the reload is still a replay after it), each key's under its own share.
+    pub fn replace_keys(&self, keys: impl IntoIterator<Item = (PublicKey, P)>) {
+        let mut set = self.keys.lock();
+        let mut by_id = HashMap::new();
+        for (k, p) in keys {
+            let index = match set.by_id.get(&k.to_bytes()) {
+                Some((i, _, _)) => *i,
+                None => {
+                    set.next_index += 1;
+                    set.next_index - 1
+                }
+            };
+            by_id.insert(k.to_bytes(), (index, k, p));
+        }
+        let count = by_id.len();
+        set.by_id = Arc::new(by_id);
+        drop(set);
+        self.nonces.lock().share_between(count);
     }
 
     /// Verifies a request signed over any one of `authorities` (the names the relay answers
@@ -433,7 +488,7 @@ impl<P> Verifier<P> {
         path: &str,
         received: ReceivedHeaders<'_>,
         now: u64,
-    ) -> Result<&P, AuthError> {
+    ) -> Result<P, AuthError> {
         let input = received
             .input
             .ok_or(AuthError::Malformed("signature-input missing"))?;
@@ -448,8 +503,8 @@ impl<P> Verifier<P> {
             // Both at most 15 digits: no overflow.
             return Err(AuthError::Stale(p.created as i64 - now as i64));
         }
-        let (who, key, principal) = self
-            .keys
+        let keys = self.keys.lock().by_id.clone();
+        let (who, key, principal) = keys
             .get(&p.keyid)
             .ok_or(AuthError::UnknownKey(Some(p.keyid)))?;
         let verifies = |authority: &str| {
@@ -471,7 +526,7 @@ impl<P> Verifier<P> {
         // the cache's queue in expiry order.
         let keep_until = now + MAX_AGE_SECS + MAX_SKEW_SECS;
         self.nonces.lock().insert(now, *who, p.nonce, keep_until)?;
-        Ok(principal)
+        Ok(principal.clone())
     }
 }
 
@@ -494,7 +549,7 @@ mod tests {
         path: &str,
         now: u64,
     ) -> Result<&'static str, AuthError> {
-        v.verify("POST", &[A], path, h.as_received(), now).copied()
+        v.verify("POST", &[A], path, h.as_received(), now)
     }
 
     #[test]
@@ -503,6 +558,29 @@ mod tests {
         let h = s.sign("POST", A, P);
         assert_eq!(check(&v, &h, P, unix_now()), Ok("alice"));
         assert_eq!(check(&v, &h, P, unix_now()), Err(AuthError::Replay));
+    }
+
+    #[test]
+    fn replaced_keys_keep_the_nonces_seen_and_refuse_removed_keys() {
+        let alice = PrivateKey::generate().expect("gen");
+        let bob = PrivateKey::generate().expect("gen");
+        let v = Verifier::new([(alice.public(), "alice")], 10);
+        let (alice, bob) = (Signer::new(alice), Signer::new(bob));
+        let seen = alice.sign("POST", A, P);
+        assert_eq!(check(&v, &seen, P, unix_now()), Ok("alice"));
+        v.replace_keys([(alice.key.public(), "alice"), (bob.key.public(), "bob")]);
+        assert_eq!(
+            check(&v, &seen, P, unix_now()),
+            Err(AuthError::Replay),
+            "a request seen before the reload is a replay after it"
+        );
+        assert_eq!(check(&v, &bob.sign("POST", A, P), P, unix_now()), Ok("bob"));
+        v.replace_keys([(bob.key.public(), "bob")]);
+        assert_eq!(
+            check(&v, &alice.sign("POST", A, P), P, unix_now()),
+            Err(AuthError::UnknownKey(Some(keyid(&alice))))
+        );
+        assert_eq!(check(&v, &bob.sign("POST", A, P), P, unix_now()), Ok("bob"));
     }
 
     /// The `keyid` of `signer`'s key.
@@ -533,7 +611,7 @@ mod tests {
             ..h.as_received()
         };
         assert_eq!(
-            v.verify("POST", &[A], P, received, now).copied(),
+            v.verify("POST", &[A], P, received, now),
             Err(AuthError::UnknownKey(None))
         );
     }
@@ -545,7 +623,7 @@ mod tests {
         let (s, v) = setup(10);
         let h = s.sign("POST", A, P);
         let now = unix_now();
-        let at_other = |received| v.verify("POST", &["other:4000"], P, received, now).copied();
+        let at_other = |received| v.verify("POST", &["other:4000"], P, received, now);
         assert_eq!(
             at_other(h.as_received()),
             Err(AuthError::OtherAuthority(keyid(&s)))
@@ -597,13 +675,13 @@ mod tests {
                 ..h.as_received()
             };
             assert_eq!(
-                v.verify("POST", &[A], P, received, now).copied(),
+                v.verify("POST", &[A], P, received, now),
                 Err(AuthError::BadSignature(keyid(&s))),
                 "{input}"
             );
         }
         assert_eq!(
-            v.verify("GET", &[A], P, h.as_received(), now).copied(),
+            v.verify("GET", &[A], P, h.as_received(), now),
             Err(AuthError::BadSignature(keyid(&s))),
             "method"
         );
@@ -655,10 +733,7 @@ mod tests {
             "ptth=:vxMFn3YI5l36yhAJ6auboUNMzJAns5azOHVY8gU1OYJxke47NT+QMm2LJWgwyBCabfm6VRX+wyhfAGr7vP69Bw==:"
         );
         let v = Verifier::new([(key.public(), "example")], 10);
-        let at = |now| {
-            v.verify("POST", &["relay.example.com"], path, h.as_received(), now)
-                .copied()
-        };
+        let at = |now| v.verify("POST", &["relay.example.com"], path, h.as_received(), now);
         assert_eq!(at(1_699_999_954), Err(AuthError::Stale(46)));
         assert_eq!(at(1_700_000_061), Err(AuthError::Stale(-61)));
         assert_eq!(at(1_699_999_955), Ok("example"));
@@ -815,7 +890,6 @@ mod tests {
         ) -> Result<&'static str, AuthError> {
             let v = Verifier::new([(key.public(), "alice")], 16);
             v.verify(method, &[authority], path, h.as_received(), now)
-                .copied()
         }
 
         /// Request components as the endpoints send them: a method, a lowercase authority and

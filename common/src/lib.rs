@@ -45,7 +45,7 @@
 //!     signed.as_received(),
 //!     unix_now(),
 //! );
-//! assert_eq!(who, Ok(&"alice"));
+//! assert_eq!(who, Ok("alice"));
 //! # Ok::<(), ptth_common::keys::KeyError>(())
 //! ```
 #![warn(missing_docs)]

@@ -17,7 +17,7 @@ use ptth_common::protocol::ChannelId;
 use tracing::{info, warn};
 
 use crate::channel::{Channel, Side};
-use crate::state::{Principal, Shared};
+use crate::state::{Directory, Principal, Shared};
 
 /// The TCP peer of the HTTP connection a request came on (a request extension).
 #[derive(Debug, Clone, Copy)]
@@ -89,14 +89,18 @@ const LONGEST_AUTHORITY: usize = 253 + ":65535".len();
 
 /// Verifies the request's signature: who signed it. Refusals are logged with the client's
 /// address, the cause and what to do.
-pub(crate) fn authenticate(shared: &Shared, req: &Request) -> Result<Principal, Denied> {
+pub(crate) fn authenticate(
+    shared: &Shared,
+    dir: &Directory,
+    req: &Request,
+) -> Result<Principal, Denied> {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
     let own;
-    let authorities: Vec<&str> = if shared.authorities.is_empty() {
+    let authorities: Vec<&str> = if dir.authorities.is_empty() {
         own = authority_of(req).unwrap_or_default().to_ascii_lowercase();
         vec![own.as_str()]
     } else {
-        shared.authorities.iter().map(String::as_str).collect()
+        dir.authorities.iter().map(String::as_str).collect()
     };
     let received = ReceivedHeaders {
         input: header(SIGNATURE_INPUT),
@@ -110,7 +114,7 @@ pub(crate) fn authenticate(shared: &Shared, req: &Request) -> Result<Principal, 
         received,
         unix_now(),
     );
-    result.copied().map_err(|error| {
+    result.map_err(|error| {
         if let Some(left_out) = shared.refusal_logs.auth.admit() {
             let client = client_addr(shared, req)
                 .map(|a| a.to_string())
@@ -118,14 +122,14 @@ pub(crate) fn authenticate(shared: &Shared, req: &Request) -> Result<Principal, 
             let why = Refusal {
                 error,
                 checked: &authorities,
-                configured: !shared.authorities.is_empty(),
+                configured: !dir.authorities.is_empty(),
                 signed_for: received.signed_for.unwrap_or_default(),
             };
             info!(path = req.uri().path(), %client, left_out, "request refused: {why}");
         }
         let relay_authority = match authorities[..] {
             [own]
-                if shared.authorities.is_empty()
+                if dir.authorities.is_empty()
                     && !own.is_empty()
                     && own.len() <= LONGEST_AUTHORITY =>
             {
@@ -210,12 +214,17 @@ impl std::fmt::Display for Refusal<'_> {
 }
 
 /// Authenticates a server acting as the server named `server` in the path; its index.
-pub(crate) fn server(shared: &Shared, req: &Request, server: &Name) -> Result<usize, Denied> {
-    match authenticate(shared, req)? {
-        Principal::Server(i) if shared.server_names[i] == *server => Ok(i),
+pub(crate) fn server(
+    shared: &Shared,
+    dir: &Directory,
+    req: &Request,
+    server: &Name,
+) -> Result<usize, Denied> {
+    match authenticate(shared, dir, req)? {
+        Principal::Server(i) if dir.server_names[i] == *server => Ok(i),
         Principal::Server(i) => {
             if let Some(left_out) = shared.refusal_logs.other_server.admit() {
-                warn!(key_of = %shared.server_names[i], path_server = %server, left_out, "server key used for another server name");
+                warn!(key_of = %dir.server_names[i], path_server = %server, left_out, "server key used for another server name");
             }
             Err(Denied::OtherServer)
         }
@@ -226,19 +235,20 @@ pub(crate) fn server(shared: &Shared, req: &Request, server: &Name) -> Result<us
 /// Authenticates a client allowed to connect to `server`/`port`; its index.
 pub(crate) fn connecting_client(
     shared: &Shared,
+    dir: &Directory,
     req: &Request,
     server: &Name,
     port: &Name,
 ) -> Result<usize, Denied> {
-    let Principal::Client(i) = authenticate(shared, req)? else {
+    let Principal::Client(i) = authenticate(shared, dir, req)? else {
         return Err(Denied::NotAClient);
     };
-    if !shared.client_allow[i]
+    if !dir.client_allow[i]
         .iter()
         .any(|g| g.allows(server.as_str(), port.as_str()))
     {
         if let Some(left_out) = shared.refusal_logs.not_allowed.admit() {
-            let client = &shared.client_names[i];
+            let client = &dir.client_names[i];
             info!(%client, %server, %port, left_out, "connect denied by allow list");
         }
         return Err(Denied::NotAllowed);
@@ -267,10 +277,11 @@ pub(crate) fn servers_channel(
 /// and the ID. A server key, or a malformed ID, is no such channel.
 pub(crate) fn client_of(
     shared: &Shared,
+    dir: &Directory,
     req: &Request,
     id: &str,
 ) -> Result<(usize, ChannelId), Denied> {
-    let Principal::Client(i) = authenticate(shared, req)? else {
+    let Principal::Client(i) = authenticate(shared, dir, req)? else {
         return Err(Denied::NoSuchChannel);
     };
     Ok((i, channel_id(id)?))
@@ -278,7 +289,7 @@ pub(crate) fn client_of(
 
 /// `channel` if it is live, the client's (by index), and leads to the server named `server`.
 pub(crate) fn clients_channel(
-    shared: &Shared,
+    dir: &Directory,
     channel: Option<Arc<Channel>>,
     client: usize,
     server: &str,
@@ -286,7 +297,7 @@ pub(crate) fn clients_channel(
     let channel = channel.ok_or(Denied::NoSuchChannel)?;
     if channel.side != Side::Client(client)
         || channel.cancel.is_cancelled()
-        || shared.server_names[channel.server].as_str() != server
+        || dir.server_names[channel.server].as_str() != server
     {
         return Err(Denied::NoSuchChannel);
     }
@@ -368,14 +379,14 @@ mod tests {
             "another server"
         );
         assert_eq!(
-            clients_channel(&s, Some(db.clone()), 0, "db").map(drop),
+            clients_channel(&s.directory(), Some(db.clone()), 0, "db").map(drop),
             Err(Denied::NoSuchChannel),
             "a server's channel is no client's"
         );
         let alice = channel(Side::Client(0), 0);
-        assert!(clients_channel(&s, Some(alice.clone()), 0, "db").is_ok());
+        assert!(clients_channel(&s.directory(), Some(alice.clone()), 0, "db").is_ok());
         assert_eq!(
-            clients_channel(&s, Some(alice.clone()), 0, "web").map(drop),
+            clients_channel(&s.directory(), Some(alice.clone()), 0, "web").map(drop),
             Err(Denied::NoSuchChannel),
             "the path names another server"
         );
@@ -390,7 +401,7 @@ mod tests {
         assert_eq!(channel_id("not-an-id"), Err(Denied::NoSuchChannel));
         alice.cancel.cancel();
         assert_eq!(
-            clients_channel(&s, Some(alice), 0, "db").map(drop),
+            clients_channel(&s.directory(), Some(alice), 0, "db").map(drop),
             Err(Denied::NoSuchChannel),
             "an ended channel is gone"
         );

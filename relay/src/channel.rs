@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use ptth_common::audit::Audit;
 use ptth_common::config::Name;
 use ptth_common::mailbox::Mailbox;
@@ -466,8 +466,8 @@ pub(crate) struct Channels {
     map: Mutex<HashMap<ChannelId, Arc<Channel>>>,
     /// Client channels, all clients together.
     clients: AtomicUsize,
-    /// Client channels per client (index as in the configuration).
-    per_client: Vec<AtomicUsize>,
+    /// Client channels per client (by slot, see `state::Directory`).
+    per_client: RwLock<Vec<AtomicUsize>>,
     max: usize,
     max_per_client: usize,
     /// Channels held, observable from outside (tests, the embedding program).
@@ -493,7 +493,7 @@ impl Channels {
         Self {
             map: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
-            per_client: (0..clients).map(|_| AtomicUsize::new(0)).collect(),
+            per_client: RwLock::new((0..clients).map(|_| AtomicUsize::new(0)).collect()),
             max,
             max_per_client,
             count: watch::Sender::new(0),
@@ -545,11 +545,14 @@ impl Channels {
             if self.clients.load(Ordering::Relaxed) >= self.max {
                 return Err(TableRefusal::RelayFull);
             }
-            let per_client = &self.per_client[client];
-            if per_client.load(Ordering::Relaxed) >= self.max_per_client {
+            let per_client = self.per_client.read();
+            let Some(own) = per_client.get(client) else {
+                return Err(TableRefusal::ClientFull);
+            };
+            if own.load(Ordering::Relaxed) >= self.max_per_client {
                 return Err(TableRefusal::ClientFull);
             }
-            per_client.fetch_add(1, Ordering::Relaxed);
+            own.fetch_add(1, Ordering::Relaxed);
             self.clients.fetch_add(1, Ordering::Relaxed);
         }
         map.insert(channel.id, channel.clone());
@@ -568,7 +571,9 @@ impl Channels {
         if let Some(c) = map.remove(&id)
             && let Side::Client(client) = c.side
         {
-            self.per_client[client].fetch_sub(1, Ordering::Relaxed);
+            if let Some(own) = self.per_client.read().get(client) {
+                own.fetch_sub(1, Ordering::Relaxed);
+            }
             self.clients.fetch_sub(1, Ordering::Relaxed);
         }
         self.count.send_replace(map.len());
@@ -599,11 +604,35 @@ impl Channels {
         }
     }
 
-    /// Client channels of client `client` (by index).
+    /// Client channels of client `client` (by slot).
     pub fn client_channels(&self, client: usize) -> usize {
         self.per_client
+            .read()
             .get(client)
             .map_or(0, |n| n.load(Ordering::Relaxed))
+    }
+
+    /// Makes room to count the channels of `clients` clients (a reload added some).
+    pub fn count_clients(&self, clients: usize) {
+        let mut per_client = self.per_client.write();
+        while per_client.len() < clients {
+            per_client.push(AtomicUsize::new(0));
+        }
+    }
+
+    /// Closes every channel for which `condemned` holds, with its tunnel: how many.
+    pub fn close_where(&self, condemned: impl Fn(&Channel) -> bool) -> usize {
+        let doomed: Vec<Arc<Channel>> = self
+            .map
+            .lock()
+            .values()
+            .filter(|c| condemned(c))
+            .cloned()
+            .collect();
+        for channel in &doomed {
+            channel.close();
+        }
+        doomed.len()
     }
 
     /// Watches the number of channels held.

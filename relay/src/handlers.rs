@@ -142,6 +142,10 @@ impl From<OpenRefusal> for ApiError {
         match r {
             OpenRefusal::Table(r) => r.into(),
             OpenRefusal::Listen(r) => r.into(),
+            OpenRefusal::Reloaded => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "relay reloaded its configuration, retry",
+            ),
         }
     }
 }
@@ -243,7 +247,8 @@ pub(crate) async fn listen(
     mut req: Request,
 ) -> Result<Response> {
     let (server, port) = (name(server, INVALID_SERVER)?, name(port, INVALID_PORT)?);
-    let server = access::server(&shared, &req, &server)?;
+    let dir = shared.directory();
+    let server = access::server(&shared, &dir, &req, &server)?;
     let id = channel_id(&req)?;
     expect_no_body(&shared, &mut req).await?;
     if shared.is_draining() {
@@ -257,8 +262,8 @@ pub(crate) async fn listen(
         shared.shutdown.child_token(),
         client_addr(&shared, &req),
     );
-    let span = info_span!("channel", channel = %id, server = %shared.server_names[server], port = %channel.port);
-    shared.open_channel(&channel, span)?;
+    let span = info_span!("channel", channel = %id, server = %dir.server_names[server], port = %channel.port);
+    shared.open_channel(&channel, dir.generation, span)?;
     let body = PipeBody::new(channel, &shared);
     Ok(streaming_response(body, id))
 }
@@ -271,8 +276,9 @@ pub(crate) async fn connect(
     mut req: Request,
 ) -> Result<Response> {
     let (server, port) = (name(server, INVALID_SERVER)?, name(port, INVALID_PORT)?);
-    let client = access::connecting_client(&shared, &req, &server, &port)?;
-    let Some(server_index) = shared.server(server.as_str()) else {
+    let dir = shared.directory();
+    let client = access::connecting_client(&shared, &dir, &req, &server, &port)?;
+    let Some(server_index) = dir.server(server.as_str()) else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown server"));
     };
     let id = channel_id(&req)?;
@@ -290,8 +296,8 @@ pub(crate) async fn connect(
         client_addr(&shared, &req),
     );
     let client_ip = channel.peer.map(|a| a.to_string()).unwrap_or_default();
-    let span = info_span!("channel", channel = %id, client = %shared.client_names[client], %client_ip, %server, port = %channel.port);
-    if let Err(refusal) = shared.open_channel(&channel, span) {
+    let span = info_span!("channel", channel = %id, client = %dir.client_names[client], %client_ip, %server, port = %channel.port);
+    if let Err(refusal) = shared.open_channel(&channel, dir.generation, span) {
         let refusal = ApiError::from(refusal);
         if let Some(left_out) = shared.refusal_logs.connect.admit() {
             warn!(channel = %id, left_out, "{}", refusal.reason);
@@ -309,7 +315,8 @@ pub(crate) async fn downstream(
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response> {
-    let server = access::server(&shared, &req, &name(server, INVALID_SERVER)?)?;
+    let dir = shared.directory();
+    let server = access::server(&shared, &dir, &req, &name(server, INVALID_SERVER)?)?;
     let id = access::channel_id(&id)?;
     let found = shared
         .channels
@@ -327,12 +334,13 @@ pub(crate) async fn upstream(
     req: Request,
 ) -> Result<Response> {
     let server = name(server, INVALID_SERVER)?;
-    let (client, id) = access::client_of(&shared, &req, &id)?;
+    let dir = shared.directory();
+    let (client, id) = access::client_of(&shared, &dir, &req, &id)?;
     let found = shared
         .channels
         .find_or_wait(id, shared.config.accept_timeout)
         .await;
-    let channel = access::clients_channel(&shared, found, client, server.as_str())?;
+    let channel = access::clients_channel(&dir, found, client, server.as_str())?;
     upload(shared, channel, req).await
 }
 

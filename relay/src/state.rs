@@ -6,14 +6,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use ptth_common::auth::Verifier;
 use ptth_common::config::{Grant, Name, RelayConfig};
+use ptth_common::keys::PublicKey;
 use ptth_common::protocol::ChannelId;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, error};
+use tracing::{Instrument, debug, error, info, warn};
 
 use ptth_common::audit::Audit;
 
@@ -200,6 +201,8 @@ pub(crate) enum OpenRefusal {
     Table(TableRefusal),
     /// Its port refused a server channel.
     Listen(ListenRefusal),
+    /// The configuration was reloaded while it was being opened.
+    Reloaded,
 }
 
 /// Why a client cannot have a connection to a port now.
@@ -256,26 +259,179 @@ pub(crate) struct Place<'a> {
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        let mut server = self.shared.servers[self.server].lock();
+        let server = self.shared.ports(self.server);
+        let mut server = server.lock();
         if let Some(entry) = server.ports.get_mut(&self.port) {
             entry.waiting.leave(self.number, self.channel);
         }
     }
 }
 
-/// Shared state of one relay.
+/// Who is who, by the configuration in force: the servers and clients, their keys, the
+/// clients' allow lists and the relay's authorities. A reload makes a new one.
+///
+/// Each server and client has a slot (its index) for the relay's life: a reload keeps each
+/// name's slot, gives new names new slots, and leaves a removed name's slot without a key, so
+/// that the channels and tunnels that refer to slots stay meaningful.
 #[derive(Debug)]
-pub(crate) struct Shared {
-    pub config: RelayConfig,
-    pub verifier: Verifier<Principal>,
+pub(crate) struct Directory {
+    /// Changes with each reload.
+    pub generation: u64,
     server_index: HashMap<String, usize>,
+    /// Every server named since start, by slot.
     pub server_names: Vec<Name>,
+    /// Each server's key, by slot; `None`: removed.
+    server_keys: Vec<Option<PublicKey>>,
+    /// Every client named since start, by slot.
     pub client_names: Vec<Name>,
+    /// Each client's key, by slot; `None`: removed.
+    client_keys: Vec<Option<PublicKey>>,
+    /// What each client may connect to, by slot (nothing for a removed one).
     pub client_allow: Vec<Vec<Grant>>,
     /// The configured `authorities`, lowercased, each `host:443` and `host:80` also as `host`.
     pub authorities: Vec<String>,
-    /// The ports of each server (by index).
-    servers: Vec<Mutex<ServerPorts>>,
+}
+
+impl Directory {
+    /// The directory of `config`, keeping the slots of `before` (if any).
+    fn new(config: &RelayConfig, before: Option<&Directory>) -> Self {
+        let mut d = match before {
+            Some(b) => Self {
+                generation: b.generation + 1,
+                server_index: b.server_index.clone(),
+                server_names: b.server_names.clone(),
+                server_keys: vec![None; b.server_keys.len()],
+                client_names: b.client_names.clone(),
+                client_keys: vec![None; b.client_keys.len()],
+                client_allow: vec![Vec::new(); b.client_allow.len()],
+                authorities: Vec::new(),
+            },
+            None => Self {
+                generation: 0,
+                server_index: HashMap::new(),
+                server_names: Vec::new(),
+                server_keys: Vec::new(),
+                client_names: Vec::new(),
+                client_keys: Vec::new(),
+                client_allow: Vec::new(),
+                authorities: Vec::new(),
+            },
+        };
+        for s in &config.servers {
+            let slot = match d.server_index.get(s.name.as_str()) {
+                Some(&slot) => slot,
+                None => {
+                    d.server_index
+                        .insert(s.name.as_str().to_owned(), d.server_names.len());
+                    d.server_names.push(s.name.clone());
+                    d.server_keys.push(None);
+                    d.server_names.len() - 1
+                }
+            };
+            d.server_keys[slot] = Some(s.public_key);
+        }
+        for c in &config.clients {
+            let slot = match d.client_names.iter().position(|n| *n == c.name) {
+                Some(slot) => slot,
+                None => {
+                    d.client_names.push(c.name.clone());
+                    d.client_keys.push(None);
+                    d.client_allow.push(Vec::new());
+                    d.client_names.len() - 1
+                }
+            };
+            d.client_keys[slot] = Some(c.public_key);
+            d.client_allow[slot] = c.allow.clone();
+        }
+        // Clients leave a scheme's default port out of what they sign: `host:443` and
+        // `host:80` also stand for the bare host.
+        for a in &config.authorities {
+            let a = a.to_ascii_lowercase();
+            let bare = a
+                .strip_suffix(":443")
+                .or_else(|| a.strip_suffix(":80"))
+                .map(str::to_owned);
+            for name in std::iter::once(a).chain(bare) {
+                if !d.authorities.contains(&name) {
+                    d.authorities.push(name);
+                }
+            }
+        }
+        d
+    }
+
+    /// The keys the verifier knows, with whom each stands for.
+    fn keys(&self) -> Vec<(PublicKey, Principal)> {
+        let servers = self.server_keys.iter().enumerate();
+        let clients = self.client_keys.iter().enumerate();
+        servers
+            .filter_map(|(i, k)| Some((*k.as_ref()?, Principal::Server(i))))
+            .chain(clients.filter_map(|(i, k)| Some((*k.as_ref()?, Principal::Client(i)))))
+            .collect()
+    }
+
+    /// The slot of the server named `name`, if it is configured.
+    pub fn server(&self, name: &str) -> Option<usize> {
+        self.server_index
+            .get(name)
+            .copied()
+            .filter(|&i| self.server_keys[i].is_some())
+    }
+
+    /// Whether client slot `client` is configured now.
+    pub fn is_client(&self, client: usize) -> bool {
+        self.client_keys.get(client).is_some_and(Option::is_some)
+    }
+
+    /// Whether `channel`, allowed by `before`, is still allowed by this directory: its server
+    /// (and its client, for a client's) still configured with the same key, and the port
+    /// still in the client's allow list.
+    fn still_allows(&self, before: &Directory, channel: &Channel) -> bool {
+        let same_key = |now: &[Option<PublicKey>], then: &[Option<PublicKey>], i: usize| {
+            now.get(i).copied().flatten().is_some()
+                && now.get(i).copied().flatten() == then.get(i).copied().flatten()
+        };
+        match channel.client() {
+            None => same_key(&self.server_keys, &before.server_keys, channel.server),
+            Some(c) => {
+                self.server_keys
+                    .get(channel.server)
+                    .is_some_and(Option::is_some)
+                    && same_key(&self.client_keys, &before.client_keys, c)
+                    && self.client_allow[c].iter().any(|g| {
+                        g.allows(
+                            self.server_names[channel.server].as_str(),
+                            channel.port.as_str(),
+                        )
+                    })
+            }
+        }
+    }
+}
+
+/// What a reload changed, for the log and the audit log.
+#[derive(Debug, Default, serde::Serialize)]
+struct ReloadSummary {
+    servers_added: Vec<String>,
+    servers_removed: Vec<String>,
+    clients_added: Vec<String>,
+    clients_removed: Vec<String>,
+    /// Clients whose key or allow list changed.
+    clients_changed: Vec<String>,
+    /// Channels (with their tunnels) the new configuration no longer allows.
+    channels_closed: usize,
+}
+
+/// Shared state of one relay.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The configuration it started with (a reload changes only the [`Directory`]).
+    pub config: RelayConfig,
+    pub verifier: Verifier<Principal>,
+    /// Who is who now.
+    directory: RwLock<Arc<Directory>>,
+    /// The ports of each server (by slot).
+    servers: RwLock<Vec<Arc<Mutex<ServerPorts>>>>,
     pub channels: Channels,
     /// Server channels ready for a connection, observable from outside.
     ready_count: watch::Sender<usize>,
@@ -304,47 +460,16 @@ impl Shared {
 
     /// State for `config`, ending with `shutdown`, recording to `audit`.
     pub fn with_audit(config: RelayConfig, shutdown: CancellationToken, audit: Arc<Audit>) -> Self {
-        let mut keys = Vec::new();
-        let mut server_index = HashMap::new();
-        let mut server_names = Vec::new();
-        for (i, s) in config.servers.iter().enumerate() {
-            keys.push((s.public_key, Principal::Server(i)));
-            server_index.insert(s.name.as_str().to_owned(), i);
-            server_names.push(s.name.clone());
-        }
-        let mut client_names = Vec::new();
-        let mut client_allow = Vec::new();
-        for (i, c) in config.clients.iter().enumerate() {
-            keys.push((c.public_key, Principal::Client(i)));
-            client_names.push(c.name.clone());
-            client_allow.push(c.allow.clone());
-        }
-        // Clients leave a scheme's default port out of what they sign: `host:443` and
-        // `host:80` also stand for the bare host.
-        let mut authorities: Vec<String> = Vec::new();
-        for a in &config.authorities {
-            let a = a.to_ascii_lowercase();
-            let bare = a
-                .strip_suffix(":443")
-                .or_else(|| a.strip_suffix(":80"))
-                .map(str::to_owned);
-            for name in std::iter::once(a).chain(bare) {
-                if !authorities.contains(&name) {
-                    authorities.push(name);
-                }
-            }
-        }
+        let directory = Directory::new(&config, None);
         let metrics = Arc::new(Metrics::default());
         Self {
-            verifier: Verifier::new(keys, config.max_nonces),
-            server_index,
-            server_names,
-            client_names,
-            client_allow,
-            authorities,
-            servers: (0..config.servers.len())
-                .map(|_| Mutex::default())
-                .collect(),
+            verifier: Verifier::new(directory.keys(), config.max_nonces),
+            servers: RwLock::new(
+                (0..directory.server_names.len())
+                    .map(|_| Arc::default())
+                    .collect(),
+            ),
+            directory: RwLock::new(Arc::new(directory)),
             channels: Channels::new(
                 config.clients.len(),
                 config.max_connections,
@@ -367,9 +492,62 @@ impl Shared {
         }
     }
 
-    /// The index of the server named `name`.
-    pub fn server(&self, name: &str) -> Option<usize> {
-        self.server_index.get(name).copied()
+    /// Who is who now.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.read().clone()
+    }
+
+    /// The ports of server `server` (by slot).
+    fn ports(&self, server: usize) -> Arc<Mutex<ServerPorts>> {
+        self.servers.read()[server].clone()
+    }
+
+    /// Applies `config`'s servers, clients, keys, allow lists and authorities: channels (and
+    /// their tunnels) it no longer allows are closed; the rest goes on. Other settings need a
+    /// restart: a warning names those that changed.
+    pub fn reload(&self, config: RelayConfig) {
+        let before = self.directory();
+        let after = Arc::new(Directory::new(&config, Some(&before)));
+        {
+            let mut servers = self.servers.write();
+            while servers.len() < after.server_names.len() {
+                servers.push(Arc::default());
+            }
+        }
+        self.channels.count_clients(after.client_names.len());
+        // The new keys and directory first, then the sweep: a channel opened meanwhile under
+        // the old directory is refused when it is entered (see `open_channel`).
+        self.verifier.replace_keys(after.keys());
+        *self.directory.write() = after.clone();
+        let closed = self
+            .channels
+            .close_where(|c| !after.still_allows(&before, c));
+        let summary = reload_summary(&before, &after, closed);
+        let restart = restart_needed(&self.config, &config);
+        if !restart.is_empty() {
+            warn!(settings = ?restart, "these settings changed; they take effect at the next start");
+        }
+        if closed > 0 {
+            warn!(
+                channels = closed,
+                "closed the channels (and their tunnels) the new configuration no longer allows"
+            );
+        }
+        info!(
+            servers_added = ?summary.servers_added,
+            servers_removed = ?summary.servers_removed,
+            clients_added = ?summary.clients_added,
+            clients_removed = ?summary.clients_removed,
+            clients_changed = ?summary.clients_changed,
+            "configuration reloaded"
+        );
+        self.metrics
+            .reloads
+            .get_or_create(&OutcomeLabels { outcome: "applied" })
+            .inc();
+        self.audit.record("config_reloaded", || {
+            serde_json::to_value(&summary).unwrap_or_default()
+        });
     }
 
     /// Watches the number of server channels ready for a connection.
@@ -380,19 +558,26 @@ impl Shared {
     /// Whether `server` offers `port` now: online (a channel open on some port), and with a
     /// channel open on this one.
     pub fn port_status(&self, server: usize, port: &Name) -> Result<(), PortRefusal> {
-        self.servers[server].lock().port(port).map(drop)
+        self.ports(server).lock().port(port).map(drop)
     }
 
-    /// Opens `channel`: enters it in the table and, a server's, counts it on its port; then
-    /// starts the task, in `span`, that frees it once it ends (`Channels::reap`).
+    /// Opens `channel`, which directory `generation` allowed: enters it in the table and, a
+    /// server's, counts it on its port; then starts the task, in `span`, that frees it once it
+    /// ends (`Channels::reap`). Refused if a reload has come since `generation`: the endpoint
+    /// asks again, under the new directory.
     pub fn open_channel(
         self: &Arc<Self>,
         channel: &Arc<Channel>,
+        generation: u64,
         span: tracing::Span,
     ) -> Result<(), OpenRefusal> {
         self.channels
             .insert(channel.clone())
             .map_err(OpenRefusal::Table)?;
+        if self.directory().generation != generation {
+            self.channels.remove(channel.id);
+            return Err(OpenRefusal::Reloaded);
+        }
         if channel.is_server()
             && let Err(refusal) = self.add_server_channel(channel)
         {
@@ -418,7 +603,8 @@ impl Shared {
 
     /// Counts a new server channel on its port, within the limits.
     fn add_server_channel(&self, channel: &Channel) -> Result<(), ListenRefusal> {
-        let mut server = self.servers[channel.server].lock();
+        let server = self.ports(channel.server);
+        let mut server = server.lock();
         let ports = &mut server.ports;
         if !ports.contains_key(&channel.port) && ports.len() >= MAX_PORTS_PER_SERVER {
             // Forget the ports that have no channel and no waiting client.
@@ -443,7 +629,8 @@ impl Shared {
 
     /// Forgets a server channel that has ended.
     fn remove_server_channel(&self, channel: &Channel) {
-        let mut server = self.servers[channel.server].lock();
+        let server = self.ports(channel.server);
+        let mut server = server.lock();
         let Some(entry) = server.ports.get_mut(&channel.port) else {
             return;
         };
@@ -472,7 +659,8 @@ impl Shared {
             server.end_idle();
             return;
         }
-        let mut ports = self.servers[server.server].lock();
+        let ports = self.ports(server.server);
+        let mut ports = ports.lock();
         if server.cancel.is_cancelled() {
             return;
         }
@@ -524,11 +712,6 @@ impl Shared {
         );
     }
 
-    /// TEMPORARY
-    pub fn reload(&self, _config: RelayConfig) {
-        error!("reload: TODO");
-    }
-
     /// Records a refused request (`status`, `reason`) from `client_ip`: counted (a refused
     /// `connect` also as a connection that could not be made), kept for the status page and
     /// written to the audit log.
@@ -569,7 +752,8 @@ impl Shared {
 
     /// The ports of server `server` (by index) and whether it is online.
     pub fn server_view(&self, server: usize) -> (bool, Vec<PortView>) {
-        let ports = self.servers[server].lock();
+        let ports = self.ports(server);
+        let ports = ports.lock();
         let mut view: Vec<PortView> = ports
             .ports
             .iter()
@@ -587,12 +771,13 @@ impl Shared {
 
     /// Joins `client`'s connection with `server` (see [`Tunnel::join`]).
     fn join(&self, client: &Arc<Channel>, server: &Arc<Channel>) -> Option<Arc<Tunnel>> {
+        let directory = self.directory();
         let labels = TunnelLabels {
-            server: self.server_names[server.server].to_string(),
+            server: directory.server_names[server.server].to_string(),
             port: server.port.to_string(),
             client: client
                 .client()
-                .map(|c| self.client_names[c].to_string())
+                .map(|c| directory.client_names[c].to_string())
                 .unwrap_or_default(),
         };
         Tunnel::join(client, server, labels, &self.channels.tunnels)
@@ -601,7 +786,8 @@ impl Shared {
     /// The server retires its idle channel `server`: it leaves the port's ready queue, unless
     /// a connection took it already (`false`).
     pub fn retire(&self, server: &Channel) -> bool {
-        let mut ports = self.servers[server.server].lock();
+        let ports = self.ports(server.server);
+        let mut ports = ports.lock();
         let Some(entry) = ports.ports.get_mut(&server.port) else {
             return true;
         };
@@ -611,7 +797,8 @@ impl Shared {
     /// A client's connection on `client`: joined with the oldest ready server channel of its
     /// port, or queued for the next one.
     pub fn offer(&self, client: &Arc<Channel>) -> Result<Offer<'_>, PortRefusal> {
-        let mut server = self.servers[client.server].lock();
+        let server = self.ports(client.server);
+        let mut server = server.lock();
         let entry = server.port(&client.port)?;
         while let Some(server) = entry.ready.pop_front() {
             self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
@@ -640,6 +827,90 @@ impl Shared {
         };
         Ok(Offer::Waiting(rx, place))
     }
+}
+
+/// What changed between `before` and `after`, and how many channels were closed.
+fn reload_summary(before: &Directory, after: &Directory, closed: usize) -> ReloadSummary {
+    let mut summary = ReloadSummary {
+        channels_closed: closed,
+        ..ReloadSummary::default()
+    };
+    let slot = |v: &[Option<PublicKey>], i: usize| v.get(i).copied().flatten();
+    for (i, name) in after.server_names.iter().enumerate() {
+        match (slot(&before.server_keys, i), slot(&after.server_keys, i)) {
+            (None, Some(_)) => summary.servers_added.push(name.to_string()),
+            (Some(_), None) => summary.servers_removed.push(name.to_string()),
+            _ => {}
+        }
+    }
+    for (i, name) in after.client_names.iter().enumerate() {
+        let allow_before = before.client_allow.get(i);
+        match (slot(&before.client_keys, i), slot(&after.client_keys, i)) {
+            (None, Some(_)) => summary.clients_added.push(name.to_string()),
+            (Some(_), None) => summary.clients_removed.push(name.to_string()),
+            (Some(a), Some(b)) if a != b || allow_before != Some(&after.client_allow[i]) => {
+                summary.clients_changed.push(name.to_string())
+            }
+            _ => {}
+        }
+    }
+    summary
+}
+
+/// The settings that differ between `running` and `loaded` and that a reload does not apply.
+fn restart_needed(running: &RelayConfig, loaded: &RelayConfig) -> Vec<&'static str> {
+    let (a, b) = (running, loaded);
+    [
+        ("listen", a.listen != b.listen),
+        (
+            "trusted_proxies",
+            format!("{:?}", a.trusted_proxies) != format!("{:?}", b.trusted_proxies),
+        ),
+        ("tls_cert", a.tls_cert != b.tls_cert),
+        ("tls_key", a.tls_key != b.tls_key),
+        ("idle_timeout", a.idle_timeout != b.idle_timeout),
+        (
+            "http_idle_timeout",
+            a.http_idle_timeout != b.http_idle_timeout,
+        ),
+        (
+            "heartbeat_interval",
+            a.heartbeat_interval != b.heartbeat_interval,
+        ),
+        ("accept_timeout", a.accept_timeout != b.accept_timeout),
+        ("max_connections", a.max_connections != b.max_connections),
+        (
+            "max_connections_per_client",
+            a.max_connections_per_client != b.max_connections_per_client,
+        ),
+        (
+            "max_http_connections",
+            a.max_http_connections != b.max_http_connections,
+        ),
+        (
+            "max_http_connections_per_ip",
+            a.max_http_connections_per_ip != b.max_http_connections_per_ip,
+        ),
+        ("max_nonces", a.max_nonces != b.max_nonces),
+        (
+            "max_listens_per_port",
+            a.max_listens_per_port != b.max_listens_per_port,
+        ),
+        (
+            "max_listens_per_server",
+            a.max_listens_per_server != b.max_listens_per_server,
+        ),
+        (
+            "max_pending_connects",
+            a.max_pending_connects != b.max_pending_connects,
+        ),
+        ("admin_listen", a.admin_listen != b.admin_listen),
+        ("audit_log", a.audit_log != b.audit_log),
+        ("drain_grace", a.drain_grace != b.drain_grace),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 impl ServerPorts {
@@ -805,7 +1076,8 @@ mod tests {
         s.add_server_channel(&web).expect("added");
         s.ready(&web);
         // Server db's ports are busy (locked) for as long as this test runs.
-        let _busy = s.servers[0].lock();
+        let db = s.ports(0);
+        let _busy = db.lock();
         let (done, finished) = std::sync::mpsc::channel();
         let s2 = s.clone();
         std::thread::spawn(move || {
@@ -835,7 +1107,7 @@ mod tests {
 
     /// Counts the connections waiting on `port` of server `db`.
     fn queued(s: &Shared, port: &str) -> usize {
-        s.servers[0].lock().ports[&name(port)].waiting.entries.len()
+        s.ports(0).lock().ports[&name(port)].waiting.entries.len()
     }
 
     /// The size of the ports' queues in the tests below.
@@ -908,5 +1180,59 @@ mod tests {
             .try_recv()
             .expect("the oldest waiting connection is served");
         assert_eq!(tunnel.client.id, oldest.id);
+    }
+
+    #[test]
+    fn a_reload_closes_only_the_channels_it_no_longer_allows_and_keeps_slots() {
+        let key = || PrivateKey::generate().expect("key").public();
+        let (db, web, alice, bob) = (key(), key(), key(), key());
+        let text = |alice_allow: &str, with_web: bool| {
+            let mut t = format!(
+                "[[servers]]\nname = \"db\"\npublic_key = \"{db}\"\n\
+                 [[clients]]\nname = \"alice\"\npublic_key = \"{alice}\"\nallow = [{alice_allow}]\n\
+                 [[clients]]\nname = \"bob\"\npublic_key = \"{bob}\"\nallow = [\"db/*\"]\n"
+            );
+            if with_web {
+                t.push_str(&format!(
+                    "[[servers]]\nname = \"web\"\npublic_key = \"{web}\"\n"
+                ));
+            }
+            RelayConfig::from_str(std::path::Path::new("relay.toml"), &t).expect("config")
+        };
+        let s = Arc::new(Shared::new(
+            text("\"db/*\"", true),
+            CancellationToken::new(),
+        ));
+        let open = |side, server, port: &str| {
+            let c = new_channel(&s, side, server, port);
+            s.channels.insert(c.clone()).expect("inserted");
+            c
+        };
+        let (db_pg, web_pg) = (open(Side::Server, 0, "pg"), open(Side::Server, 1, "pg"));
+        let (alice_pg, alice_ssh) = (
+            open(Side::Client(0), 0, "pg"),
+            open(Side::Client(0), 0, "ssh"),
+        );
+        let bob_pg = open(Side::Client(1), 0, "pg");
+        let before = s.directory();
+        // alice keeps db/pg only; web goes away.
+        s.reload(text("\"db/pg\"", false));
+        let after = s.directory();
+        assert_eq!(after.generation, before.generation + 1);
+        assert!(web_pg.cancel.is_cancelled(), "a removed server's channel");
+        assert!(alice_ssh.cancel.is_cancelled(), "a port no longer allowed");
+        for kept in [&db_pg, &alice_pg, &bob_pg] {
+            assert!(!kept.cancel.is_cancelled(), "still allowed");
+        }
+        assert_eq!(after.server("web"), None);
+        assert_eq!(after.server("db"), Some(0));
+        // Back again: web gets its old slot.
+        s.reload(text("\"db/pg\"", true));
+        assert_eq!(s.directory().server("web"), Some(1));
+        // A channel allowed under an older directory is refused when it is entered.
+        let late = new_channel(&s, Side::Client(1), 0, "pg");
+        let refused = s.open_channel(&late, before.generation, tracing::Span::none());
+        assert!(matches!(refused, Err(OpenRefusal::Reloaded)));
+        assert!(s.channels.get(late.id).is_none());
     }
 }

@@ -97,10 +97,14 @@ struct TunnelView {
 }
 
 fn status(shared: &Shared, started: Instant) -> Status {
-    let servers = shared
-        .server_names
-        .iter()
-        .enumerate()
+    let dir = shared.directory();
+    let servers = (0..dir.server_names.len())
+        .filter_map(|i| {
+            Some((
+                dir.server(dir.server_names[i].as_str())?,
+                &dir.server_names[i],
+            ))
+        })
         .map(|(i, name)| {
             let (online, ports) = shared.server_view(i);
             ServerView {
@@ -110,10 +114,11 @@ fn status(shared: &Shared, started: Instant) -> Status {
             }
         })
         .collect();
-    let clients = shared
+    let clients = dir
         .client_names
         .iter()
         .enumerate()
+        .filter(|(i, _)| dir.is_client(*i))
         .map(|(i, name)| ClientView {
             name: name.to_string(),
             channels: shared.channels.client_channels(i),

@@ -386,3 +386,85 @@ async fn the_server_proxy_reloads_its_ports() {
     })
     .await;
 }
+
+/// SIGHUP to the relay with a changed relay.toml: a client whose allow list no longer grants
+/// a port loses its open tunnel there (reset) and is refused from then on; a client newly
+/// allowed gets through; the server's channels go on. A file that does not parse is refused
+/// with its line, and the configuration in force stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_reloads_clients_and_allow_lists() {
+    within(LIMIT, async {
+        let echo = echo_service().await.expect("echo");
+        let mut stack =
+            Stack::start("", &format!("[ports]\necho = \"{echo}\"\n"), "", &["echo"]).await;
+        let alice = stack.locals[0];
+        reachable(alice).await;
+        let bob_config = stack
+            .setup
+            .proxy_config(stack.relay_addr, "bob", &[("db", "echo")], "")
+            .expect("bob's proxy.toml");
+        let (_bob_proxy, bob) = start_proxy(bob_config, stack.setup.bob_key.clone()).expect("bob");
+        let bob = bob[0];
+        assert!(refused(bob).await, "bob may not reach db/echo yet");
+        let mut alices = open_tunnel(alice).await;
+
+        let relay_toml = stack.setup.path().join("relay.toml");
+        let text = std::fs::read_to_string(&relay_toml).expect("relay.toml");
+        let changed = text
+            .replace("allow = [\"db/*\", \"web/*\"]", "allow = [\"web/*\"]")
+            .replace("allow = [\"db/other\"]", "allow = [\"db/echo\"]");
+        assert_ne!(changed, text);
+        std::fs::write(&relay_toml, &changed).expect("relay.toml");
+        stack.relay.signal("HUP").expect("HUP");
+        let line = stack
+            .relay
+            .logged(&["configuration reloaded"])
+            .await
+            .expect("reloaded");
+        assert!(
+            line.contains(r#"clients_changed=["alice", "bob"]"#),
+            "{line}"
+        );
+        stack
+            .relay
+            .logged(&["closed the channels", "no longer allows"])
+            .await
+            .expect("closed");
+        let (rest, failed) =
+            tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut alices))
+                .await
+                .expect("alice's tunnel ends");
+        assert!(rest.is_empty() && failed, "reset: {rest:?}");
+        reachable(bob).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !refused(alice).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "alice still gets through"
+            );
+        }
+        stack
+            .proxy
+            .logged(&["403", "not allowed to connect to this port"])
+            .await
+            .expect("alice is told why");
+
+        // A file that does not parse: refused with its line, the configuration in force stays.
+        std::fs::write(&relay_toml, format!("{changed}\nmax_nonces = \"many\"\n"))
+            .expect("relay.toml");
+        stack.relay.signal("HUP").expect("HUP");
+        let line = stack
+            .relay
+            .logged(&["configuration not reloaded"])
+            .await
+            .expect("refused");
+        assert!(
+            line.contains("relay.toml") && line.contains("line"),
+            "{line}"
+        );
+        let mut bobs = open_tunnel(bob).await;
+        exchange(&mut bobs, b"still allowed").await;
+        close_cleanly(bobs).await;
+    })
+    .await;
+}
