@@ -27,7 +27,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     let config = ServerConfig::load(config_path)?;
-    let key = cli::load_key(config_path, &config.key_file)?;
+    let key = args
+        .endpoint
+        .load_key(config_path, config.key_file.as_deref())?;
     ptth_server::run(config, key, cli::shutdown_on_signals())?.await;
     Ok(())
 }
