@@ -17,7 +17,7 @@
 //! let text = "relay_url = \"http://127.0.0.1:4000\"\nkey_file = \"alice.key\"\n\
 //!             [[forwards]]\nlisten = \"127.0.0.1:0\"\nserver = \"db\"\nport = \"postgres\"\n";
 //! let config = ProxyConfig::from_str("proxy.toml".as_ref(), text)?;
-//! let key = PrivateKey::generate()?; // PrivateKey::load(&config.key_file) in real use
+//! let key = PrivateKey::generate()?; // in real use: key_file, PTTH_KEY or --key-fd (cli::EndpointArgs::load_key)
 //! let listener = TcpListener::bind(config.forwards[0].listen).await?;
 //! let shutdown = CancellationToken::new();
 //! let proxy = ptth_proxy::run(vec![listener], config, key, shutdown.clone())?;

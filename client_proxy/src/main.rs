@@ -31,7 +31,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     let config = ProxyConfig::load(config_path)?;
-    let key = cli::load_key(config_path, &config.key_file)?;
+    let key = args
+        .endpoint
+        .load_key(config_path, config.key_file.as_deref())?;
     let mut listeners = Vec::new();
     for fwd in &config.forwards {
         let l =

@@ -1,5 +1,7 @@
 //! Command-line tests of the `ptth_proxy` binary: `keygen`, key files from `openssl`, key file
-//! permissions, configuration errors, `--help`/`--version`, and clean exit on SIGTERM and SIGINT.
+//! permissions, the key from `PTTH_KEY` or a file descriptor instead, settings from the
+//! environment (`PTTH_CONFIG`, `PTTH_LOG`), configuration errors, `--help`/`--version`, and clean
+//! exit on SIGTERM and SIGINT.
 //!
 //! Every test runs the real binary on files in a fresh temporary folder; every wait is bounded
 //! by `support::LIMIT`. The relay is never reachable (a port that was bound and released): the
@@ -9,6 +11,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use support::{Keyed, Running, failure, run_config};
 
@@ -21,19 +24,21 @@ const PROXY: Keyed = Keyed {
     starts_and_exits_cleanly_on,
 };
 
-/// Writes `proxy.toml` in `dir` with a relative `key_file` and one forward from an ephemeral
+/// Writes `proxy.toml` in `dir` with a relative `key_file` (or none) and one forward from an ephemeral
 /// local port, and returns its path.
-fn write_config(dir: &Path, key_file: &str) -> PathBuf {
+fn write_config(dir: &Path, key_file: Option<&str>) -> PathBuf {
+    let key_file = key_file.map_or(String::new(), |k| format!("key_file = \"{k}\"\n"));
     let text = format!(
-        "relay_url = \"{}\"\nkey_file = \"{key_file}\"\n\n[[forwards]]\nlisten = \"127.0.0.1:0\"\nserver = \"db\"\nport = \"postgres\"\n",
+        "relay_url = \"{}\"\n{key_file}\n[[forwards]]\nlisten = \"127.0.0.1:0\"\nserver = \"db\"\nport = \"postgres\"\n",
         support::unreachable_relay_url()
     );
     support::write_file(dir, "proxy.toml", &text)
 }
 
-/// Starts `--config config`, waits for the `forwarding` line, sends `signal` and expects exit 0.
-fn starts_and_exits_cleanly_on(config: &Path, signal: &str) {
-    let mut proxy = Running::start(support::config_command(BIN, config));
+/// Starts `cmd`, waits for the `forwarding` line, sends `signal` and expects exit 0; returns
+/// the whole stderr.
+fn starts_and_exits_cleanly_on(cmd: Command, signal: &str) -> String {
+    let mut proxy = Running::start(cmd);
     let line = proxy.wait_for_line("forwarding");
     // The forward is bound to a real ephemeral port before it is announced.
     let listen = line
@@ -47,7 +52,7 @@ fn starts_and_exits_cleanly_on(config: &Path, signal: &str) {
         .expect("a port number");
     assert_ne!(port, 0, "{line}");
     assert!(line.contains("server=db port=postgres"), "{line}");
-    proxy.exits_cleanly_on(signal, "proxy shutting down");
+    proxy.exits_cleanly_on(signal, "proxy shutting down")
 }
 
 #[test]
@@ -73,6 +78,41 @@ fn openssl_key_is_accepted_and_sigterm_exits_cleanly() {
 #[test]
 fn keygen_key_is_accepted_and_sigint_exits_cleanly() {
     PROXY.keygen_key_is_accepted_and_sigint_exits_cleanly();
+}
+
+#[test]
+fn config_and_log_level_come_from_the_environment() {
+    PROXY.config_and_log_level_come_from_the_environment();
+}
+
+#[test]
+fn key_commands_ignore_the_settings_in_the_environment() {
+    PROXY.key_commands_ignore_the_settings_in_the_environment();
+}
+
+#[test]
+fn key_from_the_environment_is_accepted() {
+    PROXY.key_from_the_environment_is_accepted();
+}
+
+#[test]
+fn key_from_a_file_descriptor_is_accepted() {
+    PROXY.key_from_a_file_descriptor_is_accepted();
+}
+
+#[test]
+fn key_given_twice_or_not_at_all_is_refused() {
+    PROXY.key_given_twice_or_not_at_all_is_refused();
+}
+
+#[test]
+fn bad_key_from_the_environment_or_a_descriptor_is_refused() {
+    PROXY.bad_key_from_the_environment_or_a_descriptor_is_refused();
+}
+
+#[test]
+fn help_names_the_environment_and_never_the_key() {
+    PROXY.help_names_the_environment_and_never_the_key();
 }
 
 #[test]

@@ -146,7 +146,6 @@ impl PrivateKey {
     /// Reads a PKCS#8 PEM key file, refusing files readable by group or others. The checks
     /// are made on the opened file itself, so the file checked is the file read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        use std::io::Read;
         let io = |error| KeyError::Io {
             path: path.to_owned(),
             error,
@@ -171,17 +170,66 @@ impl PrivateKey {
                 mode,
             });
         }
-        let mut text = String::new();
-        file.take(MAX_KEY_FILE + 1)
-            .read_to_string(&mut text)
-            .map_err(io)?;
-        if text.len() as u64 > MAX_KEY_FILE {
-            return Err(format("file too large"));
+        Self::read_pem(file, path)
+    }
+
+    /// Reads a PKCS#8 PEM key from the inherited file descriptor `fd` (a pipe, or a file that
+    /// the parent process opened: its mode is not checked), to its end. A terminal is refused
+    /// rather than waited on.
+    ///
+    /// Descriptor 0 is read as stdin, as it is. Any other is reopened through
+    /// `/proc/self/fd/N` (Linux; what `/dev/fd/N` links to), as taking over a raw descriptor
+    /// needs `unsafe`: for a pipe that is the same pipe, for a file the same file read from its
+    /// start, but the reopening is checked against this process's user, so a pipe or file
+    /// that only another user (root) may open must come as stdin.
+    pub fn read_fd(fd: u32) -> Result<Self, KeyError> {
+        use std::io::IsTerminal;
+        let terminal = |path: PathBuf| KeyError::Format {
+            path,
+            reason: "a terminal, not a key".into(),
+        };
+        if fd == 0 {
+            let path = PathBuf::from("stdin");
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                return Err(terminal(path));
+            }
+            return Self::read_pem(stdin.lock(), &path);
         }
-        Self::from_pem(&text).map_err(|reason| KeyError::Format {
+        let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
+        let file = std::fs::File::open(&path).map_err(|error| KeyError::Io {
+            path: path.clone(),
+            error,
+        })?;
+        if file.is_terminal() {
+            return Err(terminal(path));
+        }
+        Self::read_pem(file, &path)
+    }
+
+    /// Reads at most [`MAX_KEY_FILE`] bytes of PEM text from `source` (named `path` in
+    /// errors) and parses it.
+    fn read_pem(source: impl std::io::Read, path: &Path) -> Result<Self, KeyError> {
+        use std::io::Read;
+        let format = |reason: String| KeyError::Format {
             path: path.to_owned(),
             reason,
-        })
+        };
+        let mut text = String::new();
+        source
+            .take(MAX_KEY_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(|error| KeyError::Io {
+                path: path.to_owned(),
+                error,
+            })?;
+        if text.len() as u64 > MAX_KEY_FILE {
+            return Err(format("file too large".into()));
+        }
+        if text.trim().is_empty() {
+            return Err(format("empty".into()));
+        }
+        Self::from_pem(&text).map_err(format)
     }
 
     /// Parses the text of a PKCS#8 PEM key file (what [`PrivateKey::load`] reads); the error
@@ -268,6 +316,41 @@ mod tests {
                 assert!(!shown.contains(secret.as_str()), "{shown} shows {secret}");
             }
         }
+    }
+
+    #[test]
+    fn reads_a_key_from_a_pipe_up_to_the_bound() {
+        use std::os::fd::AsRawFd;
+        let key = PrivateKey::generate().expect("gen");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.pem");
+        key.write_new(&path).expect("write");
+        let pem = std::fs::read(&path).expect("read");
+        // A pipe holds 64 KiB, so each text is written whole before it is read.
+        let through_pipe = |text: &[u8]| {
+            let (reader, mut writer) = std::io::pipe().expect("pipe");
+            writer.write_all(text).expect("write to the pipe");
+            drop(writer);
+            let fd = u32::try_from(reader.as_raw_fd()).expect("fd");
+            PrivateKey::read_fd(fd)
+        };
+        let back = through_pipe(&pem).expect("key from a pipe");
+        assert_eq!(back.public(), key.public());
+
+        // At the bound the text is read and parsed (and refused: PEM allows no padding);
+        // one byte more is not read.
+        let mut padded = pem.clone();
+        padded.resize(MAX_KEY_FILE as usize, b'\n');
+        let err = through_pipe(&padded).expect_err("padded");
+        assert!(!err.to_string().ends_with("(file too large)"), "{err}");
+        padded.push(b'\n');
+        let err = through_pipe(&padded).expect_err("past the bound");
+        assert!(err.to_string().ends_with("(file too large)"), "{err}");
+
+        let err = through_pipe(b"not a key").expect_err("garbage");
+        assert!(matches!(err, KeyError::Format { .. }), "{err}");
+        let err = through_pipe(b"").expect_err("nothing");
+        assert!(err.to_string().ends_with("(empty)"), "{err}");
     }
 
     #[test]

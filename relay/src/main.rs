@@ -19,10 +19,10 @@ use tokio_util::sync::CancellationToken;
 )]
 struct Args {
     /// Path to relay.toml.
-    #[arg(long, short)]
+    #[arg(long, short, env = "PTTH_CONFIG")]
     config: PathBuf,
     /// Log level or filter (e.g. `debug`, `ptth_relay=debug`); default: RUST_LOG, else info.
-    #[arg(long)]
+    #[arg(long, env = "PTTH_LOG")]
     log_level: Option<String>,
 }
 

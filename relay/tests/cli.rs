@@ -1,5 +1,6 @@
 //! Command-line tests of the `ptth_relay` binary: configuration errors, `--help`/`--version`,
-//! a listen address in use, and clean exit on SIGTERM and SIGINT.
+//! a listen address in use, settings from the environment (`PTTH_CONFIG`, `PTTH_LOG`), and
+//! clean exit on SIGTERM and SIGINT.
 //!
 //! Every test runs the real binary on files in a fresh temporary folder, listening on
 //! `127.0.0.1:0`; every wait is bounded by `support::LIMIT`.
@@ -108,6 +109,56 @@ fn rust_log_is_honoured_and_log_level_wins() {
         "--log-level must win over RUST_LOG:\n{log}"
     );
     assert!(!log.contains("DEBUG"), "{log}");
+}
+
+#[test]
+fn config_and_log_level_come_from_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "listen = \"127.0.0.1:0\"\n");
+    let debug_line = "no `authorities` configured";
+    // Runs the relay with `env` and `args` (and no --config unless given) and tells whether
+    // it logged at debug level.
+    let logs_debug = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = command(BIN);
+        cmd.envs(env.iter().copied()).args(args);
+        let mut relay = Running::start(cmd);
+        relay.wait_for_line("relay listening");
+        relay
+            .exits_cleanly_on("TERM", "relay shutting down")
+            .contains(debug_line)
+    };
+    let path = config.to_str().expect("UTF-8 path");
+    assert!(logs_debug(
+        &[("PTTH_CONFIG", path), ("PTTH_LOG", "debug")],
+        &[]
+    ));
+    assert!(
+        !logs_debug(&[("PTTH_CONFIG", path)], &[]),
+        "info by default"
+    );
+    // --log-level, then PTTH_LOG, then RUST_LOG.
+    assert!(
+        !logs_debug(
+            &[
+                ("PTTH_CONFIG", path),
+                ("PTTH_LOG", "info"),
+                ("RUST_LOG", "debug")
+            ],
+            &[]
+        ),
+        "PTTH_LOG must win over RUST_LOG"
+    );
+    assert!(
+        !logs_debug(
+            &[("PTTH_LOG", "debug")],
+            &["--config", path, "--log-level", "info"]
+        ),
+        "--log-level must win over PTTH_LOG"
+    );
+    // --config wins over PTTH_CONFIG.
+    let absent = dir.path().join("absent.toml");
+    let absent = absent.to_str().expect("UTF-8 path");
+    assert!(!logs_debug(&[("PTTH_CONFIG", absent)], &["--config", path]));
 }
 
 #[test]
@@ -247,6 +298,8 @@ fn help_shows_an_example_config() {
         &[
             "Usage: ptth_relay [OPTIONS] --config <CONFIG>",
             "--log-level <LOG_LEVEL>",
+            "[env: PTTH_CONFIG=]",
+            "[env: PTTH_LOG=]",
             "Example relay.toml:",
             "listen = \"127.0.0.1:4000\"",
             "[[servers]]",

@@ -18,7 +18,7 @@
 //! let text = "relay_url = \"http://127.0.0.1:4000\"\nname = \"db\"\nkey_file = \"db.key\"\n\
 //!             [ports]\npostgres = \"127.0.0.1:5432\"\n";
 //! let config = ServerConfig::from_str("server.toml".as_ref(), text)?;
-//! let key = PrivateKey::generate()?; // PrivateKey::load(&config.key_file) in real use
+//! let key = PrivateKey::generate()?; // in real use: key_file, PTTH_KEY or --key-fd (cli::EndpointArgs::load_key)
 //! let shutdown = CancellationToken::new();
 //! let server = ptth_server::run(config, key, shutdown.clone())?;
 //! let serving = tokio::spawn(server.into_future()); // retries until the relay answers

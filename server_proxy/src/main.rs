@@ -30,7 +30,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     let config = ServerConfig::load(config_path)?;
-    let key = cli::load_key(config_path, &config.key_file)?;
+    let key = args
+        .endpoint
+        .load_key(config_path, config.key_file.as_deref())?;
     let admin = cli::admin_listener(config.admin_listen)?;
     let signals = cli::signals();
     let mut server = ptth_server::run(config, key, CancellationToken::new())?;

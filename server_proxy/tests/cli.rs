@@ -1,5 +1,7 @@
 //! Command-line tests of the `ptth_server` binary: `keygen`, key files from `openssl`, key file
-//! permissions, configuration errors, `--help`/`--version`, and clean exit on SIGTERM and SIGINT.
+//! permissions, the key from `PTTH_KEY` or a file descriptor instead, settings from the
+//! environment (`PTTH_CONFIG`, `PTTH_LOG`), configuration errors, `--help`/`--version`, and clean
+//! exit on SIGTERM and SIGINT.
 //!
 //! Every test runs the real binary on files in a fresh temporary folder; every wait is bounded
 //! by `support::LIMIT`. The relay is never reachable (a port that was bound and released),
@@ -9,6 +11,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use support::{Keyed, Running, failure, run_config};
 
@@ -21,22 +24,24 @@ const SERVER: Keyed = Keyed {
     starts_and_exits_cleanly_on,
 };
 
-/// Writes `server.toml` in `dir` with a relative `key_file` and returns its path.
-fn write_config(dir: &Path, key_file: &str) -> PathBuf {
+/// Writes `server.toml` in `dir` with a relative `key_file` (or none) and returns its path.
+fn write_config(dir: &Path, key_file: Option<&str>) -> PathBuf {
+    let key_file = key_file.map_or(String::new(), |k| format!("key_file = \"{k}\"\n"));
     let text = format!(
-        "relay_url = \"{}\"\nname = \"db\"\nkey_file = \"{key_file}\"\n\n[ports]\npostgres = \"127.0.0.1:5432\"\n",
+        "relay_url = \"{}\"\nname = \"db\"\n{key_file}\n[ports]\npostgres = \"127.0.0.1:5432\"\n",
         support::unreachable_relay_url()
     );
     support::write_file(dir, "server.toml", &text)
 }
 
-/// Starts `--config config`, waits for the startup line, sends `signal` and expects exit 0.
-fn starts_and_exits_cleanly_on(config: &Path, signal: &str) {
-    let mut server = Running::start(support::config_command(BIN, config));
+/// Starts `cmd`, waits for the startup line, sends `signal` and expects exit 0; returns the
+/// whole stderr.
+fn starts_and_exits_cleanly_on(cmd: Command, signal: &str) -> String {
+    let mut server = Running::start(cmd);
     let started = server.wait_for_line("server proxy started");
     assert!(started.contains("server=db"), "{started}");
     assert!(started.contains("ports=[\"postgres\"]"), "{started}");
-    server.exits_cleanly_on(signal, "server proxy shutting down");
+    server.exits_cleanly_on(signal, "server proxy shutting down")
 }
 
 #[test]
@@ -62,6 +67,41 @@ fn openssl_key_is_accepted_and_sigterm_exits_cleanly() {
 #[test]
 fn keygen_key_is_accepted_and_sigint_exits_cleanly() {
     SERVER.keygen_key_is_accepted_and_sigint_exits_cleanly();
+}
+
+#[test]
+fn config_and_log_level_come_from_the_environment() {
+    SERVER.config_and_log_level_come_from_the_environment();
+}
+
+#[test]
+fn key_commands_ignore_the_settings_in_the_environment() {
+    SERVER.key_commands_ignore_the_settings_in_the_environment();
+}
+
+#[test]
+fn key_from_the_environment_is_accepted() {
+    SERVER.key_from_the_environment_is_accepted();
+}
+
+#[test]
+fn key_from_a_file_descriptor_is_accepted() {
+    SERVER.key_from_a_file_descriptor_is_accepted();
+}
+
+#[test]
+fn key_given_twice_or_not_at_all_is_refused() {
+    SERVER.key_given_twice_or_not_at_all_is_refused();
+}
+
+#[test]
+fn bad_key_from_the_environment_or_a_descriptor_is_refused() {
+    SERVER.bad_key_from_the_environment_or_a_descriptor_is_refused();
+}
+
+#[test]
+fn help_names_the_environment_and_never_the_key() {
+    SERVER.help_names_the_environment_and_never_the_key();
 }
 
 #[test]

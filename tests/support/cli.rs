@@ -28,11 +28,17 @@ use ptth_common::keys::PrivateKey;
 /// Upper bound on every wait for a child process or one of its log lines.
 pub const LIMIT: Duration = Duration::from_secs(10);
 
+/// The environment variables the binaries read their settings from.
+pub const SETTINGS_ENV: &[&str] = &["PTTH_CONFIG", "PTTH_LOG", "PTTH_KEY", "PTTH_KEY_FD"];
+
 /// The binary `bin` with deterministic output: no backtraces on errors, no colours, no
-/// inherited log filter, and a working folder that is not the test's (relative paths must
-/// resolve against the configuration file, not the working folder).
+/// inherited log filter or `PTTH_*` setting, and a working folder that is not the test's
+/// (relative paths must resolve against the configuration file, not the working folder).
 pub fn command(bin: &str) -> Command {
     let mut cmd = Command::new(bin);
+    for var in SETTINGS_ENV {
+        cmd.env_remove(var);
+    }
     cmd.env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE")
         .env_remove("RUST_LOG")
@@ -373,11 +379,12 @@ pub struct Keyed {
     pub bin: &'static str,
     /// The file name of the key the tests create next to the config.
     pub key: &'static str,
-    /// Writes a valid config in the folder with the given relative `key_file`; returns its path.
-    pub write_config: fn(&Path, &str) -> PathBuf,
-    /// Starts the binary on the config, checks its ready line, then calls
-    /// [`Running::exits_cleanly_on`] with the signal.
-    pub starts_and_exits_cleanly_on: fn(&Path, &str),
+    /// Writes a valid config in the folder with the given relative `key_file` (none: no
+    /// `key_file` line); returns its path.
+    pub write_config: fn(&Path, Option<&str>) -> PathBuf,
+    /// Starts the command (the binary with its configuration), checks its ready line, then
+    /// calls [`Running::exits_cleanly_on`] with the signal, and returns the whole stderr.
+    pub starts_and_exits_cleanly_on: fn(Command, &str) -> String,
 }
 
 #[allow(dead_code)]
@@ -464,15 +471,15 @@ impl Keyed {
         let out = try_run(openssl).expect("run openssl (the test setup, .ci/run, installs it)");
         assert!(out.status.success(), "openssl: {}", stderr(&out));
         set_mode(&key, 0o600);
-        let config = (self.write_config)(dir.path(), "openssl.key");
-        (self.starts_and_exits_cleanly_on)(&config, "TERM");
+        let config = (self.write_config)(dir.path(), Some("openssl.key"));
+        (self.starts_and_exits_cleanly_on)(config_command(self.bin, &config), "TERM");
     }
 
     pub fn keygen_key_is_accepted_and_sigint_exits_cleanly(&self) {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(self.keygen(&dir.path().join(self.key)).status.success());
-        let config = (self.write_config)(dir.path(), self.key);
-        (self.starts_and_exits_cleanly_on)(&config, "INT");
+        let config = (self.write_config)(dir.path(), Some(self.key));
+        (self.starts_and_exits_cleanly_on)(config_command(self.bin, &config), "INT");
     }
 
     pub fn group_readable_key_is_refused(&self) {
@@ -480,7 +487,7 @@ impl Keyed {
         let key = dir.path().join(self.key);
         assert!(self.keygen(&key).status.success());
         set_mode(&key, 0o640);
-        let config = (self.write_config)(dir.path(), self.key);
+        let config = (self.write_config)(dir.path(), Some(self.key));
         let err = failure(&run_config(self.bin, &config));
         assert_eq!(
             err,
@@ -494,7 +501,7 @@ impl Keyed {
 
     pub fn missing_key_file_is_refused(&self) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = (self.write_config)(dir.path(), "absent.key");
+        let config = (self.write_config)(dir.path(), Some("absent.key"));
         let err = failure(&run_config(self.bin, &config));
         let want = format!("Error: key_file in {}\n\nCaused by:\n", config.display());
         assert!(err.starts_with(&want), "{err}");
@@ -510,7 +517,7 @@ impl Keyed {
         let key = dir.path().join(self.key);
         std::fs::write(&key, "not a key\n").expect("write");
         set_mode(&key, 0o600);
-        let config = (self.write_config)(dir.path(), self.key);
+        let config = (self.write_config)(dir.path(), Some(self.key));
         let err = failure(&run_config(self.bin, &config));
         let want = format!(
             "Error: key_file in {}\n\nCaused by:\n    {}: not a PKCS#8 PEM ed25519 private key (",
@@ -526,6 +533,240 @@ impl Keyed {
     }
 
     pub fn invalid_log_filter_is_explained(&self) {
-        invalid_log_filter_is_explained(self.bin, |dir| (self.write_config)(dir, self.key));
+        invalid_log_filter_is_explained(self.bin, |dir| (self.write_config)(dir, Some(self.key)));
+    }
+
+    /// A fresh key file `self.key` in `dir` (mode 0600) and its PEM text.
+    fn key_pem(&self, dir: &Path) -> String {
+        let key = dir.join(self.key);
+        assert!(self.keygen(&key).status.success());
+        std::fs::read_to_string(&key).expect("read key")
+    }
+
+    /// `PTTH_CONFIG` stands for `--config`, and `PTTH_LOG` for `--log-level`, which wins.
+    pub fn config_and_log_level_come_from_the_environment(&self) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        self.key_pem(dir.path());
+        let config = (self.write_config)(dir.path(), Some(self.key));
+        let mut cmd = command(self.bin);
+        cmd.env("PTTH_CONFIG", &config);
+        (self.starts_and_exits_cleanly_on)(cmd, "TERM");
+
+        // PTTH_LOG is read: an invalid filter there is the same error as with --log-level.
+        let mut cmd = command(self.bin);
+        cmd.env("PTTH_CONFIG", &config).env("PTTH_LOG", "bogus=[");
+        let err = failure(&run(cmd));
+        assert!(
+            err.starts_with("Error: invalid log level \"bogus=[\": "),
+            "{err}"
+        );
+        // The flags win over the environment.
+        let mut cmd = config_command(self.bin, &config);
+        cmd.env("PTTH_CONFIG", dir.path().join("absent.toml"))
+            .env("PTTH_LOG", "bogus=[")
+            .args(["--log-level", "info"]);
+        (self.starts_and_exits_cleanly_on)(cmd, "INT");
+    }
+
+    /// The key commands work when the environment sets what a run would use.
+    pub fn key_commands_ignore_the_settings_in_the_environment(&self) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = (self.write_config)(dir.path(), Some(self.key));
+        let key = dir.path().join(self.key);
+        let mut cmd = command(self.bin);
+        cmd.arg("keygen")
+            .arg("--out")
+            .arg(&key)
+            .env("PTTH_CONFIG", &config)
+            .env("PTTH_LOG", "debug")
+            .env("PTTH_KEY_FD", "0");
+        let out = run(cmd);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let public = stdout(&out);
+        assert_eq!(public.len(), 45, "{public}");
+        let mut cmd = command(self.bin);
+        cmd.arg("pubkey")
+            .arg("--key")
+            .arg(&key)
+            .env("PTTH_CONFIG", &config)
+            .env("PTTH_KEY_FD", "0");
+        let out = run(cmd);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), public);
+    }
+
+    /// With no `key_file`, the key may be the PEM text in `PTTH_KEY`; it is never logged.
+    pub fn key_from_the_environment_is_accepted(&self) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = self.key_pem(dir.path());
+        std::fs::remove_file(dir.path().join(self.key)).expect("remove the key file");
+        let config = (self.write_config)(dir.path(), None);
+        let mut cmd = config_command(self.bin, &config);
+        cmd.env("PTTH_KEY", &pem).env("PTTH_LOG", "trace");
+        let log = (self.starts_and_exits_cleanly_on)(cmd, "TERM");
+        shows_no_key(&log, &pem);
+    }
+
+    /// With no `key_file`, the key may be read from an inherited file descriptor: here a pipe
+    /// on stdin, with `--key-fd 0` and with `PTTH_KEY_FD=0`.
+    pub fn key_from_a_file_descriptor_is_accepted(&self) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = self.key_pem(dir.path());
+        std::fs::remove_file(dir.path().join(self.key)).expect("remove the key file");
+        let config = (self.write_config)(dir.path(), None);
+        for flag in [true, false] {
+            let mut cmd = config_command(self.bin, &config);
+            if flag {
+                cmd.args(["--key-fd", "0"]);
+            } else {
+                cmd.env("PTTH_KEY_FD", "0");
+            }
+            cmd.stdin(pem_pipe(&pem)).env("PTTH_LOG", "trace");
+            let log = (self.starts_and_exits_cleanly_on)(cmd, "TERM");
+            shows_no_key(&log, &pem);
+        }
+    }
+
+    /// Two sources of the key, or none, are refused, naming them; the key is not shown.
+    pub fn key_given_twice_or_not_at_all_is_refused(&self) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = self.key_pem(dir.path());
+        let with_file = (self.write_config)(dir.path(), Some(self.key));
+
+        let mut cmd = config_command(self.bin, &with_file);
+        cmd.env("PTTH_KEY", &pem);
+        let err = failure(&run(cmd));
+        assert_eq!(
+            err,
+            format!(
+                "Error: the private key is given more than once, in key_file in {} and \
+                 PTTH_KEY: give only one\n",
+                with_file.display()
+            )
+        );
+
+        let mut cmd = config_command(self.bin, &with_file);
+        cmd.args(["--key-fd", "0"]).stdin(pem_pipe(&pem));
+        let err = failure(&run(cmd));
+        assert_eq!(
+            err,
+            format!(
+                "Error: the private key is given more than once, in key_file in {} and file \
+                 descriptor 0 (--key-fd or PTTH_KEY_FD): give only one\n",
+                with_file.display()
+            )
+        );
+
+        let without = (self.write_config)(dir.path(), None);
+        let mut cmd = config_command(self.bin, &without);
+        cmd.env("PTTH_KEY", &pem).env("PTTH_KEY_FD", "0");
+        let err = failure(&run(cmd));
+        assert_eq!(
+            err,
+            "Error: the private key is given more than once, in PTTH_KEY and file descriptor 0 \
+             (--key-fd or PTTH_KEY_FD): give only one\n"
+        );
+        shows_no_key(&err, &pem);
+
+        let err = failure(&run_config(self.bin, &without));
+        assert_eq!(
+            err,
+            format!(
+                "Error: no private key: set key_file in {}, or give the key in PTTH_KEY or \
+                 --key-fd (PTTH_KEY_FD)\n",
+                without.display()
+            )
+        );
+    }
+
+    /// A `PTTH_KEY` that is not a key, a descriptor that is not open or holds no key, and a
+    /// `PTTH_KEY_FD` that is not a number are each refused; the text given is not shown.
+    pub fn bad_key_from_the_environment_or_a_descriptor_is_refused(&self) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = self.key_pem(dir.path());
+        let config = (self.write_config)(dir.path(), None);
+        let half = &pem[..pem.len() / 2];
+
+        let mut cmd = config_command(self.bin, &config);
+        cmd.env("PTTH_KEY", half);
+        let err = failure(&run(cmd));
+        assert!(
+            err.starts_with("Error: PTTH_KEY: not a PKCS#8 PEM ed25519 private key ("),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        shows_no_key(&err, half);
+
+        let mut cmd = config_command(self.bin, &config);
+        cmd.args(["--key-fd", "0"]).stdin(pem_pipe(half));
+        let err = failure(&run(cmd));
+        assert!(
+            err.starts_with(
+                "Error: file descriptor 0 (--key-fd or PTTH_KEY_FD)\n\nCaused by:\n    \
+                 stdin: not a PKCS#8 PEM ed25519 private key ("
+            ),
+            "{err}"
+        );
+        shows_no_key(&err, half);
+
+        let mut cmd = config_command(self.bin, &config);
+        cmd.args(["--key-fd", "57"]);
+        let err = failure(&run(cmd));
+        assert_eq!(
+            err,
+            "Error: file descriptor 57 (--key-fd or PTTH_KEY_FD)\n\nCaused by:\n    \
+             /proc/self/fd/57: No such file or directory (os error 2)\n"
+        );
+
+        let mut cmd = config_command(self.bin, &config);
+        cmd.env("PTTH_KEY_FD", "three");
+        let err = failure(&run(cmd));
+        assert!(
+            err.starts_with("error: invalid value 'three' for '--key-fd <FD>'"),
+            "{err}"
+        );
+    }
+
+    /// `--help` names every environment variable, and never shows the key.
+    pub fn help_names_the_environment_and_never_the_key(&self) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = self.key_pem(dir.path());
+        let mut cmd = command(self.bin);
+        cmd.arg("--help").env("PTTH_KEY", &pem);
+        let out = run(cmd);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let help = stdout(&out);
+        for want in [
+            "[env: PTTH_CONFIG=]",
+            "[env: PTTH_LOG=]",
+            "[env: PTTH_KEY_FD=]",
+            "PTTH_KEY may hold the PEM text itself",
+        ] {
+            assert!(help.contains(want), "{want:?} missing from:\n{help}");
+        }
+        shows_no_key(&help, &pem);
+    }
+}
+
+/// A pipe holding `pem`, its writing end closed: a key on a file descriptor (a pipe holds
+/// 64 KiB, so the text is written whole before the binary starts).
+#[allow(dead_code)]
+fn pem_pipe(pem: &str) -> std::io::PipeReader {
+    use std::io::Write;
+    let (reader, mut writer) = std::io::pipe().expect("pipe");
+    writer.write_all(pem.as_bytes()).expect("write the key");
+    reader
+}
+
+/// Asserts that `output` shows no line of the key's PEM text but its frame.
+#[allow(dead_code)]
+fn shows_no_key(output: &str, pem: &str) {
+    let secret: Vec<&str> = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----") && !l.is_empty())
+        .collect();
+    assert!(!secret.is_empty(), "no key text in {pem:?}");
+    for line in secret {
+        assert!(!output.contains(line), "the key is shown:\n{output}");
     }
 }

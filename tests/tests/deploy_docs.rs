@@ -1,5 +1,6 @@
 //! The nginx, Caddy and HAProxy configurations of docs/deploy.md, checked by the programs
-//! themselves: `nginx -t`, `caddy validate`, `haproxy -c`.
+//! themselves: `nginx -t`, `caddy validate`, `haproxy -c`; and the Caddyfile of the compose
+//! example (docs/docker/), the same as the page's but for the relay's address.
 //!
 //! Each checked block follows a `<!-- deploy-test: NAME -->` line in the page, and every
 //! nginx, Caddy and HAProxy block of the page must carry one, so that none escapes. Only what
@@ -16,6 +17,8 @@ use ptth_tests::fronts::{Pki, ensure_installed};
 use ptth_tests::within;
 
 const DEPLOY_MD: &str = include_str!("../../docs/deploy.md");
+/// The Caddyfile of the compose example of docs/deploy.md ("Containers").
+const COMPOSE_CADDYFILE: &str = include_str!("../../docs/docker/Caddyfile");
 const LIMIT: Duration = Duration::from_secs(60);
 /// The fenced code languages that hold a front's configuration.
 const FRONT_LANGS: &[&str] = &["nginx", "caddy", "caddyfile", "haproxy"];
@@ -211,34 +214,58 @@ async fn nginx_accepts_the_documented_configuration() {
 
 #[tokio::test]
 async fn caddy_accepts_the_documented_configuration() {
-    within(LIMIT * 2, async {
-        let caddy = ensure_installed("caddy", "caddy").expect("caddy");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path();
-        let path = d.join("Caddyfile");
-        std::fs::write(&path, block("caddy").text).expect("write");
-        let path = path.display().to_string();
-        let (data, config) = (d.join("data"), d.join("config"));
-        let (ok, out) = check(
-            &caddy,
-            &["validate", "--config", &path, "--adapter", "caddyfile"],
-            &[
-                ("HOME", d),
-                ("XDG_DATA_HOME", &data),
-                ("XDG_CONFIG_HOME", &config),
-            ],
-        )
-        .await;
-        assert!(ok, "caddy validate failed:\n{out}");
-        assert!(out.contains("Valid configuration"), "{out}");
-        // Also "Caddyfile input is not formatted", which `caddy fmt` would fix.
-        let warnings: Vec<&str> = out
-            .lines()
-            .filter(|l| l.contains("\"level\":\"warn\"") || l.contains("\"level\":\"error\""))
-            .collect();
-        assert!(warnings.is_empty(), "caddy validate warned:\n{out}");
-    })
+    within(LIMIT * 2, caddy_validates(block("caddy").text)).await;
+}
+
+#[tokio::test]
+async fn caddy_accepts_the_compose_example() {
+    within(LIMIT * 2, caddy_validates(COMPOSE_CADDYFILE.to_owned())).await;
+}
+
+/// The Caddyfile of the compose example is the one of the page but for the relay's address
+/// (its service name on the compose network) and the comments.
+#[test]
+fn the_compose_caddyfile_is_the_documented_one() {
+    let settings = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    };
+    let documented = block("caddy")
+        .text
+        .replace("reverse_proxy 127.0.0.1:4000", "reverse_proxy relay:4000");
+    assert_eq!(settings(COMPOSE_CADDYFILE), settings(&documented));
+}
+
+/// `caddy validate` accepts the Caddyfile `text`, without a warning.
+async fn caddy_validates(text: String) {
+    let caddy = ensure_installed("caddy", "caddy").expect("caddy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let path = d.join("Caddyfile");
+    std::fs::write(&path, text).expect("write");
+    let path = path.display().to_string();
+    let (data, config) = (d.join("data"), d.join("config"));
+    let (ok, out) = check(
+        &caddy,
+        &["validate", "--config", &path, "--adapter", "caddyfile"],
+        &[
+            ("HOME", d),
+            ("XDG_DATA_HOME", &data),
+            ("XDG_CONFIG_HOME", &config),
+        ],
+    )
     .await;
+    assert!(ok, "caddy validate failed:\n{out}");
+    assert!(out.contains("Valid configuration"), "{out}");
+    // Also "Caddyfile input is not formatted", which `caddy fmt` would fix.
+    let warnings: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("\"level\":\"warn\"") || l.contains("\"level\":\"error\""))
+        .collect();
+    assert!(warnings.is_empty(), "caddy validate warned:\n{out}");
 }
 
 #[tokio::test]

@@ -20,8 +20,10 @@ use super::shared::{
 pub struct ProxyConfig {
     /// The relay's base URL.
     pub relay_url: RelayUrl,
-    /// Private key file (PKCS#8 PEM, mode 0600).
-    pub key_file: PathBuf,
+    /// Private key file (PKCS#8 PEM, mode 0600). Optional: the key may come from the
+    /// environment or a file descriptor instead (see [`crate::cli::EndpointArgs::load_key`]).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
     /// Extra CA certificate(s) (PEM) to trust for the relay's TLS, beside the system roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -102,7 +104,7 @@ impl ProxyConfig {
                 return Err(at_line(path, text, &f.listen_span, message));
             }
         }
-        config.key_file = resolve(path, &config.key_file);
+        config.key_file = config.key_file.map(|p| resolve(path, &p));
         config.ca_file = config.ca_file.map(|p| resolve(path, &p));
         Ok(config)
     }
@@ -119,7 +121,11 @@ mod tests {
         let text = "relay_url = \"https://relay.example\"\nkey_file = \"a.key\"\n[[forwards]]\nlisten = \"127.0.0.1:6432\"\nserver = \"db\"\nport = \"postgres\"\n";
         let c = ProxyConfig::from_str(Path::new("p.toml"), text).expect("parse");
         assert_eq!(c.relay_url.authority(), "relay.example");
-        assert_eq!(c.key_file, PathBuf::from("./a.key"));
+        assert_eq!(c.key_file, Some(PathBuf::from("./a.key")));
+        // The key may come from elsewhere (the environment, a file descriptor).
+        let keyless = text.replace("key_file = \"a.key\"\n", "");
+        let c = ProxyConfig::from_str(Path::new("p.toml"), &keyless).expect("no key_file");
+        assert_eq!(c.key_file, None);
     }
 
     #[test]

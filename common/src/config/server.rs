@@ -20,8 +20,10 @@ pub struct ServerConfig {
     pub relay_url: RelayUrl,
     /// This server's name, as configured at the relay.
     pub name: Name,
-    /// Private key file (PKCS#8 PEM, mode 0600).
-    pub key_file: PathBuf,
+    /// Private key file (PKCS#8 PEM, mode 0600). Optional: the key may come from the
+    /// environment or a file descriptor instead (see [`crate::cli::EndpointArgs::load_key`]).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
     /// Extra CA certificate(s) (PEM) to trust for the relay's TLS, beside the system roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -92,7 +94,7 @@ impl ServerConfig {
         if config.ports.is_empty() {
             return Err(whole_file(path, "[ports] must offer at least one port"));
         }
-        config.key_file = resolve(path, &config.key_file);
+        config.key_file = config.key_file.map(|p| resolve(path, &p));
         config.ca_file = config.ca_file.map(|p| resolve(path, &p));
         Ok(config)
     }
@@ -144,7 +146,11 @@ mod tests {
     fn server_config_resolves_key_relative_to_file() {
         let text = "relay_url = \"http://127.0.0.1:4000\"\nname = \"db\"\nkey_file = \"db.key\"\n[ports]\npostgres = \"127.0.0.1:5432\"\n";
         let c = ServerConfig::from_str(Path::new("/etc/ptth/server.toml"), text).expect("parse");
-        assert_eq!(c.key_file, PathBuf::from("/etc/ptth/db.key"));
+        assert_eq!(c.key_file, Some(PathBuf::from("/etc/ptth/db.key")));
+        // The key may come from elsewhere (the environment, a file descriptor).
+        let keyless = text.replace("key_file = \"db.key\"\n", "");
+        let c = ServerConfig::from_str(Path::new("s.toml"), &keyless).expect("no key_file");
+        assert_eq!(c.key_file, None);
         assert_eq!(c.relay_url.authority(), "127.0.0.1:4000");
         let bad = text.replace("127.0.0.1:5432", "nowhere");
         assert!(ServerConfig::from_str(Path::new("s.toml"), &bad).is_err());

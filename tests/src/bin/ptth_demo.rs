@@ -95,8 +95,8 @@ async fn main() -> anyhow::Result<()> {
     let relay_config = RelayConfig::load(&path.join("relay.toml"))?;
     let server_config = ServerConfig::load(&path.join("server.toml"))?;
     let proxy_config = ProxyConfig::load(&path.join("proxy.toml"))?;
-    let server_key = PrivateKey::load(&server_config.key_file)?;
-    let client_key = PrivateKey::load(&proxy_config.key_file)?;
+    let server_key = PrivateKey::load(server_config.key_file.as_deref().context("no key_file")?)?;
+    let client_key = PrivateKey::load(proxy_config.key_file.as_deref().context("no key_file")?)?;
 
     let token = CancellationToken::new();
     let relay = ptth_relay::run(relay_listener, relay_config, token.child_token())?;
