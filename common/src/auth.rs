@@ -205,6 +205,23 @@ pub enum AuthError {
     Busy,
 }
 
+impl AuthError {
+    /// A short name of the cause, for the relay's metrics and audit log (which only its
+    /// operator sees): `malformed`, `unknown_key`, `bad_signature`, `other_authority`,
+    /// `stale`, `replay` or `busy`.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::UnknownKey(_) => "unknown_key",
+            Self::BadSignature(_) => "bad_signature",
+            Self::OtherAuthority(_) => "other_authority",
+            Self::Stale(_) => "stale",
+            Self::Replay => "replay",
+            Self::Busy => "busy",
+        }
+    }
+}
+
 /// A `keyid` for the relay's log: the key's base64 (as in `relay.toml`).
 fn key_text(keyid: Option<&[u8; 32]>) -> String {
     keyid.map_or_else(

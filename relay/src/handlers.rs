@@ -32,6 +32,8 @@ pub(crate) struct ApiError {
     /// On a refused signature: the authority it was checked against, when that is the
     /// request's own (sent as `ptth-relay-authority`).
     relay_authority: Option<HeaderValue>,
+    /// On a refused signature: its exact cause, for the operator only (never answered).
+    auth_cause: Option<&'static str>,
 }
 
 impl ApiError {
@@ -41,19 +43,28 @@ impl ApiError {
             status,
             reason,
             relay_authority: None,
+            auth_cause: None,
         }
     }
 }
 
-/// The reason of an error answer, as an extension of the response: what `lib.rs` counts and
-/// records for every refused request.
+/// The reason of an error answer, and for a refused signature its exact cause, as an extension
+/// of the response: what `lib.rs` counts and records for every refused request.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Refused(pub &'static str);
+pub(crate) struct Refused {
+    /// The one-line reason answered.
+    pub reason: &'static str,
+    /// A refused signature's exact cause ([`AuthError::cause`]).
+    pub auth_cause: Option<&'static str>,
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, format!("{}\n", self.reason)).into_response();
-        r.extensions_mut().insert(Refused(self.reason));
+        r.extensions_mut().insert(Refused {
+            reason: self.reason,
+            auth_cause: self.auth_cause,
+        });
         let h = r.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         h.insert(RELAY_ANSWER_HEADER, HeaderValue::from_static("1"));
@@ -83,7 +94,10 @@ impl From<Denied> for ApiError {
             } => {
                 let reason = match error {
                     AuthError::Busy => {
-                        return ApiError::new(S::SERVICE_UNAVAILABLE, "relay busy, retry");
+                        return ApiError {
+                            auth_cause: Some(error.cause()),
+                            ..ApiError::new(S::SERVICE_UNAVAILABLE, "relay busy, retry")
+                        };
                     }
                     AuthError::Malformed(_) => reason::MALFORMED,
                     // One answer: a caller must not learn which keys are configured.
@@ -97,6 +111,7 @@ impl From<Denied> for ApiError {
                     status: S::UNAUTHORIZED,
                     reason,
                     relay_authority,
+                    auth_cause: Some(error.cause()),
                 }
             }
             Denied::OtherServer => {

@@ -423,8 +423,8 @@ async fn serve_connection(
             let shared = shared.clone();
             async move {
                 let response = answer.await?;
-                if let Some(handlers::Refused(reason)) = response.extensions().get() {
-                    shared.refused(response.status().as_u16(), reason, connect, client_ip);
+                if let Some(refused) = response.extensions().get::<handlers::Refused>() {
+                    shared.refused(response.status().as_u16(), refused, connect, client_ip);
                 }
                 Ok::<_, std::convert::Infallible>(
                     response.map(|body| Body::new(BusyBody::new(body, busy))),

@@ -39,6 +39,14 @@ pub(crate) struct FailureLabels {
     pub reason: &'static str,
 }
 
+/// The exact cause of a refused signature: the label of `auth_failures`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CauseLabels {
+    /// `malformed`, `unknown_key`, `bad_signature`, `other_authority`, `stale`, `replay`,
+    /// `busy`.
+    pub cause: &'static str,
+}
+
 /// The outcome of a configuration reload: the label of the reload counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct OutcomeLabels {
@@ -59,6 +67,8 @@ pub(crate) struct Metrics {
     pub connect_failures: Family<FailureLabels, Counter>,
     /// Requests refused (signatures, permissions, limits), by status and reason.
     pub rejections: Family<FailureLabels, Counter>,
+    /// Refused signatures by their exact cause (the answer gives one reason for several).
+    pub auth_failures: Family<CauseLabels, Counter>,
     /// Server channels ready for a connection: the servers' outstanding listens.
     pub listens_ready: Gauge,
     /// Channels held (clients' and servers', idle or carrying a connection).
@@ -100,6 +110,11 @@ impl Metrics {
             self.connect_failures.clone(),
         );
         registry.register("rejections", "Requests refused", self.rejections.clone());
+        registry.register(
+            "auth_failures",
+            "Refused signatures by exact cause",
+            self.auth_failures.clone(),
+        );
         registry.register(
             "listens_ready",
             "Server channels ready for a connection",

@@ -19,8 +19,9 @@ use tracing::{Instrument, debug, error, info, warn};
 use ptth_common::audit::Audit;
 
 use crate::channel::{Channel, Channels, TableRefusal, ToDownload, Tunnel, TunnelBook};
+use crate::handlers::Refused;
 use crate::log_limit::RefusalLogs;
-use crate::metrics::{FailureLabels, Metrics, OutcomeLabels, TunnelLabels};
+use crate::metrics::{CauseLabels, FailureLabels, Metrics, OutcomeLabels, TunnelLabels};
 
 /// Who signed a request: a server or a client, by its index in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,8 @@ pub(crate) struct Rejection {
     pub time: String,
     /// Why: the one-line reason answered.
     pub reason: &'static str,
+    /// For a refused signature, its exact cause (see `AuthError::cause`).
+    pub auth_cause: Option<&'static str>,
     /// The HTTP status answered.
     pub status: u16,
     /// The caller's address, if known.
@@ -712,27 +715,38 @@ impl Shared {
         );
     }
 
-    /// Records a refused request (`status`, `reason`) from `client_ip`: counted (a refused
-    /// `connect` also as a connection that could not be made), kept for the status page and
-    /// written to the audit log.
+    /// Records a refused request (`status`, `refused`) from `client_ip`: counted (a refused
+    /// `connect` also as a connection that could not be made; a refused signature also by
+    /// its exact cause), kept for the status page and written to the audit log.
     pub fn refused(
         &self,
         status: u16,
-        reason: &'static str,
+        refused: &Refused,
         connect: bool,
         client_ip: Option<std::net::IpAddr>,
     ) {
+        let Refused { reason, auth_cause } = *refused;
         self.metrics
             .rejections
             .get_or_create(&FailureLabels { status, reason })
             .inc();
+        if let Some(cause) = auth_cause {
+            self.metrics
+                .auth_failures
+                .get_or_create(&CauseLabels { cause })
+                .inc();
+        }
         if connect {
             self.metrics.connect_failed(status, reason);
         }
-        self.audit.record(
-            "request_refused",
-            || serde_json::json!({"status": status, "reason": reason, "client_ip": client_ip}),
-        );
+        self.audit.record("request_refused", || {
+            serde_json::json!({
+                "status": status,
+                "reason": reason,
+                "auth_cause": auth_cause,
+                "client_ip": client_ip,
+            })
+        });
         let mut recent = self.recent_rejections.lock();
         if recent.len() >= RECENT_REJECTIONS {
             recent.pop_front();
@@ -740,6 +754,7 @@ impl Shared {
         recent.push_back(Rejection {
             time: ptth_common::audit::rfc3339_now(),
             reason,
+            auth_cause,
             status,
             client_ip,
         });
