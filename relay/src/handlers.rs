@@ -368,6 +368,12 @@ async fn upload(shared: Arc<Shared>, channel: Arc<Channel>, req: Request) -> Res
     }
     match upload::run(shared, channel, req.into_body()).await {
         UploadEnd::Retired => Ok(plain(StatusCode::OK)),
-        UploadEnd::Closed => Err(CHANNEL_CLOSED),
+        UploadEnd::Closed => {
+            // The end of an upload the relay took (its tunnel failed or was aborted), not a
+            // refusal: not counted, audited or listed as one.
+            let mut r = CHANNEL_CLOSED.into_response();
+            r.extensions_mut().remove::<Refused>();
+            Ok(r)
+        }
     }
 }
