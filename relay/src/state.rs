@@ -715,9 +715,9 @@ impl Shared {
         );
     }
 
-    /// Records a refused request (`status`, `refused`) from `client_ip`: counted (a refused
-    /// `connect` also as a connection that could not be made; a refused signature also by
-    /// its exact cause), kept for the status page and written to the audit log.
+    /// Records a refused request (`status`, `refused`) from `client_ip`: counted (a `connect`
+    /// refused after its signature verified also as a connection that could not be made; a
+    /// refused signature by its exact cause), kept for the status page and written to the audit log.
     pub fn refused(
         &self,
         status: u16,
@@ -736,7 +736,8 @@ impl Shared {
                 .get_or_create(&CauseLabels { cause })
                 .inc();
         }
-        if connect {
+        // A refused signature is an authentication failure, not a connection refused.
+        if connect && auth_cause.is_none() {
             self.metrics.connect_failed(status, reason);
         }
         self.audit.record("request_refused", || {

@@ -514,12 +514,21 @@ async fn metrics_move_with_traffic_and_promtool_accepts_them() {
         .await;
 
         // Counted once each, and nothing else counted: the refused request was a `connect`,
-        // which the relay also counts as a connection that could not be made.
+        // but a refused signature is an authentication failure, not a connection that could
+        // not be made.
         let [relay2, server2, proxy2] = trio.scrape_all().await;
         let connect_failures = "ptth_relay_connect_failures_total";
         expect_moved(&relay1, &relay2, connect_failures, &failure, 1.0);
-        expect_moved(&relay1, &relay2, connect_failures, &rejection, 1.0);
-        expect_moved(&relay1, &relay2, connect_failures, &[], 2.0);
+        expect_moved(&relay1, &relay2, connect_failures, &[], 1.0);
+        let auth_failures = "ptth_relay_auth_failures_total";
+        expect_moved(
+            &relay1,
+            &relay2,
+            auth_failures,
+            &[("cause", "unknown_key")],
+            1.0,
+        );
+        expect_moved(&relay1, &relay2, auth_failures, &[], 1.0);
         let connect_failures = "ptth_proxy_connect_failures_total";
         expect_moved(&proxy1, &proxy2, connect_failures, &proxy_failure, 1.0);
         expect_moved(&proxy1, &proxy2, connect_failures, &[], 1.0);
