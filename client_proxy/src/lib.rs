@@ -44,7 +44,7 @@ use ptth_common::channel::{Channel, ChannelError, LocalSocket};
 use ptth_common::client::{Backoff, CallError, RelayClient, SetupError};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
-use ptth_common::metrics::{EndpointMetrics, PortLabels};
+use ptth_common::metrics::{EndpointMetrics, PortLabels, TunnelGuard};
 use ptth_common::protocol::{connect_path, upstream_path};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
@@ -100,7 +100,6 @@ pub fn run(
             shutdown,
             tasks,
             metrics: EndpointMetrics::default(),
-            tunnels: watch::Sender::new(0),
         }),
         admin: None,
     })
@@ -133,7 +132,7 @@ impl Proxy {
 
     /// Watches the number of tunnels open.
     pub fn tunnels(&self) -> watch::Receiver<usize> {
-        self.ctx.tunnels.subscribe()
+        self.ctx.metrics.tunnels_now()
     }
 
     /// The local address of each forward, in the order of `config.forwards`.
@@ -165,7 +164,7 @@ impl Control {
     pub async fn drain(&self) {
         let ctx = &self.ctx;
         ctx.draining.cancel();
-        ptth_common::wait_for_tunnels(ctx.tunnels.subscribe(), ctx.config.drain_grace).await;
+        ptth_common::wait_for_tunnels(ctx.metrics.tunnels_now(), ctx.config.drain_grace).await;
         ctx.shutdown.cancel();
     }
 }
@@ -182,12 +181,11 @@ struct Ctx {
     /// One per open tunnel, at most `max_connections`.
     slots: Arc<Semaphore>,
     metrics: EndpointMetrics,
-    /// Tunnels open now.
-    tunnels: watch::Sender<usize>,
 }
 
-/// A local connection on its way to a channel, with its place among `max_connections`.
-type Handoff = (LocalSocket, OwnedSemaphorePermit);
+/// A local connection on its way to a channel, with its place among `max_connections`, and
+/// counted as a tunnel from its accept (a drain waits for it).
+type Handoff = (LocalSocket, OwnedSemaphorePermit, TunnelGuard);
 
 /// One forward's idle channels.
 #[derive(Debug)]
@@ -306,7 +304,8 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, pool: Arc<Pool>) {
             continue;
         };
         debug!(%peer, "local connection");
-        if let Err(handoff) = pool.hand_over((socket, permit)) {
+        let tunnel = ctx.metrics.tunnel(&pool.labels);
+        if let Err(handoff) = pool.hand_over((socket, permit, tunnel)) {
             // No idle channel: a new one, which carries this connection from its first request.
             if let Some(channel) = open_channel(&ctx, &pool) {
                 spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
@@ -344,6 +343,9 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
                 () = pool.short.notified() => pool.count_idle(&ctx.metrics),
             }
         }
+        if ctx.draining.is_cancelled() {
+            return;
+        }
         let Some(mut channel) = open_channel(&ctx, &pool) else {
             return;
         };
@@ -351,7 +353,7 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
         // takes this channel rather than opening another.
         let mut idle = pool.wait_idle();
         let opened = tokio::select! {
-            r = channel.ready(&ctx.shutdown) => r,
+            r = channel.ready(&ctx.draining) => r,
             handoff = &mut idle => {
                 if let Ok(handoff) = handoff {
                     spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
@@ -371,7 +373,7 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
                 ctx.metrics.reconnects.inc();
                 let (server, port) = (&pool.fwd.server, &pool.fwd.port);
                 let problem = format!("no channel to {server}/{port}: {problem}");
-                if !backoff.retry_after(&problem, &ctx.shutdown).await {
+                if !backoff.retry_after(&problem, &ctx.draining).await {
                     return;
                 }
             }
@@ -410,7 +412,7 @@ fn spawn_channel(ctx: &Arc<Ctx>, pool: &Arc<Pool>, channel: Channel, first: Firs
 async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first: First) {
     let mut next = first;
     loop {
-        let (socket, permit) = match next {
+        let (socket, permit, tunnel) = match next {
             First::Connection(handoff) => handoff,
             First::Idle(mut idle) => {
                 let broke = tokio::select! {
@@ -445,7 +447,6 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
         };
         // Boxed, as the idle wait above: a task's future is as large as the largest it awaits
         // in place, for as long as the task lives.
-        let tunnel = OpenTunnel::new(&ctx, &pool);
         let carried = Box::pin(channel.carry(started, true, &ctx.shutdown)).await;
         drop(tunnel);
         drop(permit);
@@ -465,28 +466,6 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
             return;
         }
         next = First::Idle(pool.wait_idle());
-    }
-}
-
-/// A tunnel, counted (in the proxy and the metrics) while it lives.
-struct OpenTunnel {
-    ctx: Arc<Ctx>,
-    _metric: ptth_common::metrics::TunnelGuard,
-}
-
-impl OpenTunnel {
-    fn new(ctx: &Arc<Ctx>, pool: &Pool) -> Self {
-        ctx.tunnels.send_modify(|n| *n += 1);
-        Self {
-            ctx: ctx.clone(),
-            _metric: ctx.metrics.tunnel(&pool.labels),
-        }
-    }
-}
-
-impl Drop for OpenTunnel {
-    fn drop(&mut self) {
-        self.ctx.tunnels.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

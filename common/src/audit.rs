@@ -10,11 +10,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{Map, Value};
 
 /// Lines that may wait for the writer thread; past that, lines are dropped and counted (a disk
@@ -27,17 +28,18 @@ pub struct Audit {
     program: &'static str,
     sink: Sink,
     /// Lines dropped because the writer thread could not keep up.
-    dropped: AtomicU64,
+    dropped: Counter,
 }
 
 #[derive(Debug)]
 enum Sink {
     /// The program's log, target `ptth_audit`.
     Log,
-    /// A file, written by `writer`.
+    /// A file, written by a thread of its own.
     File {
         to_writer: SyncSender<Message>,
-        writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+        /// Set to ask the writer to open the file again (after log rotation).
+        reopen: Arc<AtomicBool>,
     },
 }
 
@@ -45,8 +47,8 @@ enum Sink {
 #[derive(Debug)]
 enum Message {
     Line(String),
-    /// Open the file again (after log rotation).
-    Reopen,
+    /// Look at the reopen flag.
+    Wake,
     /// Write everything before this, then answer.
     Flush(std::sync::mpsc::Sender<()>),
 }
@@ -57,7 +59,7 @@ impl Audit {
         Self {
             program,
             sink: Sink::Log,
-            dropped: AtomicU64::new(0),
+            dropped: Counter::default(),
         }
     }
 
@@ -67,16 +69,16 @@ impl Audit {
         let file = open(path)?;
         let (to_writer, from_program) = sync_channel(AUDIT_QUEUE);
         let path = path.to_owned();
-        let writer = std::thread::Builder::new()
+        let reopen = Arc::new(AtomicBool::new(false));
+        let flag = reopen.clone();
+        // Detached: it ends once every line is written and the sender is gone.
+        std::thread::Builder::new()
             .name("ptth-audit".into())
-            .spawn(move || write_lines(path, file, from_program))?;
+            .spawn(move || write_lines(path, file, &flag, from_program))?;
         Ok(Self {
             program,
-            sink: Sink::File {
-                to_writer,
-                writer: Mutex::new(Some(writer)),
-            },
-            dropped: AtomicU64::new(0),
+            sink: Sink::File { to_writer, reopen },
+            dropped: Counter::default(),
         })
     }
 
@@ -107,49 +109,60 @@ impl Audit {
             Sink::File { to_writer, .. } => match to_writer.try_send(Message::Line(line)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
-                    let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    let n = self.dropped.inc() + 1;
                     if n.is_power_of_two() {
                         tracing::warn!(dropped = n, "the audit log cannot keep up; lines dropped");
                     }
                 }
                 Err(TrySendError::Disconnected(_)) => {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.dropped.inc();
                 }
             },
         }
     }
 
-    /// Lines dropped so far because the file could not keep up.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+    /// Whether the lines go to a file of their own (else to the log).
+    pub fn is_file(&self) -> bool {
+        matches!(self.sink, Sink::File { .. })
     }
 
-    /// Opens the file again (after a log rotation moved it away); a no-op without a file.
+    /// The count of lines dropped so far because the file could not keep up (a handle that
+    /// follows it, for the metrics).
+    pub fn dropped(&self) -> Counter {
+        self.dropped.clone()
+    }
+
+    /// Opens the file again before the next line (after a log rotation moved it away); a
+    /// no-op without a file. Never blocks.
     pub fn reopen(&self) {
-        if let Sink::File { to_writer, .. } = &self.sink {
-            let _ = to_writer.send(Message::Reopen);
+        if let Sink::File { to_writer, reopen } = &self.sink {
+            reopen.store(true, Ordering::Release);
+            // A full queue wakes the writer anyway.
+            let _ = to_writer.try_send(Message::Wake);
         }
     }
 
-    /// Waits until every line recorded so far is written (a no-op without a file). Blocks the
-    /// thread: call it at exit, or from a blocking task.
-    pub fn flush(&self) {
-        if let Sink::File { to_writer, .. } = &self.sink {
-            let (done, written) = std::sync::mpsc::channel();
-            if to_writer.send(Message::Flush(done)).is_ok() {
-                let _ = written.recv();
+    /// Waits, at most `limit`, until every line recorded so far is written (a no-op without
+    /// a file): whether they were. Blocks the thread: call it at exit, from a blocking task.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let Sink::File { to_writer, .. } = &self.sink else {
+            return true;
+        };
+        let (done, written) = std::sync::mpsc::channel();
+        let deadline = std::time::Instant::now() + limit;
+        let mut message = Message::Flush(done);
+        loop {
+            match to_writer.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
             }
         }
-    }
-}
-
-impl Drop for Audit {
-    fn drop(&mut self) {
-        if let Sink::File { writer, .. } = &self.sink {
-            self.flush();
-            // The thread ends once every sender is gone: with this one, it is.
-            drop(writer.lock().take());
-        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        written.recv_timeout(left).is_ok()
     }
 }
 
@@ -169,12 +182,24 @@ fn open(path: &Path) -> std::io::Result<File> {
 }
 
 /// The writer thread: appends lines, flushing whenever the queue is empty.
-fn write_lines(path: PathBuf, file: File, from_program: Receiver<Message>) {
+fn write_lines(path: PathBuf, file: File, reopen: &AtomicBool, from_program: Receiver<Message>) {
     let mut out = BufWriter::new(file);
     let mut failed = false;
     while let Ok(message) = from_program.recv() {
         let mut next = Some(message);
         while let Some(message) = next.take() {
+            if reopen.swap(false, Ordering::AcqRel) {
+                let _ = out.flush();
+                match open(&path) {
+                    Ok(file) => {
+                        out = BufWriter::new(file);
+                        failed = false;
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "cannot reopen the audit log; writing on to the old file")
+                    }
+                }
+            }
             match message {
                 Message::Line(line) => {
                     let written = out
@@ -186,18 +211,7 @@ fn write_lines(path: PathBuf, file: File, from_program: Receiver<Message>) {
                         tracing::error!(path = %path.display(), error = %e, "cannot write the audit log");
                     }
                 }
-                Message::Reopen => {
-                    let _ = out.flush();
-                    match open(&path) {
-                        Ok(file) => {
-                            out = BufWriter::new(file);
-                            failed = false;
-                        }
-                        Err(e) => {
-                            tracing::error!(path = %path.display(), error = %e, "cannot reopen the audit log; writing on to the old file")
-                        }
-                    }
-                }
+                Message::Wake => {}
                 Message::Flush(done) => {
                     let _ = out.flush();
                     let _ = done.send(());
@@ -223,7 +237,7 @@ mod tests {
             || serde_json::json!({"server": "db", "port": "pg"}),
         );
         audit.record("config_reloaded", || Value::Null);
-        audit.flush();
+        assert!(audit.flush(Duration::from_secs(5)));
         let text = std::fs::read_to_string(&path).expect("read");
         let lines: Vec<Value> = text
             .lines()
@@ -244,9 +258,9 @@ mod tests {
         std::fs::rename(&path, &rotated).expect("rename");
         audit.reopen();
         audit.record("tunnel_closed", || Value::Null);
-        audit.flush();
+        assert!(audit.flush(Duration::from_secs(5)));
         let text = std::fs::read_to_string(&path).expect("read new");
         assert_eq!(text.lines().count(), 1);
-        assert_eq!(audit.dropped(), 0);
+        assert_eq!(audit.dropped().get(), 0);
     }
 }

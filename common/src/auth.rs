@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signature, Signer as _};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::keys::{PrivateKey, PublicKey};
 
@@ -362,7 +362,7 @@ struct NonceCache {
 }
 
 impl NonceCache {
-    /// A cache of at most `capacity` entries for `keys` keys.
+    /// A cache of at most `capacity` entries for `keys` keys (indices `0..keys`).
     fn new(capacity: usize, keys: usize) -> Self {
         let mut cache = Self {
             seen: HashMap::new(),
@@ -374,13 +374,22 @@ impl NonceCache {
             pool_per_key: 0,
             capacity,
         };
-        cache.share_between(keys);
+        cache.share_between(&(0..keys).collect::<Vec<_>>());
         cache
     }
 
-    /// Shares the cache between `keys` keys from now on: the entries it holds stay, each
-    /// counted against its key's new share (a key over it waits for its entries to expire).
-    fn share_between(&mut self, keys: usize) {
+    /// Shares the cache between the keys of indices `live` from now on: the entries it holds
+    /// stay, each counted against its key's new share (a key over it waits for its entries to
+    /// expire). A removed key's entries keep a share until they expire, so that the cache
+    /// never holds more than its capacity.
+    fn share_between(&mut self, live: &[usize]) {
+        let live_set: std::collections::HashSet<usize> = live.iter().copied().collect();
+        let removed_with_entries = self
+            .per_key
+            .keys()
+            .filter(|k| !live_set.contains(k))
+            .count();
+        let keys = live.len() + removed_with_entries;
         self.reserve = self.capacity / 2 / keys.max(1);
         self.pool = self.capacity - self.reserve * keys.max(1);
         self.pool_per_key = (self.pool / 4).max(1);
@@ -437,7 +446,7 @@ impl NonceCache {
 /// Verifies signed requests against a fixed set of public keys, each mapped to a principal.
 #[derive(Debug)]
 pub struct Verifier<P> {
-    keys: Mutex<KeySet<P>>,
+    keys: RwLock<KeySet<P>>,
     nonces: Mutex<NonceCache>,
 }
 
@@ -448,9 +457,10 @@ struct KeySet<P> {
     /// once for all, and its principal. Shared with the verifications in progress, so that
     /// the lock is held only to take it.
     by_id: Arc<HashMap<[u8; 32], (usize, PublicKey, P)>>,
-    /// The index the next new key gets: a key keeps its index when the set is replaced, and
-    /// with it its nonces.
-    next_index: usize,
+    /// The index of every key known since start: a key keeps its index when the set is
+    /// replaced, even when it comes back after a removal, and with it its nonces. (Bounded by
+    /// the keys ever configured.)
+    indices: HashMap<[u8; 32], usize>,
 }
 
 impl<P: Clone> Verifier<P> {
@@ -463,8 +473,8 @@ impl<P: Clone> Verifier<P> {
             .collect();
         let nonces = Mutex::new(NonceCache::new(nonce_capacity, by_id.len()));
         Self {
-            keys: Mutex::new(KeySet {
-                next_index: by_id.len(),
+            keys: RwLock::new(KeySet {
+                indices: by_id.iter().map(|(id, (i, _, _))| (*id, *i)).collect(),
                 by_id: Arc::new(by_id),
             }),
             nonces,
@@ -475,22 +485,17 @@ impl<P: Clone> Verifier<P> {
     /// them are refused from now on. The nonces seen so far stay remembered (a request seen
     /// before the reload is still a replay after it), each key's under its own share.
     pub fn replace_keys(&self, keys: impl IntoIterator<Item = (PublicKey, P)>) {
-        let mut set = self.keys.lock();
+        let mut set = self.keys.write();
         let mut by_id = HashMap::new();
         for (k, p) in keys {
-            let index = match set.by_id.get(&k.to_bytes()) {
-                Some((i, _, _)) => *i,
-                None => {
-                    set.next_index += 1;
-                    set.next_index - 1
-                }
-            };
+            let next = set.indices.len();
+            let index = *set.indices.entry(k.to_bytes()).or_insert(next);
             by_id.insert(k.to_bytes(), (index, k, p));
         }
-        let count = by_id.len();
+        let live: Vec<usize> = by_id.values().map(|(i, _, _)| *i).collect();
         set.by_id = Arc::new(by_id);
         drop(set);
-        self.nonces.lock().share_between(count);
+        self.nonces.lock().share_between(&live);
     }
 
     /// Verifies a request signed over any one of `authorities` (the names the relay answers
@@ -520,7 +525,7 @@ impl<P: Clone> Verifier<P> {
             // Both at most 15 digits: no overflow.
             return Err(AuthError::Stale(p.created as i64 - now as i64));
         }
-        let keys = self.keys.lock().by_id.clone();
+        let keys = self.keys.read().by_id.clone();
         let (who, key, principal) = keys
             .get(&p.keyid)
             .ok_or(AuthError::UnknownKey(Some(p.keyid)))?;
@@ -598,6 +603,9 @@ mod tests {
             Err(AuthError::UnknownKey(Some(keyid(&alice))))
         );
         assert_eq!(check(&v, &bob.sign("POST", A, P), P, unix_now()), Ok("bob"));
+        // Back again: what alice signed before is still a replay.
+        v.replace_keys([(alice.key.public(), "alice"), (bob.key.public(), "bob")]);
+        assert_eq!(check(&v, &seen, P, unix_now()), Err(AuthError::Replay));
     }
 
     /// The `keyid` of `signer`'s key.

@@ -79,9 +79,17 @@ pub enum Signal {
     Drain,
 }
 
-/// The signals a program acts on, as they come (see [`Signal`]).
+/// The signals a program acts on, as they come (see [`Signal`]). Reloads asked for faster
+/// than they are done fold into one; the drain is never lost behind them.
 #[derive(Debug)]
-pub struct Signals(tokio::sync::mpsc::Receiver<Signal>);
+pub struct Signals {
+    /// Set once, at the first SIGTERM or SIGINT.
+    drain: tokio::sync::watch::Receiver<bool>,
+    /// Whether [`Signal::Drain`] has been returned.
+    drained: bool,
+    /// A permit per pending SIGHUP (at most one is kept).
+    reload: std::sync::Arc<tokio::sync::Notify>,
+}
 
 /// Installs the signal handlers (before this returns, so that a signal sent as soon as the
 /// program reports that it is ready is handled, never fatal) and returns the signals to act
@@ -92,28 +100,28 @@ pub struct Signals(tokio::sync::mpsc::Receiver<Signal>);
 /// it must outlive the program's own shutdown, to exit at once on the second signal.
 pub fn signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let (drain_tx, drain) = tokio::sync::watch::channel(false);
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
     let hup = signal(SignalKind::hangup());
     match (term, int, hup) {
         (Ok(mut term), Ok(mut int), Ok(mut hup)) => {
+            let reload = reload.clone();
             tokio::spawn(async move {
-                let mut draining = false;
                 loop {
-                    let signal = tokio::select! {
-                        _ = term.recv() => Signal::Drain,
-                        _ = int.recv() => Signal::Drain,
-                        _ = hup.recv() => Signal::Reload,
-                    };
-                    if signal == Signal::Drain {
-                        if draining {
-                            std::process::exit(130);
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                        _ = hup.recv() => {
+                            reload.notify_one();
+                            continue;
                         }
-                        draining = true;
                     }
-                    // Reloads asked for faster than they are done fold into one.
-                    let _ = tx.try_send(signal);
+                    if *drain_tx.borrow() {
+                        std::process::exit(130);
+                    }
+                    drain_tx.send_replace(true);
                 }
             });
         }
@@ -121,15 +129,32 @@ pub fn signals() -> Signals {
             tracing::warn!(error = %e, "cannot install signal handlers; stop with SIGKILL");
         }
     }
-    Signals(rx)
+    Signals {
+        drain,
+        drained: false,
+        reload,
+    }
 }
 
 impl Signals {
-    /// The next signal; never resolves if the handlers could not be installed.
+    /// The next signal: the drain first if it has come; never resolves if the handlers could
+    /// not be installed.
     pub async fn next(&mut self) -> Signal {
-        match self.0.recv().await {
-            Some(signal) => signal,
-            None => std::future::pending().await,
+        loop {
+            if !self.drained && *self.drain.borrow_and_update() {
+                self.drained = true;
+                return Signal::Drain;
+            }
+            tokio::select! {
+                biased;
+                changed = self.drain.changed(), if !self.drained => {
+                    if changed.is_err() {
+                        // The watcher is gone: no drain will come.
+                        self.drained = true;
+                    }
+                }
+                () = self.reload.notified() => return Signal::Reload,
+            }
         }
     }
 }

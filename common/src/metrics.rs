@@ -45,9 +45,11 @@ struct StatusLabels {
     status: u16,
 }
 
-/// An endpoint's metrics.
-#[derive(Debug, Default)]
+/// An endpoint's metrics, and its count of open tunnels (which its drain waits on).
+#[derive(Debug)]
 pub struct EndpointMetrics {
+    /// Tunnels open now, all ports together.
+    open: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
     /// Tunnels open now, by port.
     pub tunnels_open: Family<PortLabels, Gauge>,
     /// Tunnels opened so far, by port.
@@ -65,6 +67,22 @@ pub struct EndpointMetrics {
     pub silent_channels: Counter,
     /// Retries after the relay could not be reached or refused a channel.
     pub reconnects: Counter,
+}
+
+impl Default for EndpointMetrics {
+    fn default() -> Self {
+        Self {
+            open: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            tunnels_open: Family::default(),
+            tunnels: Family::default(),
+            bytes: Family::default(),
+            connect_failures: Family::default(),
+            relay_refusals: Family::default(),
+            idle_channels: Family::default(),
+            silent_channels: Counter::default(),
+            reconnects: Counter::default(),
+        }
+    }
 }
 
 /// The counters a channel updates while it lives.
@@ -182,9 +200,23 @@ impl EndpointMetrics {
     /// A tunnel of `port` opens: counted until the returned guard is dropped.
     pub fn tunnel(&self, port: &PortLabels) -> TunnelGuard {
         self.tunnels.get_or_create(port).inc();
-        let open = self.tunnels_open.get_or_create_owned(port);
-        open.inc();
-        TunnelGuard(open)
+        let gauge = self.tunnels_open.get_or_create_owned(port);
+        gauge.inc();
+        self.open.send_modify(|n| *n += 1);
+        TunnelGuard {
+            gauge,
+            open: self.open.clone(),
+        }
+    }
+
+    /// Watches the number of tunnels open, all ports together.
+    pub fn tunnels_now(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.open.subscribe()
+    }
+
+    /// Tunnels of `port` open now.
+    pub fn tunnels_of(&self, port: &PortLabels) -> i64 {
+        self.tunnels_open.get(port).map_or(0, |g| g.get())
     }
 }
 
@@ -199,12 +231,16 @@ fn in_band_status(reason: &str) -> u16 {
     }
 }
 
-/// An open tunnel, counted in `tunnels_open` until dropped.
+/// An open tunnel, counted (in `tunnels_open` and the endpoint's count) until dropped.
 #[derive(Debug)]
-pub struct TunnelGuard(Gauge);
+pub struct TunnelGuard {
+    gauge: Gauge,
+    open: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
+}
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
+        self.open.send_modify(|n| *n = n.saturating_sub(1));
     }
 }

@@ -107,13 +107,20 @@ pub(crate) fn authenticate(
         signature: header(SIGNATURE),
         signed_for: header(SIGNED_AUTHORITY).filter(|a| a.len() <= LONGEST_AUTHORITY),
     };
-    let result = shared.verifier.verify(
-        req.method().as_str(),
-        &authorities,
-        req.uri().path(),
-        received,
-        unix_now(),
-    );
+    let result = shared
+        .verifier
+        .verify(
+            req.method().as_str(),
+            &authorities,
+            req.uri().path(),
+            received,
+            unix_now(),
+        )
+        // A key a reload has just removed or replaced: unknown now.
+        .and_then(|(principal, key)| match dir.holds(principal, &key) {
+            true => Ok(principal),
+            false => Err(AuthError::UnknownKey(Some(key))),
+        });
     result.map_err(|error| {
         if let Some(left_out) = shared.refusal_logs.auth.admit() {
             let client = client_addr(shared, req)
@@ -221,10 +228,11 @@ pub(crate) fn server(
     server: &Name,
 ) -> Result<usize, Denied> {
     match authenticate(shared, dir, req)? {
-        Principal::Server(i) if dir.server_names[i] == *server => Ok(i),
+        Principal::Server(i) if dir.server_name(i) == Some(server) => Ok(i),
         Principal::Server(i) => {
             if let Some(left_out) = shared.refusal_logs.other_server.admit() {
-                warn!(key_of = %dir.server_names[i], path_server = %server, left_out, "server key used for another server name");
+                let key_of = dir.server_name(i).map(Name::as_str).unwrap_or_default();
+                warn!(key_of, path_server = %server, left_out, "server key used for another server name");
             }
             Err(Denied::OtherServer)
         }
@@ -297,7 +305,7 @@ pub(crate) fn clients_channel(
     let channel = channel.ok_or(Denied::NoSuchChannel)?;
     if channel.side != Side::Client(client)
         || channel.cancel.is_cancelled()
-        || dir.server_names[channel.server].as_str() != server
+        || dir.server_name(channel.server).map(Name::as_str) != Some(server)
     {
         return Err(Denied::NoSuchChannel);
     }

@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -97,6 +97,8 @@ pub(crate) struct Channel {
     /// What its download is told.
     inbox: Mailbox<ToDownload>,
     upload_taken: AtomicBool,
+    /// Set, under the `tunnel` lock, when the relay retires it: it takes no connection.
+    retiring: AtomicBool,
     /// The connection it carries now.
     tunnel: Mutex<Option<Arc<Tunnel>>>,
     started: Instant,
@@ -139,6 +141,7 @@ impl Channel {
             cancel,
             inbox: Mailbox::new(INBOX),
             upload_taken: AtomicBool::new(false),
+            retiring: AtomicBool::new(false),
             tunnel: Mutex::new(None),
             started: Instant::now(),
             activity_ms: AtomicU64::new(0),
@@ -210,6 +213,19 @@ impl Channel {
         self.cancel.cancel();
     }
 
+    /// Retires the channel if it carries no connection (the relay drains): it takes none
+    /// from now on, and its download ends after what it has passed on; its endpoint, seeing
+    /// that, ends its upload. Whether it was idle.
+    pub fn retire_if_idle(&self) -> bool {
+        let slot = self.tunnel.lock();
+        if slot.is_some() || self.cancel.is_cancelled() {
+            return false;
+        }
+        self.retiring.store(true, Ordering::Release);
+        self.tell(ToDownload::Retired);
+        true
+    }
+
     /// Ends an idle channel cleanly: its download ends after what it has passed on (rather
     /// than with an error, which may cut what is still on its way), then the channel closes.
     pub fn end_idle(&self) {
@@ -244,12 +260,19 @@ pub(crate) struct Tunnel {
     finished: CancellationToken,
     /// Where it is counted and recorded.
     book: Arc<TunnelBook>,
-    /// Who it joins.
-    pub labels: TunnelLabels,
     /// When it was joined.
     pub opened: Instant,
     /// Bytes passed on so far: upstream (the client's upload), downstream (the server's).
     bytes: [AtomicU64; 2],
+    /// Set once the tunnel is announced (see [`Tunnel::announce`]).
+    announced: OnceLock<Announced>,
+}
+
+/// A tunnel's names and counters, once it is announced.
+#[derive(Debug)]
+pub(crate) struct Announced {
+    /// Who it joins.
+    pub labels: TunnelLabels,
     meters: TunnelMeters,
 }
 
@@ -278,31 +301,21 @@ impl TunnelBook {
 }
 
 impl Tunnel {
-    /// Joins `client` and `server` for a connection of `labels`, counted and recorded in
-    /// `book`; `None` if either carries one already.
+    /// Joins `client` and `server` for a connection, counted in `book`; `None` if either
+    /// carries one already, or is retiring or closed. Cheap: it runs under the port's lock;
+    /// the tunnel's names, metrics and audit line come with [`Tunnel::announce`].
     pub fn join(
         client: &Arc<Channel>,
         server: &Arc<Channel>,
-        labels: TunnelLabels,
         book: &Arc<TunnelBook>,
     ) -> Option<Arc<Self>> {
         let mut client_slot = client.tunnel.lock();
         let mut server_slot = server.tunnel.lock();
-        if client_slot.is_some() || server_slot.is_some() {
+        let free = |c: &Channel| !c.retiring.load(Ordering::Acquire) && !c.cancel.is_cancelled();
+        if client_slot.is_some() || server_slot.is_some() || !free(client) || !free(server) {
             return None;
         }
         book.count.send_modify(|n| *n += 1);
-        let meters = book.metrics.tunnel_opened(&labels);
-        book.audit.record("tunnel_opened", || {
-            serde_json::json!({
-                "server": labels.server,
-                "port": labels.port,
-                "client": labels.client,
-                "client_ip": client.peer,
-                "server_ip": server.peer,
-                "channel": client.id.to_string(),
-            })
-        });
         let tunnel = Arc::new(Self {
             client: client.clone(),
             server: server.clone(),
@@ -311,14 +324,37 @@ impl Tunnel {
             held: [AtomicBool::new(false), AtomicBool::new(false)],
             finished: CancellationToken::new(),
             book: book.clone(),
-            labels,
             opened: Instant::now(),
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
-            meters,
+            announced: OnceLock::new(),
         });
         *client_slot = Some(tunnel.clone());
         *server_slot = Some(tunnel.clone());
         Some(tunnel)
+    }
+
+    /// Names the tunnel (`labels`), counts it in the metrics and writes its `tunnel_opened`
+    /// audit line, once; done by the client's upload, outside every lock, before the
+    /// connection's bytes flow.
+    pub fn announce(&self, labels: TunnelLabels) {
+        let book = &self.book;
+        let meters = book.metrics.tunnel_opened(&labels);
+        book.audit.record("tunnel_opened", || {
+            serde_json::json!({
+                "server": labels.server,
+                "port": labels.port,
+                "client": labels.client,
+                "client_ip": self.client.peer,
+                "server_ip": self.server.peer,
+                "channel": self.client.id.to_string(),
+            })
+        });
+        let _ = self.announced.set(Announced { labels, meters });
+    }
+
+    /// Its names, once announced.
+    pub fn labels(&self) -> Option<&TunnelLabels> {
+        self.announced.get().map(|a| &a.labels)
     }
 
     /// Records the server's answer, once: `false` if it had answered already.
@@ -365,7 +401,9 @@ impl Tunnel {
     pub fn carried(&self, sender: &Channel, n: u64) {
         let direction = usize::from(sender.is_server());
         self.bytes[direction].fetch_add(n, Ordering::Relaxed);
-        self.meters.bytes[direction].inc_by(n);
+        if let Some(a) = self.announced.get() {
+            a.meters.bytes[direction].inc_by(n);
+        }
     }
 
     /// Bytes passed on so far: upstream, downstream.
@@ -408,13 +446,18 @@ impl Tunnel {
 impl Drop for Tunnel {
     fn drop(&mut self) {
         self.book.count.send_modify(|n| *n = n.saturating_sub(1));
-        self.meters.open.dec();
+        // A tunnel never announced (its client gave up first) was never counted or recorded.
+        let Some(announced) = self.announced.get() else {
+            return;
+        };
+        announced.meters.open.dec();
         let [upstream, downstream] = self.bytes();
+        let labels = &announced.labels;
         self.book.audit.record("tunnel_closed", || {
             serde_json::json!({
-                "server": self.labels.server,
-                "port": self.labels.port,
-                "client": self.labels.client,
+                "server": labels.server,
+                "port": labels.port,
+                "client": labels.client,
                 "client_ip": self.client.peer,
                 "channel": self.client.id.to_string(),
                 "bytes_upstream": upstream,
@@ -590,17 +633,11 @@ impl Channels {
             .collect()
     }
 
-    /// Closes every channel that carries no connection.
-    pub fn close_idle(&self) {
-        let idle: Vec<Arc<Channel>> = self
-            .map
-            .lock()
-            .values()
-            .filter(|c| c.tunnel().is_none())
-            .cloned()
-            .collect();
-        for channel in idle {
-            channel.end_idle();
+    /// Retires every channel that carries no connection (see [`Channel::retire_if_idle`]).
+    pub fn retire_idle(&self) {
+        let all: Vec<Arc<Channel>> = self.map.lock().values().cloned().collect();
+        for channel in all {
+            channel.retire_if_idle();
         }
     }
 
@@ -687,22 +724,14 @@ mod tests {
         )
     }
 
-    fn labels() -> TunnelLabels {
-        TunnelLabels {
-            server: "db".into(),
-            port: "pg".into(),
-            client: "alice".into(),
-        }
-    }
-
     #[test]
     fn a_tunnel_joins_free_channels_only_and_frees_them_when_both_directions_end() {
         let book = TunnelBook::for_test();
         let count = book.count.subscribe();
         let (c, s) = (channel(Side::Client(0)), channel(Side::Server));
-        let t = Tunnel::join(&c, &s, labels(), &book).expect("joined");
+        let t = Tunnel::join(&c, &s, &book).expect("joined");
         assert_eq!(*count.borrow(), 1);
-        assert!(Tunnel::join(&c, &channel(Side::Server), labels(), &book).is_none());
+        assert!(Tunnel::join(&c, &channel(Side::Server), &book).is_none());
         assert!(t.answer(), "first answer");
         assert!(!t.answer(), "second answer");
         t.direction_ended();
@@ -714,7 +743,7 @@ mod tests {
         drop(t);
         assert_eq!(*count.borrow(), 0);
         // A failed one ends both channels.
-        let t = Tunnel::join(&c, &s, labels(), &book).expect("joined again");
+        let t = Tunnel::join(&c, &s, &book).expect("joined again");
         t.fail();
         assert!(c.cancel.is_cancelled() && s.cancel.is_cancelled());
         assert!(c.tunnel().is_none());
@@ -805,7 +834,7 @@ mod tests {
         let (c, s) = (channel(Side::Client(0)), channel(Side::Server));
         table.insert(c.clone()).expect("c");
         table.insert(s.clone()).expect("s");
-        let t = Tunnel::join(&c, &s, labels(), &table.tunnels).expect("joined");
+        let t = Tunnel::join(&c, &s, &table.tunnels).expect("joined");
         let mut count = table.count();
         s.cancel.cancel();
         table.reap(&s, idle).await;

@@ -88,6 +88,8 @@ const MAX_PENDING_RESETS: usize = 20;
 /// How the path of a `connect` ends (see `CONNECT_ROUTE`): its refusals are also counted as
 /// connections that could not be made.
 const CONNECT_SUFFIX: &str = "/connect";
+/// Time given to the audit log's last lines to reach the disk at shutdown.
+const AUDIT_FLUSH_GRACE: Duration = Duration::from_secs(2);
 /// Time given to open HTTP connections to finish after shutdown starts.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -279,6 +281,11 @@ async fn serve(relay: Relay) {
     if let Some(admin) = admin {
         let mut registry = prometheus_client::registry::Registry::with_prefix("ptth_relay");
         shared.metrics.register(&mut registry);
+        registry.register(
+            "audit_lines_dropped",
+            "Audit log lines dropped because the file could not keep up",
+            shared.audit.dropped(),
+        );
         let pages = Arc::new(status::StatusPages::new(shared.clone()));
         let admin_state = Arc::new(ptth_common::admin::Admin::new(registry, Some(pages)));
         shared.tasks.spawn(ptth_common::admin::serve(
@@ -389,6 +396,9 @@ async fn serve(relay: Relay) {
     info!("relay shutting down");
     shared.shutdown.cancel();
     ptth_common::drain(&shared.tasks).await;
+    // The tunnels' last lines, written before the program exits.
+    let audit = shared.audit.clone();
+    let _ = tokio::task::spawn_blocking(move || audit.flush(AUDIT_FLUSH_GRACE)).await;
 }
 
 /// Serves one TCP connection: its TLS handshake if configured, then HTTP until it ends or

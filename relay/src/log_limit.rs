@@ -30,6 +30,9 @@ pub(crate) struct RefusalLogs {
     pub connect: LogLimit,
     /// A TCP connection over `max_http_connections_per_ip`.
     pub per_ip: LogLimit,
+    /// A refused request's audit line, when the audit log goes to the log (to a file, every
+    /// one is written).
+    pub audit: LogLimit,
 }
 
 #[derive(Debug)]

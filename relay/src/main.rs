@@ -55,7 +55,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let control = control.clone();
             tokio::spawn(async move { control.drain().await });
         }
-        Signal::Reload => control.reload_from(&args.config),
+        Signal::Reload => {
+            // Reads a file: off the tasks that serve.
+            let (control, path) = (control.clone(), args.config.clone());
+            tokio::task::spawn_blocking(move || control.reload_from(&path));
+        }
     })
     .await;
     Ok(())

@@ -23,7 +23,10 @@ use crate::handlers::Refused;
 use crate::log_limit::RefusalLogs;
 use crate::metrics::{CauseLabels, FailureLabels, Metrics, OutcomeLabels, TunnelLabels};
 
-/// Who signed a request: a server or a client, by its index in the configuration.
+/// Who signed a request, and with which key (its 32 bytes).
+pub(crate) type Signed = (Principal, [u8; 32]);
+
+/// Who signed a request: a server or a client, by its slot (see [`Directory`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Principal {
     Server(usize),
@@ -364,13 +367,32 @@ impl Directory {
     }
 
     /// The keys the verifier knows, with whom each stands for.
-    fn keys(&self) -> Vec<(PublicKey, Principal)> {
+    fn keys(&self) -> Vec<(PublicKey, Signed)> {
         let servers = self.server_keys.iter().enumerate();
         let clients = self.client_keys.iter().enumerate();
+        let signed = |k: &PublicKey, by| (*k, (by, k.to_bytes()));
         servers
-            .filter_map(|(i, k)| Some((*k.as_ref()?, Principal::Server(i))))
-            .chain(clients.filter_map(|(i, k)| Some((*k.as_ref()?, Principal::Client(i)))))
+            .filter_map(|(i, k)| Some(signed(k.as_ref()?, Principal::Server(i))))
+            .chain(clients.filter_map(|(i, k)| Some(signed(k.as_ref()?, Principal::Client(i)))))
             .collect()
+    }
+
+    /// Whether `key` is, in this directory, the key of `principal`. (The verifier and the
+    /// directory are replaced one after the other on a reload: a request checked by one may
+    /// meet the other.)
+    pub fn holds(&self, principal: Principal, key: &[u8; 32]) -> bool {
+        let slot = match principal {
+            Principal::Server(i) => self.server_keys.get(i),
+            Principal::Client(i) => self.client_keys.get(i),
+        };
+        slot.copied()
+            .flatten()
+            .is_some_and(|k| k.to_bytes() == *key)
+    }
+
+    /// The name of server slot `server`, if it has one.
+    pub fn server_name(&self, server: usize) -> Option<&Name> {
+        self.server_names.get(server)
     }
 
     /// The slot of the server named `name`, if it is configured.
@@ -430,9 +452,11 @@ struct ReloadSummary {
 pub(crate) struct Shared {
     /// The configuration it started with (a reload changes only the [`Directory`]).
     pub config: RelayConfig,
-    pub verifier: Verifier<Principal>,
+    pub verifier: Verifier<Signed>,
     /// Who is who now.
     directory: RwLock<Arc<Directory>>,
+    /// Held while a reload is applied.
+    reloading: Mutex<()>,
     /// The ports of each server (by slot).
     servers: RwLock<Vec<Arc<Mutex<ServerPorts>>>>,
     pub channels: Channels,
@@ -473,6 +497,7 @@ impl Shared {
                     .collect(),
             ),
             directory: RwLock::new(Arc::new(directory)),
+            reloading: Mutex::new(()),
             channels: Channels::new(
                 config.clients.len(),
                 config.max_connections,
@@ -509,6 +534,8 @@ impl Shared {
     /// their tunnels) it no longer allows are closed; the rest goes on. Other settings need a
     /// restart: a warning names those that changed.
     pub fn reload(&self, config: RelayConfig) {
+        // One reload at a time: each builds on the directory before it.
+        let _one = self.reloading.lock();
         let before = self.directory();
         let after = Arc::new(Directory::new(&config, Some(&before)));
         {
@@ -518,10 +545,11 @@ impl Shared {
             }
         }
         self.channels.count_clients(after.client_names.len());
-        // The new keys and directory first, then the sweep: a channel opened meanwhile under
-        // the old directory is refused when it is entered (see `open_channel`).
-        self.verifier.replace_keys(after.keys());
+        // The new directory, then the new keys (a request checked by the old keys is held to
+        // the new directory: `Directory::holds`), then the sweep: a channel opened meanwhile
+        // under the old directory is refused when it is entered (see `open_channel`).
         *self.directory.write() = after.clone();
+        self.verifier.replace_keys(after.keys());
         let closed = self
             .channels
             .close_where(|c| !after.still_allows(&before, c));
@@ -687,12 +715,12 @@ impl Shared {
         self.metrics.listens_ready.inc();
     }
 
-    /// Starts draining: new channels are refused from now on, idle ones are closed now, and
+    /// Starts draining: new channels are refused from now on, idle ones are retired now, and
     /// the others once their connection has ended.
     pub fn drain(&self) {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.channels.close_idle();
+        self.channels.retire_idle();
     }
 
     /// Whether the relay drains (or shuts down): no new channel is taken.
@@ -740,14 +768,24 @@ impl Shared {
         if connect && auth_cause.is_none() {
             self.metrics.connect_failed(status, reason);
         }
-        self.audit.record("request_refused", || {
-            serde_json::json!({
-                "status": status,
-                "reason": reason,
-                "auth_cause": auth_cause,
-                "client_ip": client_ip,
-            })
-        });
+        // In the log, refusals are rate-limited as its other refusal lines are (a flood of
+        // strangers must not flood it); a file of its own gets every one.
+        let left_out = if self.audit.is_file() {
+            Some(0)
+        } else {
+            self.refusal_logs.audit.admit()
+        };
+        if let Some(left_out) = left_out {
+            self.audit.record("request_refused", || {
+                serde_json::json!({
+                    "status": status,
+                    "reason": reason,
+                    "auth_cause": auth_cause,
+                    "client_ip": client_ip,
+                    "left_out": left_out,
+                })
+            });
+        }
         let mut recent = self.recent_rejections.lock();
         if recent.len() >= RECENT_REJECTIONS {
             recent.pop_front();
@@ -787,16 +825,23 @@ impl Shared {
 
     /// Joins `client`'s connection with `server` (see [`Tunnel::join`]).
     fn join(&self, client: &Arc<Channel>, server: &Arc<Channel>) -> Option<Arc<Tunnel>> {
+        Tunnel::join(client, server, &self.channels.tunnels)
+    }
+
+    /// Announces `tunnel` (see [`Tunnel::announce`]) under the names of the directory in
+    /// force.
+    pub fn announce(&self, tunnel: &Tunnel) {
         let directory = self.directory();
-        let labels = TunnelLabels {
-            server: directory.server_names[server.server].to_string(),
-            port: server.port.to_string(),
-            client: client
+        let name = |names: &[Name], i: usize| names.get(i).map(Name::to_string).unwrap_or_default();
+        tunnel.announce(TunnelLabels {
+            server: name(&directory.server_names, tunnel.server.server),
+            port: tunnel.server.port.to_string(),
+            client: tunnel
+                .client
                 .client()
-                .map(|c| directory.client_names[c].to_string())
+                .map(|c| name(&directory.client_names, c))
                 .unwrap_or_default(),
-        };
-        Tunnel::join(client, server, labels, &self.channels.tunnels)
+        });
     }
 
     /// The server retires its idle channel `server`: it leaves the port's ready queue, unless

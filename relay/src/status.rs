@@ -128,17 +128,18 @@ fn status(shared: &Shared, started: Instant) -> Status {
         .channels
         .open_tunnels(MAX_TUNNELS_SHOWN)
         .iter()
-        .map(|t| {
+        .filter_map(|t| {
+            let labels = t.labels()?;
             let [up, down] = t.bytes();
-            TunnelView {
-                server: t.labels.server.clone(),
-                port: t.labels.port.clone(),
-                client: t.labels.client.clone(),
+            Some(TunnelView {
+                server: labels.server.clone(),
+                port: labels.port.clone(),
+                client: labels.client.clone(),
                 client_ip: t.client.peer,
                 age_secs: t.opened.elapsed().as_secs_f64(),
                 bytes_upstream: up,
                 bytes_downstream: down,
-            }
+            })
         })
         .collect();
     tunnels.sort_by(|a, b| a.age_secs.total_cmp(&b.age_secs));

@@ -167,6 +167,12 @@ async fn connect(
     channel: &Arc<Channel>,
     reader: &mut Reader,
 ) -> Result<Arc<Tunnel>, ()> {
+    if shared.is_draining() {
+        let refusal = crate::handlers::SHUTTING_DOWN_REASON;
+        shared.metrics.connect_failed(503, refusal);
+        channel.tell(ToDownload::Fail(refusal.to_owned()));
+        return Err(());
+    }
     // The server must answer within accept_timeout; the client's download enforces it.
     let deadline = Instant::now() + shared.config.accept_timeout;
     if !channel.tell(ToDownload::Pending(deadline)) {
@@ -187,6 +193,7 @@ async fn connect(
             return Err(());
         }
     };
+    shared.announce(&tunnel);
     lend(channel, reader, &tunnel.server, &tunnel).await?;
     Ok(tunnel)
 }

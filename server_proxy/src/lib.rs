@@ -73,8 +73,7 @@ pub fn run(
             shutdown,
             tasks,
             metrics: EndpointMetrics::default(),
-            pools: Mutex::new(BTreeMap::new()),
-            tunnels: watch::Sender::new(0),
+            pools: Mutex::new(Pools::default()),
         }),
         admin: None,
     })
@@ -106,7 +105,7 @@ impl Server {
 
     /// Watches the number of tunnels open.
     pub fn tunnels(&self) -> watch::Receiver<usize> {
-        self.ctx.tunnels.subscribe()
+        self.ctx.metrics.tunnels_now()
     }
 }
 
@@ -132,10 +131,7 @@ impl Control {
     pub async fn drain(&self) {
         let ctx = &self.ctx;
         ctx.draining.cancel();
-        for pool in ctx.pools.lock().values() {
-            pool.short.notify_waiters();
-        }
-        ptth_common::wait_for_tunnels(ctx.tunnels.subscribe(), ctx.config.drain_grace).await;
+        ptth_common::wait_for_tunnels(ctx.metrics.tunnels_now(), ctx.config.drain_grace).await;
         ctx.shutdown.cancel();
     }
 
@@ -193,11 +189,12 @@ impl Control {
         let (mut added, mut removed, mut retargeted) = (Vec::new(), Vec::new(), Vec::new());
         {
             let mut pools = ctx.pools.lock();
+            let pools = pools.offered(ctx);
             pools.retain(|port, pool| {
                 if config.ports.contains_key(port) {
                     return true;
                 }
-                let tunnels = pool.tunnels.load(Ordering::Acquire);
+                let tunnels = ctx.metrics.tunnels_of(&pool.labels);
                 warn!(port = %port, tunnels, "port no longer offered: closing it and its tunnels");
                 pool.closed.cancel();
                 removed.push(port.to_string());
@@ -238,9 +235,29 @@ struct Ctx {
     slots: Arc<Semaphore>,
     metrics: EndpointMetrics,
     /// The ports offered now.
-    pools: Mutex<BTreeMap<Name, Arc<Pool>>>,
-    /// Tunnels open now.
-    tunnels: watch::Sender<usize>,
+    pools: Mutex<Pools>,
+}
+
+/// The ports offered, by name, once the configured ones have been.
+#[derive(Debug, Default)]
+struct Pools {
+    by_port: BTreeMap<Name, Arc<Pool>>,
+    /// Whether the configured ports have been offered (a reload that comes first offers them
+    /// before it applies its own).
+    started: bool,
+}
+
+impl Pools {
+    /// The pools, after offering the configured ports if that has not been done.
+    fn offered(&mut self, ctx: &Arc<Ctx>) -> &mut BTreeMap<Name, Arc<Pool>> {
+        if !self.started {
+            self.started = true;
+            for (port, target) in &ctx.config.ports {
+                self.by_port.insert(port.clone(), offer(ctx, port, target));
+            }
+        }
+        &mut self.by_port
+    }
 }
 
 /// One port's idle channels.
@@ -253,8 +270,6 @@ struct Pool {
     labels: PortLabels,
     /// Channels open and carrying no connection.
     idle: AtomicUsize,
-    /// Tunnels open now.
-    tunnels: AtomicUsize,
     /// Told when the pool may be short of idle channels.
     short: Notify,
     /// Cancelled when the port is no longer offered (or at shutdown): its channels and
@@ -272,7 +287,6 @@ fn offer(ctx: &Arc<Ctx>, port: &Name, target: &Target) -> Arc<Pool> {
             port: port.to_string(),
         },
         idle: AtomicUsize::new(0),
-        tunnels: AtomicUsize::new(0),
         short: Notify::new(),
         closed: ctx.shutdown.child_token(),
     });
@@ -299,12 +313,7 @@ async fn serve(ctx: Arc<Ctx>, admin: Option<TcpListener>) {
             ctx.shutdown.clone(),
         ));
     }
-    {
-        let mut pools = ctx.pools.lock();
-        for (port, target) in &ctx.config.ports {
-            pools.insert(port.clone(), offer(&ctx, port, target));
-        }
-    }
+    ctx.pools.lock().offered(&ctx);
     ctx.shutdown.cancelled().await;
     info!("server proxy shutting down");
     ctx.relay.close().await;
@@ -415,7 +424,7 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
             channel.refuse("the server is at its max_connections").await;
             return;
         };
-        let _tunnel = OpenTunnel::new(&ctx, &pool);
+        let tunnel = ctx.metrics.tunnel(&pool.labels);
         let target = pool.target.lock().clone();
         let connect = tokio::time::timeout(
             ctx.config.connect_timeout,
@@ -464,7 +473,7 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
                 return;
             }
         }
-        drop(_tunnel);
+        drop(tunnel);
         if ctx.draining.is_cancelled() {
             channel.retire(closed).await;
             return;
@@ -483,31 +492,5 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
                 return;
             }
         }
-    }
-}
-
-/// A tunnel of a port, counted (in the port, the server proxy and the metrics) while it lives.
-struct OpenTunnel {
-    ctx: Arc<Ctx>,
-    pool: Arc<Pool>,
-    _metric: ptth_common::metrics::TunnelGuard,
-}
-
-impl OpenTunnel {
-    fn new(ctx: &Arc<Ctx>, pool: &Arc<Pool>) -> Self {
-        pool.tunnels.fetch_add(1, Ordering::AcqRel);
-        ctx.tunnels.send_modify(|n| *n += 1);
-        Self {
-            ctx: ctx.clone(),
-            pool: pool.clone(),
-            _metric: ctx.metrics.tunnel(&pool.labels),
-        }
-    }
-}
-
-impl Drop for OpenTunnel {
-    fn drop(&mut self) {
-        self.pool.tunnels.fetch_sub(1, Ordering::AcqRel);
-        self.ctx.tunnels.send_modify(|n| *n = n.saturating_sub(1));
     }
 }

@@ -45,7 +45,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let control = control.clone();
             tokio::spawn(async move { control.drain().await });
         }
-        Signal::Reload => control.reload_from(config_path),
+        Signal::Reload => {
+            // Reads a file: off the tasks that serve.
+            let (control, path) = (control.clone(), config_path.to_owned());
+            tokio::task::spawn_blocking(move || control.reload_from(&path));
+        }
     })
     .await;
     Ok(())
