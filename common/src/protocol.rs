@@ -45,6 +45,9 @@ pub const CONNECT_ROUTE: &str = "/v1/servers/{server}/ports/{port}/connect";
 pub const DOWNSTREAM_ROUTE: &str = "/v1/servers/{server}/channels/{id}/downstream";
 /// Route of `upstream` (client: the upload of a channel; its body carries the user's bytes).
 pub const UPSTREAM_ROUTE: &str = "/v1/servers/{server}/channels/{id}/upstream";
+/// Path of the relay's health check for load balancers (`GET` or `HEAD`, unauthenticated):
+/// `200` while the relay takes new channels, `503` while it drains.
+pub const HEALTH_PATH: &str = "/v1/health";
 
 /// `route` with its two placeholders replaced by `first` and `second`, in order.
 fn fill(route: &str, first: &str, second: &str) -> String {

@@ -1,7 +1,8 @@
-//! The four endpoints, HTTP in and out: each handler checks the caller (`access.rs`), asks the
-//! shared state (`state.rs`, `channel.rs`) and turns the outcome into an answer. Errors are a
-//! status and a one-line reason; the answers to `connect` and `listen` are channel downloads
-//! that stream a [`PipeBody`]; `upstream` and `downstream` hand their body to `upload.rs`.
+//! The four endpoints, HTTP in and out (and the health check for load balancers): each
+//! handler checks the caller (`access.rs`), asks the shared state (`state.rs`, `channel.rs`)
+//! and turns the outcome into an answer. Errors are a status and a one-line reason; the answers
+//! to `connect` and `listen` are channel downloads that stream a [`PipeBody`]; `upstream` and
+//! `downstream` hand their body to `upload.rs`.
 
 use std::sync::Arc;
 
@@ -252,6 +253,23 @@ async fn expect_no_body(shared: &Shared, req: &mut Request) -> Result<()> {
             Ok(Some(_)) | Err(_) => return Err(TAKES_NO_BODY),
         }
     }
+}
+
+/// `GET /v1/health` (and `HEAD`, which axum answers from it): for a load balancer in front of
+/// several relays. `200` `ok` while the relay takes new channels, `503` `draining` once it
+/// drains or shuts down, so that the balancer sends new channels elsewhere. Unauthenticated,
+/// it says nothing else, and is no refusal (not counted, audited or listed).
+pub(crate) async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let (status, body) = if shared.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        (StatusCode::OK, "ok\n")
+    };
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(RELAY_ANSWER_HEADER, HeaderValue::from_static("1"));
+    r
 }
 
 /// `POST /v1/servers/{server}/ports/{port}/listen`: a server's channel for connections to

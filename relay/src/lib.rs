@@ -6,7 +6,7 @@
 //!
 //! * `lib.rs` (here): accepts TCP connections (TLS with `tls.rs` when configured) and serves
 //!   HTTP/1.1 and HTTP/2 on them, one task per connection, routing the four endpoints;
-//! * `handlers.rs`: the endpoints, HTTP in and out; `access.rs` checks each caller first;
+//! * `handlers.rs`: the endpoints, HTTP in and out, and the health check for load balancers; `access.rs` checks each caller first;
 //!   `log_limit.rs` keeps a flood of refusals from flooding the logs;
 //! * `upload.rs`: a channel's upload, read while the channel is idle; its `OPEN` starts a
 //!   connection and lends the upload to the other channel's download;
@@ -56,7 +56,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::routing::post;
+use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
@@ -64,7 +64,7 @@ use ptth_common::TrackedExecutor;
 use ptth_common::audit::Audit;
 use ptth_common::config::RelayConfig;
 use ptth_common::protocol::{
-    CONNECT_ROUTE, DOWNSTREAM_ROUTE, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME,
+    CONNECT_ROUTE, DOWNSTREAM_ROUTE, HEALTH_PATH, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME,
     HTTP2_MAX_LOCAL_ERROR_RESETS, HTTP2_STREAM_WINDOW, LISTEN_ROUTE, UPSTREAM_ROUTE,
 };
 use tokio::net::{TcpListener, TcpStream};
@@ -266,6 +266,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(CONNECT_ROUTE, post(handlers::connect))
         .route(DOWNSTREAM_ROUTE, post(handlers::downstream))
         .route(UPSTREAM_ROUTE, post(handlers::upstream))
+        .route(HEALTH_PATH, get(handlers::health))
         .with_state(shared)
 }
 

@@ -144,9 +144,22 @@ async fn close_cleanly(mut s: TcpStream) {
     assert!(rest.is_empty() && !failed, "clean EOF: {rest:?} {failed}");
 }
 
+/// `GET` and `HEAD` of the relay's health check: status and body (empty for `HEAD`).
+async fn health(relay: SocketAddr) -> [(u16, String); 2] {
+    let client = http_client_builder(None).expect("client").build().expect("client");
+    let url = format!("http://{relay}{}", ptth_common::protocol::HEALTH_PATH);
+    let mut out = Vec::new();
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let r = client.request(method, &url).send().await.expect("health");
+        let status = r.status().as_u16();
+        out.push((status, r.text().await.expect("body")));
+    }
+    [out.remove(0), out.remove(0)]
+}
+
 /// SIGTERM to the relay: listen and connect get 503 (a new connection through the proxy is
-/// refused), an open tunnel carries on, byte-exact, and the relay exits once it has ended,
-/// long before drain_grace.
+/// refused), its health check turns from 200 to 503, an open tunnel carries on, byte-exact,
+/// and the relay exits once it has ended, long before drain_grace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_drains_open_tunnels_and_refuses_new_ones() {
     within(LIMIT, async {
@@ -161,12 +174,20 @@ async fn the_relay_drains_open_tunnels_and_refuses_new_ones() {
         let local = stack.locals[0];
         reachable(local).await;
         let mut tunnel = open_tunnel(local).await;
+        assert_eq!(
+            health(stack.relay_addr).await,
+            [(200, "ok\n".to_owned()), (200, String::new())]
+        );
         stack.relay.signal("TERM").expect("TERM");
         stack
             .relay
             .logged(&["draining: taking no new connections", "tunnels=1"])
             .await
             .expect("draining");
+        assert_eq!(
+            health(stack.relay_addr).await,
+            [(503, "draining\n".to_owned()), (503, String::new())]
+        );
         // The first may meet a pooled channel that the drain is retiring; the second opens
         // a fresh channel, which the relay refuses with 503.
         assert!(refused(local).await, "a new connection while draining");
