@@ -407,9 +407,11 @@ fn spawn_channel(ctx: &Arc<Ctx>, pool: &Arc<Pool>, channel: Channel, first: Firs
     ctx.tasks.spawn(task.instrument(span));
 }
 
-/// Carries local connections on `channel`, one after the other, until it breaks or the pool
-/// has idle channels enough (then it is retired).
+/// Carries local connections on `channel`, one after the other, until it breaks, or the pool
+/// has idle channels enough or the channel is older than `channel_max_age` (then it is
+/// retired, once idle).
 async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first: First) {
+    let old_at = channel.old_at(ctx.config.channel_max_age);
     let mut next = first;
     loop {
         let (socket, permit, tunnel) = match next {
@@ -424,6 +426,14 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
                     () = ctx.draining.cancelled() => {
                         // The relay never gives a client's channel a connection.
                         rescue_handoff(&ctx, &pool, idle);
+                        channel.retire(&ctx.shutdown).await;
+                        return;
+                    }
+                    // Its replacement goes where a load balancer sends it now (a relay that
+                    // came back, say).
+                    () = tokio::time::sleep_until(old_at) => {
+                        rescue_handoff(&ctx, &pool, idle);
+                        pool.short.notify_one();
                         channel.retire(&ctx.shutdown).await;
                         return;
                     }
@@ -459,7 +469,11 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
         debug!("connection closed");
         // Idle again: kept unless the pool has idle channels enough, or the channel has carried
         // many bytes.
-        if channel.worn() || pool.idle_count() >= MAX_IDLE_CHANNELS || ctx.draining.is_cancelled() {
+        if channel.worn()
+            || pool.idle_count() >= MAX_IDLE_CHANNELS
+            || ctx.draining.is_cancelled()
+            || tokio::time::Instant::now() >= old_at
+        {
             // The relay never gives a client's channel a connection.
             channel.retire(&ctx.shutdown).await;
             pool.short.notify_one();

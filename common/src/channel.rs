@@ -161,6 +161,8 @@ pub struct Channel {
     upload: UploadRequest,
     /// What it shares with its upload body.
     link: Arc<UploadLink>,
+    /// When it was opened, less a random part of `max_age` (see [`Channel::old_at`]).
+    born: Instant,
 }
 
 impl Drop for Channel {
@@ -240,7 +242,17 @@ impl Channel {
                 answer: Some(Box::pin(upload)),
             },
             link,
+            born: Instant::now(),
         })
+    }
+
+    /// When the channel is older than `max_age` (`channel_max_age`), less up to 25 % at
+    /// random (drawn anew by each call: call it once per channel), so that channels opened
+    /// together are not retired together: an idle channel is then retired, and its
+    /// replacement goes wherever a load balancer in front of several relays sends it now
+    /// (docs/scale-out.md).
+    pub fn old_at(&self, max_age: Duration) -> Instant {
+        self.born + client::jittered(max_age)
     }
 
     /// The channel's ID.

@@ -625,6 +625,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// `d` less up to 25 % at random, so that timers set together do not all fire together.
+pub(crate) fn jittered(d: Duration) -> Duration {
+    let mut b = [0u8; 1];
+    let _ = getrandom::fill(&mut b);
+    d - d.mul_f64(f64::from(b[0]) / 1024.0)
+}
+
 /// Backoff schedule for retrying calls to the relay: doubles from 100 ms up to `max`, with
 /// jitter; with the logging of a run of failures.
 #[derive(Debug, Clone)]
@@ -679,9 +686,7 @@ impl Backoff {
     fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(self.max);
-        let mut b = [0u8; 1];
-        let _ = getrandom::fill(&mut b);
-        base - base.mul_f64(f64::from(b[0]) / 1024.0)
+        jittered(base)
     }
 
     /// Back to the first delay after a success.

@@ -165,6 +165,10 @@ impl Control {
             ("ca_file", old.ca_file != config.ca_file),
             ("listen_pool", old.listen_pool != config.listen_pool),
             (
+                "channel_max_age",
+                old.channel_max_age != config.channel_max_age,
+            ),
+            (
                 "heartbeat_interval",
                 old.heartbeat_interval != config.heartbeat_interval,
             ),
@@ -377,10 +381,11 @@ fn open_channel(ctx: &Ctx, pool: &Pool) -> Option<Channel> {
 }
 
 /// Serves the connections the relay gives `channel`, one after the other, until it breaks, the
-/// pool has idle channels enough (then it is retired) or the server proxy drains. `channel` is
-/// counted idle.
+/// pool has idle channels enough or the channel is older than `channel_max_age` (then it is
+/// retired, once idle), or the server proxy drains. `channel` is counted idle.
 async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
     let closed = &pool.closed;
+    let old_at = channel.old_at(ctx.config.channel_max_age);
     let mut given_already = false;
     loop {
         let given = if given_already {
@@ -390,15 +395,10 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
             // place, for as long as the task lives.
             tokio::select! {
                 r = Box::pin(channel.idle(closed)) => r,
-                () = ctx.draining.cancelled() => {
-                    // The relay may have given it a connection just before: then it serves
-                    // that one.
-                    if channel.retire(closed).await {
-                        Ok(())
-                    } else {
-                        Err(ChannelError::Cancelled)
-                    }
-                }
+                () = ctx.draining.cancelled() => retire(&mut channel, closed).await,
+                // Its replacement goes where a load balancer sends it now (a relay that came
+                // back, say).
+                () = tokio::time::sleep_until(old_at) => retire(&mut channel, closed).await,
             }
         };
         given_already = false;
@@ -482,7 +482,10 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
         // that connections one after another reuse channels instead of opening new ones).
         pool.idle.fetch_add(1, Ordering::AcqRel);
         ctx.metrics.idle_channels.get_or_create(&pool.labels).inc();
-        if channel.worn() || pool.idle.load(Ordering::Acquire) > 2 * ctx.config.listen_pool {
+        if channel.worn()
+            || pool.idle.load(Ordering::Acquire) > 2 * ctx.config.listen_pool
+            || tokio::time::Instant::now() >= old_at
+        {
             // The relay may have given it a connection just before: then it serves that one.
             given_already = channel.retire(closed).await;
             if !given_already {
@@ -492,5 +495,15 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
                 return;
             }
         }
+    }
+}
+
+/// Retires the idle `channel`: `Ok` if the relay gave it a connection just before (it then
+/// serves that one), else `Cancelled`.
+async fn retire(channel: &mut Channel, closed: &CancellationToken) -> Result<(), ChannelError> {
+    if channel.retire(closed).await {
+        Ok(())
+    } else {
+        Err(ChannelError::Cancelled)
     }
 }

@@ -5,9 +5,11 @@
 //! [`transfer_each_way`] (a SHA-checked transfer through a tunnel).
 //!
 //! * [`fronts`]: nginx, Caddy and HAProxy in front of a relay, with a private CA.
+//! * [`cluster`]: several relays behind HAProxy or nginx, balanced by server name.
 //! * [`taps`]: a counting TCP forwarder and an HTTP/1.1-only TLS bridge.
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod fronts;
 pub mod process;
 pub mod taps;

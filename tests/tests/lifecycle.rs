@@ -146,7 +146,10 @@ async fn close_cleanly(mut s: TcpStream) {
 
 /// `GET` and `HEAD` of the relay's health check: status and body (empty for `HEAD`).
 async fn health(relay: SocketAddr) -> [(u16, String); 2] {
-    let client = http_client_builder(None).expect("client").build().expect("client");
+    let client = http_client_builder(None)
+        .expect("client")
+        .build()
+        .expect("client");
     let url = format!("http://{relay}{}", ptth_common::protocol::HEALTH_PATH);
     let mut out = Vec::new();
     for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
@@ -191,10 +194,16 @@ async fn the_relay_drains_open_tunnels_and_refuses_new_ones() {
         // The first may meet a pooled channel that the drain is retiring; the second opens
         // a fresh channel, which the relay refuses with 503.
         assert!(refused(local).await, "a new connection while draining");
-        assert!(refused(local).await, "another new connection while draining");
+        assert!(
+            refused(local).await,
+            "another new connection while draining"
+        );
         let refusal = stack
             .proxy
-            .logged(&["connect to db/echo failed", "relay draining or shutting down"])
+            .logged(&[
+                "connect to db/echo failed",
+                "relay draining or shutting down",
+            ])
             .await
             .expect("the proxy names the refusal");
         assert!(refusal.contains("retry"), "{refusal}");

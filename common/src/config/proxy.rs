@@ -10,8 +10,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::shared::{
-    ConfigError, Name, RelayUrl, at_line, default_drain_grace, default_heartbeat,
-    default_max_connections, parse, positive_duration, positive_usize, read, resolve, whole_file,
+    ConfigError, Name, RelayUrl, at_line, default_channel_max_age, default_drain_grace,
+    default_heartbeat, default_max_connections, parse, positive_duration, positive_usize, read,
+    resolve, whole_file,
 };
 
 /// `proxy.toml`.
@@ -30,6 +31,14 @@ pub struct ProxyConfig {
     /// Heartbeat period on idle `upstream` bodies.
     #[serde(default = "default_heartbeat", deserialize_with = "positive_duration")]
     pub heartbeat_interval: Duration,
+    /// An idle channel older than this is retired and replaced by a new one, which the
+    /// load balancer in front of several relays may send to another relay: so a relay that
+    /// comes back gets its share of channels back (docs/scale-out.md). Tunnels are never cut.
+    #[serde(
+        default = "default_channel_max_age",
+        deserialize_with = "positive_duration"
+    )]
+    pub channel_max_age: Duration,
     /// Most tunnels open at once; further local connections are closed at once.
     #[serde(
         default = "default_max_connections",

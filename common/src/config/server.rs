@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::shared::{
-    ConfigError, Name, RelayUrl, default_drain_grace, default_heartbeat, default_max_connections,
-    parse, positive_duration, positive_usize, read, resolve, whole_file,
+    ConfigError, Name, RelayUrl, default_channel_max_age, default_drain_grace, default_heartbeat,
+    default_max_connections, parse, positive_duration, positive_usize, read, resolve, whole_file,
 };
 
 /// `server.toml`.
@@ -47,6 +47,14 @@ pub struct ServerConfig {
         deserialize_with = "positive_duration"
     )]
     pub max_backoff: Duration,
+    /// An idle channel older than this is retired and replaced by a new one, which the
+    /// load balancer in front of several relays may send to another relay: so a relay that
+    /// comes back gets its share of channels back (docs/scale-out.md). Tunnels are never cut.
+    #[serde(
+        default = "default_channel_max_age",
+        deserialize_with = "positive_duration"
+    )]
+    pub channel_max_age: Duration,
     /// Most tunnels open at once; further offers are refused.
     #[serde(
         default = "default_max_connections",

@@ -157,6 +157,11 @@ pub(super) fn default_drain_grace() -> Duration {
     Duration::from_secs(30)
 }
 
+/// `channel_max_age` of `ptth_server` and `ptth_proxy`.
+pub(super) fn default_channel_max_age() -> Duration {
+    Duration::from_secs(60)
+}
+
 /// `heartbeat_interval` of all three programs.
 pub(super) fn default_heartbeat() -> Duration {
     Duration::from_secs(15)

@@ -21,12 +21,14 @@ use super::site::Site;
 pub(super) fn config(dir: &Path, pki: &Pki, site: &Site<'_>) -> String {
     let Site {
         port,
-        relay,
+        relays,
         t,
         probe,
         token,
         ..
     } = *site;
+    // One relay only (`start_balancer` refuses Caddy for several).
+    let relay = relays[0];
     format!(
         r#"{{
     admin off

@@ -7,16 +7,34 @@ use super::site::Site;
 /// normally on both sides (a long-poll answered 204, a tunnel whose two bodies ended).
 const CLEAN: &[&str] = &["----"];
 
+/// The HAProxy configuration: TLS on `port`, everything proxied to the relay (or balanced among
+/// the relays by server name, as docs/scale-out.md says), timeouts `t` seconds.
 pub(super) fn config(pki: &Pki, site: &Site<'_>) -> String {
     let Site {
         port,
-        relay,
+        relays,
         t,
         probe,
         token,
         ..
     } = *site;
     let (connections, streams) = (site.connections(), site.streams());
+    let backend = match relays {
+        [relay] => format!("    server relay {relay}\n"),
+        // Several relays: each request goes to the relay of the server named in its path, and
+        // a relay that fails its health check is left out (docs/scale-out.md).
+        _ => {
+            let mut b = "    balance uri path-only depth 3\n    hash-type consistent\n    \
+                 option httpchk\n    http-check send meth GET uri /v1/health\n    \
+                 http-check expect status 200\n    option redispatch\n    retries 3\n    \
+                 default-server check inter 1s fall 2 rise 2\n"
+                .to_owned();
+            for (i, relay) in relays.iter().enumerate() {
+                b.push_str(&format!("    server relay{i} {relay}\n"));
+            }
+            b
+        }
+    };
     format!(
         r#"global
     maxconn {connections}
@@ -40,8 +58,7 @@ frontend ptth
     default_backend relay
 
 backend relay
-    server relay {relay}
-"#,
+{backend}"#,
         combined = pki.combined.display(),
     )
 }

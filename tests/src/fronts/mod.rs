@@ -179,11 +179,31 @@ pub async fn start_front(
     timeout: Duration,
     tunnels: usize,
 ) -> anyhow::Result<Front> {
+    start_balancer(kind, dir, pki, &[relay], timeout, tunnels).await
+}
+
+/// [`start_front`] in front of several relays: HAProxy or nginx sends each request to the relay
+/// of the server named in its path (consistent hashing), leaving out relays that fail (HAProxy
+/// checks `/v1/health` every second; nginx leaves a relay out for 2 s after a failed
+/// connection), as docs/scale-out.md configures them.
+pub async fn start_balancer(
+    kind: FrontKind,
+    dir: &Path,
+    pki: &Pki,
+    relays: &[SocketAddr],
+    timeout: Duration,
+    tunnels: usize,
+) -> anyhow::Result<Front> {
+    if relays.is_empty()
+        || (relays.len() > 1 && !matches!(kind, FrontKind::Haproxy | FrontKind::Nginx))
+    {
+        bail!("{kind:?} cannot balance among {} relays", relays.len());
+    }
     let mut failures = Vec::new();
     for attempt in 1..=4 {
         let sub = dir.join(format!("{kind:?}-{attempt}"));
         std::fs::create_dir_all(&sub)?;
-        match start_once(kind, &sub, pki, relay, timeout, tunnels).await {
+        match start_once(kind, &sub, pki, relays, timeout, tunnels).await {
             Ok(front) => return Ok(front),
             Err(e) => failures.push(format!("attempt {attempt}: {e:#}")),
         }
@@ -195,7 +215,7 @@ async fn start_once(
     kind: FrontKind,
     dir: &Path,
     pki: &Pki,
-    relay: SocketAddr,
+    relays: &[SocketAddr],
     timeout: Duration,
     tunnels: usize,
 ) -> anyhow::Result<Front> {
@@ -204,7 +224,7 @@ async fn start_once(
     let token = probe_token();
     let site = Site {
         port,
-        relay,
+        relays,
         t: secs(timeout),
         probe: PROBE_PATH,
         token: &token,

@@ -6,12 +6,13 @@ use std::path::Path;
 use super::pki::Pki;
 use super::site::Site;
 
-/// The nginx configuration: TLS on `port`, `/v1/` proxied to `relay`, timeouts `t` seconds,
-/// request buffering on only when `buffering` (the mistake under test).
+/// The nginx configuration: TLS on `port`, `/v1/` proxied to the relay (or balanced among the
+/// relays by server name, as docs/scale-out.md says), timeouts `t` seconds, request buffering
+/// on only when `buffering` (the mistake under test).
 pub(super) fn config(buffering: bool, dir: &Path, pki: &Pki, site: &Site<'_>) -> String {
     let Site {
         port,
-        relay,
+        relays,
         t,
         probe,
         token,
@@ -32,6 +33,23 @@ pub(super) fn config(buffering: bool, dir: &Path, pki: &Pki, site: &Site<'_>) ->
     } else {
         "proxy_request_buffering off;"
     };
+    // Several relays: each request goes to the relay of the server named in its path.
+    let (balance, relay) = match relays {
+        [relay] => (String::new(), relay.to_string()),
+        _ => {
+            let servers: String = relays
+                .iter()
+                .map(|r| format!("        server {r} max_fails=1 fail_timeout=2s;\n"))
+                .collect();
+            (
+                format!(
+                    "    map $uri $ptth_server {{\n        \"~^/v1/servers/([^/]+)/\" $1;\n        default \"\";\n    }}\n\
+                     upstream ptth_relays {{\n        hash $ptth_server consistent;\n{servers}    }}\n"
+                ),
+                "ptth_relays".to_owned(),
+            )
+        }
+    };
     format!(
         r#"daemon off;
 master_process on;
@@ -47,7 +65,7 @@ http {{
     fastcgi_temp_path {d}/nginx-fastcgi;
     uwsgi_temp_path {d}/nginx-uwsgi;
     scgi_temp_path {d}/nginx-scgi;
-    server {{
+{balance}    server {{
         listen 127.0.0.1:{port} ssl http2;
         server_name localhost;
         ssl_certificate {cert};

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 pub(super) struct Site<'a> {
     /// Its loopback port (TLS).
     pub port: u16,
-    /// The relay behind it.
-    pub relay: SocketAddr,
+    /// The relays behind it: one, or several among which it balances by server name (see
+    /// docs/scale-out.md).
+    pub relays: &'a [SocketAddr],
     /// Its inactivity timeouts, in seconds.
     pub t: u64,
     /// The path that the front itself answers, with `token`, to show that it is up.

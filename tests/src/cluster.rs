@@ -1,0 +1,167 @@
+//! Several relays behind one load balancer (HAProxy or nginx), as docs/scale-out.md sets them
+//! up: the relays are processes of the build under test, each with its own address and admin
+//! listener and the same keys and allow lists; the balancer sends each request to the relay of
+//! the server named in its path. A relay can be killed and started again on the same address.
+//! For `tests/tests/scale_out.rs` and the benchmark.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::fronts::{Front, FrontKind, Pki, start_balancer};
+use crate::process::{Program, binary, free_port, wait_listening};
+
+/// One relay of a [`Cluster`].
+#[derive(Debug)]
+pub struct Member {
+    /// Where it listens (plain HTTP; the balancer's backend address), kept across restarts.
+    pub addr: SocketAddr,
+    /// Its admin listener (`/metrics`, `/api/status`).
+    pub admin: SocketAddr,
+    /// Its configuration file.
+    config: PathBuf,
+    /// The running process; `None` while killed.
+    program: Option<Program>,
+    /// How many times it has been started (its log files are numbered so).
+    starts: usize,
+}
+
+/// Relays behind a load balancer.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The relays, in the balancer's order.
+    pub members: Vec<Member>,
+    /// The balancer (TLS with the test's CA; the proxies' `relay_url` is [`Cluster::url`]).
+    pub front: Front,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    /// Starts `n` relays, each on a configuration made of its own `listen` and `admin_listen`
+    /// followed by `shared` (keys, allow lists and settings, the same for all: nothing else is
+    /// shared), and `kind` (HAProxy or nginx) in front of them, with inactivity timeouts of
+    /// `timeout`, sized for `tunnels` tunnels. Files and logs go to `dir`.
+    pub async fn start(
+        kind: FrontKind,
+        dir: &Path,
+        pki: &Pki,
+        shared: &str,
+        n: usize,
+        timeout: Duration,
+        tunnels: usize,
+    ) -> anyhow::Result<Self> {
+        let mut members = Vec::with_capacity(n);
+        for i in 0..n {
+            let (addr, admin) = (free_port()?, free_port()?);
+            let config = dir.join(format!("relay{i}.toml"));
+            std::fs::write(
+                &config,
+                format!("listen = \"{addr}\"\nadmin_listen = \"{admin}\"\n{shared}"),
+            )
+            .with_context(|| format!("writing {}", config.display()))?;
+            let mut member = Member {
+                addr,
+                admin,
+                config,
+                program: None,
+                starts: 0,
+            };
+            member.start(dir).await?;
+            members.push(member);
+        }
+        let addrs: Vec<SocketAddr> = members.iter().map(|m| m.addr).collect();
+        let front = start_balancer(kind, dir, pki, &addrs, timeout, tunnels).await?;
+        Ok(Self {
+            members,
+            front,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The `relay_url` of the proxies: the balancer, by the name its certificate carries.
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.front.addr.port())
+    }
+
+    /// Kills relay `i` with SIGKILL, as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(program) = self.members[i].program.take() {
+            program.kill();
+        }
+    }
+
+    /// Starts relay `i` again, on its address, and waits until it listens.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let dir = self.dir.clone();
+        self.members[i].start(&dir).await
+    }
+
+    /// Relay `i`'s `/api/status` (servers online, tunnels open), as JSON.
+    pub async fn status(&self, i: usize) -> anyhow::Result<serde_json::Value> {
+        let url = format!("http://{}/api/status", self.members[i].admin);
+        let answer = crate::http_client_builder(None)?
+            .timeout(Duration::from_secs(5))
+            .build()?
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(serde_json::from_slice(&answer.bytes().await?)?)
+    }
+
+    /// The names of the servers online at relay `i`.
+    pub async fn servers_online(&self, i: usize) -> anyhow::Result<Vec<String>> {
+        let status = self.status(i).await?;
+        let servers = status["servers"].as_array().context("servers")?;
+        Ok(servers
+            .iter()
+            .filter(|s| s["online"].as_bool() == Some(true))
+            .filter_map(|s| s["name"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// The servers of the tunnels open at relay `i`, one entry per tunnel.
+    pub async fn tunnel_servers(&self, i: usize) -> anyhow::Result<Vec<String>> {
+        let status = self.status(i).await?;
+        let tunnels = status["tunnels"].as_array().context("tunnels")?;
+        Ok(tunnels
+            .iter()
+            .filter_map(|t| t["server"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Relay `i`'s log (of its latest start).
+    pub fn log(&self, i: usize) -> String {
+        self.members[i]
+            .program
+            .as_ref()
+            .map(Program::log)
+            .unwrap_or_default()
+    }
+}
+
+impl Member {
+    /// Starts the relay on its configuration and waits until it listens.
+    async fn start(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let name = self
+            .config
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("relay")
+            .to_owned();
+        let log = dir.join(format!("{name}.{}.log", self.starts));
+        self.starts += 1;
+        let mut program = Program::ptth(
+            &binary("ptth_relay")?,
+            &self.config,
+            "info",
+            log,
+            "ptth_relay",
+        )?;
+        wait_listening(self.addr, &mut program).await?;
+        self.program = Some(program);
+        Ok(())
+    }
+}
