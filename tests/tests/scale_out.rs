@@ -1,9 +1,11 @@
-//! Several relays behind HAProxy, as docs/scale-out.md sets them up, with the programs as real
-//! processes: 3 relays sharing one configuration, 12 servers, 3 client proxies. Every server is
-//! reachable, the servers spread over the relays, transfers through each relay are exact; a
-//! relay killed with SIGKILL during transfers loses only its own tunnels, its servers are
-//! reachable again through the others within [`FAILOVER`], and started again it takes its
-//! servers back for new connections without cutting the tunnels opened meanwhile.
+//! Several relays behind HAProxy, and behind nginx, as docs/scale-out.md sets them up, with the
+//! programs as real processes: 3 relays sharing one configuration, 12 servers, 3 client
+//! proxies. Every server is reachable, at one relay; behind HAProxy the servers spread over
+//! all the relays, none with more than twice the mean (nginx's ring depends on the relays'
+//! addresses, which are random here); transfers through each relay are exact. A relay killed
+//! with SIGKILL during transfers loses only its own tunnels, its servers are reachable again
+//! through the others within [`FAILOVER`], and started again it takes its servers back for new
+//! connections without cutting the tunnels opened meanwhile.
 //!
 //! The binaries are those `cargo test --workspace` builds; to run this file alone after a
 //! change, `cargo build --workspace` first.
@@ -53,7 +55,7 @@ struct Scale {
 }
 
 impl Scale {
-    async fn start() -> Self {
+    async fn start(kind: FrontKind) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().to_owned();
         let logs = LogsOnFailure(d.clone());
@@ -76,7 +78,7 @@ impl Scale {
             ));
         }
         let cluster = Cluster::start(
-            FrontKind::Haproxy,
+            kind,
             &d,
             &pki,
             &shared,
@@ -257,156 +259,169 @@ async fn exchange(s: &mut TcpStream, msg: &[u8]) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_behind_haproxy_share_the_servers_and_survive_a_kill() {
-    within(LIMIT, async {
-        let mut s = Scale::start().await;
-        s.all_reachable(Duration::from_secs(30)).await;
+    within(LIMIT, scale_out(FrontKind::Haproxy)).await;
+}
 
-        // Spread: each server at exactly one relay, every relay has some, none more than
-        // twice the mean.
-        let placement = s.placement(None).await;
-        let names: BTreeSet<String> = server_names().into_iter().collect();
-        assert_eq!(placement.keys().cloned().collect::<BTreeSet<_>>(), names);
-        let mut per_relay = [0usize; RELAYS];
-        for (name, at) in &placement {
-            assert_eq!(at.len(), 1, "{name} is online at relays {at:?}");
-            per_relay[at[0]] += 1;
-        }
-        let mean = SERVERS / RELAYS;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_behind_nginx_share_the_servers_and_survive_a_kill() {
+    within(LIMIT, scale_out(FrontKind::Nginx)).await;
+}
+
+/// The whole scenario behind `kind` (see the module documentation).
+async fn scale_out(kind: FrontKind) {
+    let mut s = Scale::start(kind).await;
+    s.all_reachable(Duration::from_secs(30)).await;
+
+    // Spread: each server at exactly one relay, every relay has some, none more than
+    // twice the mean.
+    let placement = s.placement(None).await;
+    let names: BTreeSet<String> = server_names().into_iter().collect();
+    assert_eq!(placement.keys().cloned().collect::<BTreeSet<_>>(), names);
+    let mut per_relay = [0usize; RELAYS];
+    for (name, at) in &placement {
+        assert_eq!(at.len(), 1, "{name} is online at relays {at:?}");
+        per_relay[at[0]] += 1;
+    }
+    let mean = SERVERS / RELAYS;
+    if kind == FrontKind::Haproxy {
         assert!(
             per_relay.iter().all(|n| (1..=2 * mean).contains(n)),
             "servers per relay: {per_relay:?}"
         );
-        eprintln!("servers per relay: {per_relay:?}");
+    } else {
+        assert!(
+            per_relay.iter().filter(|n| **n > 0).count() >= 2,
+            "servers per relay: {per_relay:?}"
+        );
+    }
+    eprintln!("{kind:?}: servers per relay: {per_relay:?}");
 
-        // SHA-checked transfers to every server, through each proxy in turn: each relay
-        // carries some.
-        for (i, name) in server_names().iter().enumerate() {
-            try_transfer_each_way(s.local(i % PROXIES, name), 1 << 20, i as u64)
+    // SHA-checked transfers to every server, through each proxy in turn: each relay
+    // carries some.
+    for (i, name) in server_names().iter().enumerate() {
+        try_transfer_each_way(s.local(i % PROXIES, name), 1 << 20, i as u64)
+            .await
+            .unwrap_or_else(|e| panic!("transfer to {name}: {e:#}"));
+    }
+
+    // Transfers in flight to every server when one relay dies: the one with most servers.
+    let victim = (0..RELAYS).max_by_key(|i| per_relay[*i]).expect("relays");
+    let on = |name: &str| placement[name][0];
+    let mut flows = Vec::new();
+    for (i, name) in server_names().iter().enumerate() {
+        flows.push((
+            name.clone(),
+            Flow::start(s.local(i % PROXIES, name), 100 + i as u64).await,
+        ));
+    }
+    // Every flow is under way: its tunnel is open at its relay.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut open = 0;
+        for i in 0..RELAYS {
+            open += s.cluster.tunnel_servers(i).await.expect("status").len();
+        }
+        if open >= SERVERS {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{open} tunnels open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.cluster.kill(victim);
+    let killed = tokio::time::Instant::now();
+
+    // Every server reachable again, through every proxy, within FAILOVER.
+    s.all_reachable(FAILOVER).await;
+    let failover = killed.elapsed();
+    eprintln!("{kind:?}: every server reachable again {failover:?} after the kill");
+
+    // Tunnels opened at the survivors while the victim is away: kept open across its
+    // return.
+    let mut held = Vec::new();
+    for (i, name) in server_names().iter().enumerate() {
+        if on(name) == victim {
+            let mut t = TcpStream::connect(s.local(i % PROXIES, name))
                 .await
-                .unwrap_or_else(|e| panic!("transfer to {name}: {e:#}"));
+                .expect("connect");
+            exchange(&mut t, b"while the relay is away")
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            held.push((name.clone(), t));
         }
+    }
+    assert!(!held.is_empty());
 
-        // Transfers in flight to every server when one relay dies.
-        let victim = 0;
-        let on = |name: &str| placement[name][0];
-        let mut flows = Vec::new();
-        for (i, name) in server_names().iter().enumerate() {
-            flows.push((
-                name.clone(),
-                Flow::start(s.local(i % PROXIES, name), 100 + i as u64).await,
-            ));
+    // The flows: those at the victim failed (reset), the others finish exact.
+    for (name, flow) in flows {
+        let result = flow.finish().await;
+        if on(&name) == victim {
+            assert!(
+                result.is_err(),
+                "{name}'s tunnel at the killed relay survived"
+            );
+        } else {
+            let bytes = result.unwrap_or_else(|e| panic!("{name} (relay {}): {e:#}", on(&name)));
+            assert!(bytes > 0, "{name}");
         }
-        // Every flow is under way: its tunnel is open at its relay.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    }
+
+    // The victim back on its address: its servers come back to it (channel_max_age), and
+    // so do new connections to them.
+    s.cluster.restart(victim).await.expect("restart");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for (i, name) in server_names().iter().enumerate() {
+        if on(name) != victim {
+            continue;
+        }
         loop {
-            let mut open = 0;
-            for i in 0..RELAYS {
-                open += s.cluster.tunnel_servers(i).await.expect("status").len();
-            }
-            if open >= SERVERS {
+            let mut t = TcpStream::connect(s.local(i % PROXIES, name))
+                .await
+                .expect("connect");
+            let carried = exchange(&mut t, b"back?").await.is_ok()
+                && s.cluster
+                    .tunnel_servers(victim)
+                    .await
+                    .expect("status")
+                    .contains(name);
+            drop(t);
+            if carried {
                 break;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{open} tunnels open"
+                "new connections to {name} do not reach the restarted relay"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        s.cluster.kill(victim);
-        let killed = tokio::time::Instant::now();
+    }
+    let placement_after = s.placement(None).await;
+    for (name, at) in &placement_after {
+        if on(name) == victim {
+            assert!(at.contains(&victim), "{name} at {at:?}");
+        }
+    }
 
-        // Every server reachable again, through every proxy, within FAILOVER.
-        s.all_reachable(FAILOVER).await;
-        let failover = killed.elapsed();
-        eprintln!("every server reachable again {failover:?} after the kill");
-
-        // Tunnels opened at the survivors while the victim is away: kept open across its
-        // return.
-        let mut held = Vec::new();
-        for (i, name) in server_names().iter().enumerate() {
-            if on(name) == victim {
-                let mut t = TcpStream::connect(s.local(i % PROXIES, name))
-                    .await
-                    .expect("connect");
-                exchange(&mut t, b"while the relay is away")
-                    .await
-                    .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-                held.push((name.clone(), t));
-            }
-        }
-        assert!(!held.is_empty());
-
-        // The flows: those at the victim failed (reset), the others finish exact.
-        for (name, flow) in flows {
-            let result = flow.finish().await;
-            if on(&name) == victim {
-                assert!(
-                    result.is_err(),
-                    "{name}'s tunnel at the killed relay survived"
-                );
-            } else {
-                let bytes =
-                    result.unwrap_or_else(|e| panic!("{name} (relay {}): {e:#}", on(&name)));
-                assert!(bytes > 0, "{name}");
-            }
-        }
-
-        // The victim back on its address: its servers come back to it (channel_max_age), and
-        // so do new connections to them.
-        s.cluster.restart(victim).await.expect("restart");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        for (i, name) in server_names().iter().enumerate() {
-            if on(name) != victim {
-                continue;
-            }
-            loop {
-                let mut t = TcpStream::connect(s.local(i % PROXIES, name))
-                    .await
-                    .expect("connect");
-                let carried = exchange(&mut t, b"back?").await.is_ok()
-                    && s.cluster
-                        .tunnel_servers(victim)
-                        .await
-                        .expect("status")
-                        .contains(name);
-                drop(t);
-                if carried {
-                    break;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "new connections to {name} do not reach the restarted relay"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        let placement_after = s.placement(None).await;
-        for (name, at) in &placement_after {
-            if on(name) == victim {
-                assert!(at.contains(&victim), "{name} at {at:?}");
-            }
-        }
-
-        // The tunnels held at the survivors meanwhile are intact.
-        for (name, mut t) in held {
-            exchange(&mut t, b"after the relay came back")
-                .await
-                .unwrap_or_else(|e| panic!("{name}'s held tunnel: {e:#}"));
-            t.shutdown().await.expect("shutdown");
-            let (rest, failed) = read_until_closed(&mut t).await;
-            assert!(rest.is_empty() && !failed, "{name}: clean end");
-        }
-        // And transfers through each relay, exact.
-        for (i, name) in server_names().iter().enumerate() {
-            try_transfer_each_way(s.local((i + 1) % PROXIES, name), 1 << 20, 500 + i as u64)
-                .await
-                .unwrap_or_else(|e| panic!("transfer to {name} after the restart: {e:#}"));
-        }
-        for (name, server) in &mut s.servers {
-            server
-                .check_running()
-                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        }
-    })
-    .await;
+    // The tunnels held at the survivors meanwhile are intact.
+    for (name, mut t) in held {
+        exchange(&mut t, b"after the relay came back")
+            .await
+            .unwrap_or_else(|e| panic!("{name}'s held tunnel: {e:#}"));
+        t.shutdown().await.expect("shutdown");
+        let (rest, failed) = read_until_closed(&mut t).await;
+        assert!(rest.is_empty() && !failed, "{name}: clean end");
+    }
+    // And transfers through each relay, exact.
+    for (i, name) in server_names().iter().enumerate() {
+        try_transfer_each_way(s.local((i + 1) % PROXIES, name), 1 << 20, 500 + i as u64)
+            .await
+            .unwrap_or_else(|e| panic!("transfer to {name} after the restart: {e:#}"));
+    }
+    for (name, server) in &mut s.servers {
+        server
+            .check_running()
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    }
 }
