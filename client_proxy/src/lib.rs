@@ -36,6 +36,7 @@ use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -54,6 +55,13 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 /// Idle channels each forward keeps open, ready for the next local connection.
 const READY_CHANNELS: usize = 1;
+/// How long a local connection may wait for a channel while channels to its server fail: the
+/// relay answers `server offline` (the server is moving to another relay behind a load
+/// balancer), a balancer answers 502 or 503, or the relay cannot be reached. The connection is
+/// not read meanwhile, so no byte is lost; past this, it is reset.
+const CONNECT_RETRY: Duration = Duration::from_secs(5);
+/// Longest wait between two attempts within [`CONNECT_RETRY`].
+const CONNECT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 /// Most idle channels a forward keeps: a channel whose connection ended stays open up to this
 /// many (so that connections one after another reuse channels instead of opening new ones),
 /// and is retired beyond.
@@ -198,6 +206,8 @@ struct Pool {
     idle: Mutex<VecDeque<oneshot::Sender<Handoff>>>,
     /// Told when the pool may be short of idle channels.
     short: Notify,
+    /// Whether the last channel the pool opened was refused, or could not reach the relay.
+    failing: AtomicBool,
 }
 
 impl Pool {
@@ -264,6 +274,7 @@ async fn serve(
             fwd,
             idle: Mutex::new(VecDeque::new()),
             short: Notify::new(),
+            failing: AtomicBool::new(false),
         });
         ctx.tasks
             .spawn(fill(ctx.clone(), pool.clone()).instrument(span.clone()));
@@ -306,8 +317,13 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, pool: Arc<Pool>) {
         debug!(%peer, "local connection");
         let tunnel = ctx.metrics.tunnel(&pool.labels);
         if let Err(handoff) = pool.hand_over((socket, permit, tunnel)) {
-            // No idle channel: a new one, which carries this connection from its first request.
-            if let Some(channel) = open_channel(&ctx, &pool) {
+            if pool.failing.load(Ordering::Acquire) {
+                // Channels fail now: the connection waits, unread, for one that opens.
+                let task = wait_for_channel(ctx.clone(), pool.clone(), handoff);
+                ctx.tasks.spawn(task.in_current_span());
+            } else if let Some(channel) = open_channel(&ctx, &pool) {
+                // No idle channel: a new one, which carries this connection from its first
+                // request.
                 spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
             }
         }
@@ -364,10 +380,12 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
         match opened {
             Ok(()) => {
                 backoff.succeeded();
+                pool.failing.store(false, Ordering::Release);
                 spawn_channel(&ctx, &pool, channel, First::Idle(idle));
             }
             Err(ChannelError::Cancelled) => return,
             Err(problem) => {
+                pool.failing.store(true, Ordering::Release);
                 rescue_handoff(&ctx, &pool, idle);
                 ctx.metrics.failed(&pool.labels, &problem);
                 ctx.metrics.reconnects.inc();
@@ -378,6 +396,57 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
                 }
             }
         }
+    }
+}
+
+/// Carries `handoff`, a local connection that came while the pool's channels fail, on a
+/// channel opened for it once the relay has taken the channel: it is not read before, so that
+/// it can wait, whole, while the channel is refused for a reason that passes (see
+/// [`CONNECT_RETRY`]), retried with backoff. It is reset if the channel is refused otherwise,
+/// or still refused after [`CONNECT_RETRY`].
+async fn wait_for_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, handoff: Handoff) {
+    let deadline = tokio::time::Instant::now() + CONNECT_RETRY;
+    let mut backoff = Backoff::new(CONNECT_RETRY_BACKOFF);
+    loop {
+        let Some(mut channel) = open_channel(&ctx, &pool) else {
+            return;
+        };
+        match channel.ready(&ctx.draining).await {
+            Ok(()) => {
+                spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
+                return;
+            }
+            Err(ChannelError::Cancelled) => return,
+            Err(e) if passes(&e) && tokio::time::Instant::now() < deadline => {
+                let (server, port) = (&pool.fwd.server, &pool.fwd.port);
+                let problem = format!("connect to {server}/{port}: {e}; the connection waits");
+                if !backoff.retry_after(&problem, &ctx.draining).await {
+                    return;
+                }
+            }
+            Err(e) => {
+                ctx.metrics.failed(&pool.labels, &e);
+                report(&pool.fwd, &e);
+                return;
+            }
+        }
+    }
+}
+
+/// Whether a refused channel is worth another try soon: the server is offline at the relay
+/// that has its name now (it may be moving there), a load balancer found no relay, or the relay
+/// could not be reached.
+fn passes(e: &ChannelError) -> bool {
+    match e {
+        ChannelError::Refused(CallError::Refused { status, .. }) => {
+            *status == StatusCode::SERVICE_UNAVAILABLE
+        }
+        ChannelError::Refused(CallError::Front(status)) => matches!(
+            *status,
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        ),
+        ChannelError::Refused(CallError::Unreachable(_)) => true,
+        _ => false,
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use ptth_common::keys::PrivateKey;
 use ptth_tests::cluster::Cluster;
 use ptth_tests::fronts::{FrontKind, Pki};
-use ptth_tests::process::{LogsOnFailure, Program, binary, free_port, wait_listening};
+use ptth_tests::process::{LogsOnFailure, Program, binary};
 use ptth_tests::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,19 +109,25 @@ impl Scale {
                 "relay_url = \"{url}\"\nca_file = \"{ca}\"\nkey_file = \"client{p}.key\"\n\
                  channel_max_age = \"{MAX_AGE}\"\n"
             );
-            let mut locals = BTreeMap::new();
             for name in &names {
-                let local = free_port().expect("port");
                 text.push_str(&format!(
-                    "[[forwards]]\nlisten = \"{local}\"\nserver = \"{name}\"\nport = \"echo\"\n"
+                    "[[forwards]]\nlisten = \"127.0.0.1:0\"\nserver = \"{name}\"\nport = \"echo\"\n"
                 ));
-                locals.insert(name.clone(), local);
             }
             let mut proxy = start(&d, &format!("proxy{p}"), "ptth_proxy", &text);
-            for local in locals.values() {
-                wait_listening(*local, &mut proxy)
+            // Each forward on a port of its own choosing, which the proxy logs.
+            let mut locals = BTreeMap::new();
+            for name in &names {
+                let line = proxy
+                    .logged(&["forwarding", &format!(" server={name} ")])
                     .await
-                    .expect("proxy listens");
+                    .expect("forwarding");
+                let local: SocketAddr = line
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("listen="))
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| panic!("no listen= in {line}"));
+                locals.insert(name.clone(), local);
             }
             proxies.push((proxy, locals));
         }
