@@ -1,9 +1,10 @@
-//! The nginx, Caddy and HAProxy configurations of docs/deploy.md, checked by the programs
-//! themselves: `nginx -t`, `caddy validate`, `haproxy -c`; and the Caddyfile of the compose
-//! example (docs/docker/), the same as the page's but for the relay's address.
+//! The nginx, Caddy and HAProxy configurations of docs/deploy.md and docs/scale-out.md (several
+//! relays behind one balancer), checked by the programs themselves: `nginx -t`,
+//! `caddy validate`, `haproxy -c`; and the Caddyfile of the compose example (docs/docker/), the
+//! same as deploy.md's but for the relay's address.
 //!
-//! Each checked block follows a `<!-- deploy-test: NAME -->` line in the page, and every
-//! nginx, Caddy and HAProxy block of the page must carry one, so that none escapes. Only what
+//! Each checked block follows a `<!-- deploy-test: NAME -->` line in its page, and every
+//! nginx, Caddy and HAProxy block of the pages must carry one, so that none escapes. Only what
 //! cannot exist on a test machine is replaced: the Let's Encrypt certificate files (by a
 //! certificate the test generates) and, for nginx, the pid, log and temporary paths of the main
 //! configuration that Debian provides around a site file.
@@ -13,17 +14,31 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use ptth_tests::fronts::{Pki, ensure_installed};
+use ptth_tests::fronts::{HAPROXY_BALANCING, NGINX_BALANCING, Pki, ensure_installed};
 use ptth_tests::within;
 
 const DEPLOY_MD: &str = include_str!("../../docs/deploy.md");
+const SCALE_OUT_MD: &str = include_str!("../../docs/scale-out.md");
+/// The pages whose front configurations are checked, and the names of their marked blocks.
+const PAGES: &[(&str, &str, &[&str])] = &[
+    (
+        "docs/deploy.md",
+        DEPLOY_MD,
+        &["nginx-site", "nginx-main", "caddy", "haproxy"],
+    ),
+    (
+        "docs/scale-out.md",
+        SCALE_OUT_MD,
+        &["haproxy-cluster", "nginx-cluster"],
+    ),
+];
 /// The Caddyfile of the compose example of docs/deploy.md ("Containers").
 const COMPOSE_CADDYFILE: &str = include_str!("../../docs/docker/Caddyfile");
 const LIMIT: Duration = Duration::from_secs(60);
 /// The fenced code languages that hold a front's configuration.
 const FRONT_LANGS: &[&str] = &["nginx", "caddy", "caddyfile", "haproxy"];
 
-/// A marked code block of deploy.md.
+/// A marked code block of a page.
 #[derive(Debug)]
 struct Block {
     name: String,
@@ -33,10 +48,10 @@ struct Block {
     line: usize,
 }
 
-/// The blocks that follow a `<!-- deploy-test: NAME -->` line.
-fn marked_blocks() -> Vec<Block> {
+/// The blocks of `page` that follow a `<!-- deploy-test: NAME -->` line.
+fn marked_blocks(page: &str) -> Vec<Block> {
     let mut out = Vec::new();
-    let mut lines = DEPLOY_MD.lines().enumerate();
+    let mut lines = page.lines().enumerate();
     while let Some((_, line)) = lines.next() {
         let Some(name) = line
             .trim()
@@ -68,11 +83,11 @@ fn marked_blocks() -> Vec<Block> {
     out
 }
 
-/// Opening-fence lines (1-based) of every block in a front's language.
-fn front_fences() -> Vec<usize> {
+/// Opening-fence lines (1-based) of every block of `page` in a front's language.
+fn front_fences(page: &str) -> Vec<usize> {
     let mut out = Vec::new();
     let mut inside = false;
-    for (i, line) in DEPLOY_MD.lines().enumerate() {
+    for (i, line) in page.lines().enumerate() {
         let Some(info) = line.trim_start().strip_prefix("```") else {
             continue;
         };
@@ -84,11 +99,13 @@ fn front_fences() -> Vec<usize> {
     out
 }
 
+/// The block marked `name`, in whichever page.
 fn block(name: &str) -> Block {
-    marked_blocks()
-        .into_iter()
+    PAGES
+        .iter()
+        .flat_map(|(_, page, _)| marked_blocks(page))
         .find(|b| b.name == name)
-        .unwrap_or_else(|| panic!("no block marked {name} in docs/deploy.md"))
+        .unwrap_or_else(|| panic!("no block marked {name}"))
 }
 
 /// Replaces the argument of every `directive <argument>;` line (nginx syntax), keeping the
@@ -133,83 +150,113 @@ async fn check(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> (bool, S
 
 #[test]
 fn every_front_configuration_block_is_marked() {
-    let marked = marked_blocks();
-    assert!(!marked.is_empty(), "no marked block in docs/deploy.md");
-    let names: BTreeSet<&str> = marked.iter().map(|b| b.name.as_str()).collect();
-    let want: BTreeSet<&str> = ["nginx-site", "nginx-main", "caddy", "haproxy"].into();
-    assert_eq!(names, want, "marked blocks");
-    assert_eq!(names.len(), marked.len(), "a name is used twice");
-    for b in &marked {
-        assert!(
-            FRONT_LANGS.contains(&b.lang.as_str()),
-            "line {}: block {} is in {:?}",
-            b.line,
-            b.name,
-            b.lang
-        );
-        assert!(
-            b.text.lines().any(|l| {
-                let l = l.trim();
-                !l.is_empty() && !l.starts_with('#')
-            }),
-            "line {}: block {} is empty",
-            b.line,
-            b.name
+    for (file, page, want) in PAGES {
+        let marked = marked_blocks(page);
+        assert!(!marked.is_empty(), "no marked block in {file}");
+        let names: BTreeSet<&str> = marked.iter().map(|b| b.name.as_str()).collect();
+        let want: BTreeSet<&str> = want.iter().copied().collect();
+        assert_eq!(names, want, "marked blocks of {file}");
+        assert_eq!(names.len(), marked.len(), "a name is used twice in {file}");
+        for b in &marked {
+            assert!(
+                FRONT_LANGS.contains(&b.lang.as_str()),
+                "{file} line {}: block {} is in {:?}",
+                b.line,
+                b.name,
+                b.lang
+            );
+            assert!(
+                b.text.lines().any(|l| {
+                    let l = l.trim();
+                    !l.is_empty() && !l.starts_with('#')
+                }),
+                "{file} line {}: block {} is empty",
+                b.line,
+                b.name
+            );
+        }
+        let fences = front_fences(page);
+        let marked_lines: Vec<usize> = marked.iter().map(|b| b.line).collect();
+        assert_eq!(
+            fences, marked_lines,
+            "every nginx, Caddy and HAProxy block of {file} must follow a deploy-test marker"
         );
     }
-    let fences = front_fences();
-    let marked_lines: Vec<usize> = marked.iter().map(|b| b.line).collect();
-    assert_eq!(
-        fences, marked_lines,
-        "every nginx, Caddy and HAProxy block of docs/deploy.md must follow a deploy-test marker"
-    );
+    // No name in two pages either.
+    let all: Vec<String> = PAGES
+        .iter()
+        .flat_map(|(_, page, _)| marked_blocks(page))
+        .map(|b| b.name)
+        .collect();
+    let unique: BTreeSet<&String> = all.iter().collect();
+    assert_eq!(unique.len(), all.len(), "a block name is used in two pages");
+}
+
+/// The balancing lines of docs/scale-out.md are those the tests run (`tests/src/fronts/`).
+#[test]
+fn the_documented_balancing_is_the_tested_one() {
+    for (name, want) in [
+        ("haproxy-cluster", HAPROXY_BALANCING),
+        ("nginx-cluster", NGINX_BALANCING.as_slice()),
+    ] {
+        let text = block(name).text;
+        for line in want {
+            assert!(
+                text.lines().any(|l| l.trim() == *line),
+                "docs/scale-out.md, block {name}, lacks `{line}`"
+            );
+        }
+    }
 }
 
 #[tokio::test]
 async fn nginx_accepts_the_documented_configuration() {
-    within(LIMIT * 2, async {
-        let nginx = ensure_installed("nginx", "nginx").expect("nginx");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path();
-        let pki = Pki::generate(d).expect("pki");
+    within(LIMIT * 2, nginx_accepts_site("nginx-site")).await;
+}
 
-        let mut site = block("nginx-site").text;
-        let cert = pki.cert.display().to_string();
-        let key = pki.key.display().to_string();
-        assert!(set_directive(&mut site, "ssl_certificate", &cert) > 0);
-        assert!(set_directive(&mut site, "ssl_certificate_key", &key) > 0);
-        // Debian's nginx.conf around it: the page's top-level lines, then an http block
-        // including the site, with files in the test folder instead of /var.
-        let main = block("nginx-main").text;
-        let p = d.display();
-        let conf = format!(
-            "{main}\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nhttp {{\n\
-             access_log {p}/access.log;\nclient_body_temp_path {p}/body;\nproxy_temp_path {p}/proxy;\n\
-             fastcgi_temp_path {p}/fastcgi;\nuwsgi_temp_path {p}/uwsgi;\nscgi_temp_path {p}/scgi;\n\
-             {site}}}\n"
-        );
-        let path = d.join("nginx.conf");
-        std::fs::write(&path, &conf).expect("write");
-        let (path, prefix, err) = (
-            path.display().to_string(),
-            p.to_string(),
-            d.join("error.log").display().to_string(),
-        );
-        let (ok, out) = check(
-            &nginx,
-            &["-t", "-c", &path, "-p", &prefix, "-e", &err],
-            &[],
-        )
-        .await;
-        assert!(ok, "nginx -t failed:\n{out}\n{conf}");
-        assert!(out.contains("test is successful"), "{out}");
-        let warnings: Vec<&str> = out
-            .lines()
-            .filter(|l| l.contains("[warn]") || l.contains("[emerg]") || l.contains("[alert]"))
-            .collect();
-        assert!(warnings.is_empty(), "nginx -t warned:\n{out}");
-    })
-    .await;
+#[tokio::test]
+async fn nginx_accepts_the_documented_cluster() {
+    within(LIMIT * 2, nginx_accepts_site("nginx-cluster")).await;
+}
+
+/// `nginx -t` accepts the site file of the block marked `name` (in deploy.md's main
+/// configuration), without a warning.
+async fn nginx_accepts_site(name: &str) {
+    let nginx = ensure_installed("nginx", "nginx").expect("nginx");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let pki = Pki::generate(d).expect("pki");
+
+    let mut site = block(name).text;
+    let cert = pki.cert.display().to_string();
+    let key = pki.key.display().to_string();
+    assert!(set_directive(&mut site, "ssl_certificate", &cert) > 0);
+    assert!(set_directive(&mut site, "ssl_certificate_key", &key) > 0);
+    // Debian's nginx.conf around it: the page's top-level lines, then an http block
+    // including the site, with files in the test folder instead of /var.
+    let main = block("nginx-main").text;
+    let p = d.display();
+    let conf = format!(
+        "{main}\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nhttp {{\n\
+         access_log {p}/access.log;\nclient_body_temp_path {p}/body;\nproxy_temp_path {p}/proxy;\n\
+         fastcgi_temp_path {p}/fastcgi;\nuwsgi_temp_path {p}/uwsgi;\nscgi_temp_path {p}/scgi;\n\
+         {site}}}\n"
+    );
+    let path = d.join("nginx.conf");
+    std::fs::write(&path, &conf).expect("write");
+    let (path, prefix, err) = (
+        path.display().to_string(),
+        p.to_string(),
+        d.join("error.log").display().to_string(),
+    );
+    let (ok, out) = check(&nginx, &["-t", "-c", &path, "-p", &prefix, "-e", &err], &[]).await;
+    assert!(ok, "nginx -t failed:\n{out}\n{conf}");
+    assert!(out.contains("test is successful"), "{out}");
+    let warnings: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("[warn]") || l.contains("[emerg]") || l.contains("[alert]"))
+        .collect();
+    assert!(warnings.is_empty(), "nginx -t warned:\n{out}");
 }
 
 #[tokio::test]
@@ -270,44 +317,51 @@ async fn caddy_validates(text: String) {
 
 #[tokio::test]
 async fn haproxy_accepts_the_documented_configuration() {
-    within(LIMIT * 2, async {
-        let haproxy = ensure_installed("haproxy", "haproxy").expect("haproxy");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path();
-        let pki = Pki::generate(d).expect("pki");
-        let combined = pki.combined.display().to_string();
-        // `crt <file>` on the bind lines: the test certificate and key, in one file as HAProxy
-        // wants them.
-        let mut replaced = 0;
-        let cfg: String = block("haproxy")
-            .text
-            .lines()
-            .map(|l| {
-                let mut tokens: Vec<&str> = l.split_whitespace().collect();
-                if tokens.first() == Some(&"bind")
-                    && let Some(i) = tokens.iter().position(|t| *t == "crt")
-                    && i + 1 < tokens.len()
-                {
-                    tokens[i + 1] = &combined;
-                    replaced += 1;
-                    format!("    {}\n", tokens.join(" "))
-                } else {
-                    format!("{l}\n")
-                }
-            })
-            .collect();
-        assert!(replaced > 0, "no `bind ... crt <file>` line");
-        let path = d.join("haproxy.cfg");
-        std::fs::write(&path, &cfg).expect("write");
-        let path = path.display().to_string();
-        let (ok, out) = check(&haproxy, &["-c", "-f", &path], &[]).await;
-        assert!(ok, "haproxy -c failed:\n{out}\n{cfg}");
-        assert!(out.contains("Configuration file is valid"), "{out}");
-        let warnings: Vec<&str> = out
-            .lines()
-            .filter(|l| l.contains("[WARNING]") || l.contains("[ALERT]"))
-            .collect();
-        assert!(warnings.is_empty(), "haproxy -c warned:\n{out}");
-    })
-    .await;
+    within(LIMIT * 2, haproxy_accepts("haproxy")).await;
+}
+
+#[tokio::test]
+async fn haproxy_accepts_the_documented_cluster() {
+    within(LIMIT * 2, haproxy_accepts("haproxy-cluster")).await;
+}
+
+/// `haproxy -c` accepts the configuration of the block marked `name`, without a warning.
+async fn haproxy_accepts(name: &str) {
+    let haproxy = ensure_installed("haproxy", "haproxy").expect("haproxy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let pki = Pki::generate(d).expect("pki");
+    let combined = pki.combined.display().to_string();
+    // `crt <file>` on the bind lines: the test certificate and key, in one file as HAProxy
+    // wants them.
+    let mut replaced = 0;
+    let cfg: String = block(name)
+        .text
+        .lines()
+        .map(|l| {
+            let mut tokens: Vec<&str> = l.split_whitespace().collect();
+            if tokens.first() == Some(&"bind")
+                && let Some(i) = tokens.iter().position(|t| *t == "crt")
+                && i + 1 < tokens.len()
+            {
+                tokens[i + 1] = &combined;
+                replaced += 1;
+                format!("    {}\n", tokens.join(" "))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert!(replaced > 0, "no `bind ... crt <file>` line");
+    let path = d.join("haproxy.cfg");
+    std::fs::write(&path, &cfg).expect("write");
+    let path = path.display().to_string();
+    let (ok, out) = check(&haproxy, &["-c", "-f", &path], &[]).await;
+    assert!(ok, "haproxy -c failed:\n{out}\n{cfg}");
+    assert!(out.contains("Configuration file is valid"), "{out}");
+    let warnings: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("[WARNING]") || l.contains("[ALERT]"))
+        .collect();
+    assert!(warnings.is_empty(), "haproxy -c warned:\n{out}");
 }

@@ -3,6 +3,19 @@
 use super::pki::Pki;
 use super::site::Site;
 
+/// The lines of an HAProxy backend that balance among several relays by server name, as in
+/// docs/scale-out.md (`tests/tests/deploy_docs.rs` checks that the page has each of them).
+pub const HAPROXY_BALANCING: &[&str] = &[
+    "balance uri path-only depth 3",
+    "hash-type consistent",
+    "option httpchk",
+    "http-check send meth GET uri /v1/health",
+    "http-check expect status 200",
+    "option redispatch",
+    "retries 3",
+    "default-server check inter 1s fall 2 rise 2",
+];
+
 /// HAProxy termination states accepted in its request log: `----` is a request that ended
 /// normally on both sides (a long-poll answered 204, a tunnel whose two bodies ended).
 const CLEAN: &[&str] = &["----"];
@@ -24,11 +37,10 @@ pub(super) fn config(pki: &Pki, site: &Site<'_>) -> String {
         // Several relays: each request goes to the relay of the server named in its path, and
         // a relay that fails its health check is left out (docs/scale-out.md).
         _ => {
-            let mut b = "    balance uri path-only depth 3\n    hash-type consistent\n    \
-                 option httpchk\n    http-check send meth GET uri /v1/health\n    \
-                 http-check expect status 200\n    option redispatch\n    retries 3\n    \
-                 default-server check inter 1s fall 2 rise 2\n"
-                .to_owned();
+            let mut b: String = HAPROXY_BALANCING
+                .iter()
+                .map(|l| format!("    {l}\n"))
+                .collect();
             for (i, relay) in relays.iter().enumerate() {
                 b.push_str(&format!("    server relay{i} {relay}\n"));
             }

@@ -19,6 +19,8 @@ use anyhow::{Context, bail};
 
 use site::Site;
 
+pub use haproxy::HAPROXY_BALANCING;
+pub use nginx::NGINX_BALANCING;
 pub use pki::Pki;
 
 /// Which reverse proxy.

@@ -6,6 +6,15 @@ use std::path::Path;
 use super::pki::Pki;
 use super::site::Site;
 
+/// The lines of nginx's configuration that balance among several relays by server name, as in
+/// docs/scale-out.md (`tests/tests/deploy_docs.rs` checks that the page has each of them): the
+/// server name taken from the path (in a `map $uri $ptth_server` block), and the hash of the
+/// `upstream` block.
+pub const NGINX_BALANCING: [&str; 2] = [
+    r#""~^/v1/servers/([^/]+)/" $1;"#,
+    "hash $ptth_server consistent;",
+];
+
 /// The nginx configuration: TLS on `port`, `/v1/` proxied to the relay (or balanced among the
 /// relays by server name, as docs/scale-out.md says), timeouts `t` seconds, request buffering
 /// on only when `buffering` (the mistake under test).
@@ -41,10 +50,11 @@ pub(super) fn config(buffering: bool, dir: &Path, pki: &Pki, site: &Site<'_>) ->
                 .iter()
                 .map(|r| format!("        server {r} max_fails=1 fail_timeout=2s;\n"))
                 .collect();
+            let [map, hash] = NGINX_BALANCING;
             (
                 format!(
-                    "    map $uri $ptth_server {{\n        \"~^/v1/servers/([^/]+)/\" $1;\n        default \"\";\n    }}\n\
-                     upstream ptth_relays {{\n        hash $ptth_server consistent;\n{servers}    }}\n"
+                    "    map $uri $ptth_server {{\n        {map}\n        default \"\";\n    }}\n\
+                     upstream ptth_relays {{\n        {hash}\n{servers}    }}\n"
                 ),
                 "ptth_relays".to_owned(),
             )
