@@ -635,8 +635,19 @@ impl Channels {
 
     /// Retires every channel that carries no connection (see [`Channel::retire_if_idle`]).
     pub fn retire_idle(&self) {
-        let all: Vec<Arc<Channel>> = self.map.lock().values().cloned().collect();
-        for channel in all {
+        self.retire_idle_where(|_| true);
+    }
+
+    /// Retires every channel for which `chosen` holds and that carries no connection.
+    pub fn retire_idle_where(&self, chosen: impl Fn(&Channel) -> bool) {
+        let some: Vec<Arc<Channel>> = self
+            .map
+            .lock()
+            .values()
+            .filter(|c| chosen(c))
+            .cloned()
+            .collect();
+        for channel in some {
             channel.retire_if_idle();
         }
     }

@@ -668,7 +668,18 @@ impl Shared {
         entry.live = entry.live.saturating_sub(1);
         entry.idle.remove(&channel.id);
         self.unready(entry, channel.id);
+        let unoffered = entry.live == 0;
         server.live = server.live.saturating_sub(1);
+        drop(server);
+        if unoffered && !self.is_draining() {
+            // The port's clients learn it now rather than at their next connection, which
+            // would fail: their idle channels are retired, and those they open instead go
+            // where a load balancer in front of several relays sends them now (the server
+            // moved to another relay, say; docs/scale-out.md).
+            self.channels.retire_idle_where(|c| {
+                !c.is_server() && c.server == channel.server && c.port == channel.port
+            });
+        }
     }
 
     /// Takes server channel `id` out of `entry`'s ready queue: whether it was there.

@@ -276,6 +276,8 @@ struct Pool {
     idle: AtomicUsize,
     /// Told when the pool may be short of idle channels.
     short: Notify,
+    /// Told when a new idle channel is ready.
+    refilled: Notify,
     /// Cancelled when the port is no longer offered (or at shutdown): its channels and
     /// tunnels end.
     closed: CancellationToken,
@@ -292,6 +294,7 @@ fn offer(ctx: &Arc<Ctx>, port: &Name, target: &Target) -> Arc<Pool> {
         },
         idle: AtomicUsize::new(0),
         short: Notify::new(),
+        refilled: Notify::new(),
         closed: ctx.shutdown.child_token(),
     });
     let span = info_span!("port", port = %port);
@@ -347,6 +350,7 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
             Ok(channel) => {
                 backoff.succeeded();
                 pool.idle.fetch_add(1, Ordering::AcqRel);
+                pool.refilled.notify_waiters();
                 ctx.metrics.idle_channels.get_or_create(&pool.labels).inc();
                 let span = info_span!("channel", channel = %channel.id());
                 ctx.tasks
@@ -387,6 +391,8 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
     let closed = &pool.closed;
     let old_at = channel.old_at(ctx.config.channel_max_age);
     let mut given_already = false;
+    // Whether `channel` counts among the pool's idle channels.
+    let mut counted = true;
     loop {
         let given = if given_already {
             Ok(())
@@ -396,15 +402,18 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
             tokio::select! {
                 r = Box::pin(channel.idle(closed)) => r,
                 () = ctx.draining.cancelled() => retire(&mut channel, closed).await,
-                // Its replacement goes where a load balancer sends it now (a relay that came
-                // back, say).
-                () = tokio::time::sleep_until(old_at) => retire(&mut channel, closed).await,
+                () = tokio::time::sleep_until(old_at) => {
+                    uncount(&ctx, &pool);
+                    counted = false;
+                    Box::pin(replace(&ctx, &pool, &mut channel)).await
+                }
             }
         };
         given_already = false;
-        pool.idle.fetch_sub(1, Ordering::AcqRel);
-        ctx.metrics.idle_channels.get_or_create(&pool.labels).dec();
-        pool.short.notify_one();
+        if counted {
+            uncount(&ctx, &pool);
+        }
+        counted = true;
         match given {
             Ok(()) => {}
             Err(ChannelError::Cancelled) => return,
@@ -496,6 +505,38 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
             }
         }
     }
+}
+
+/// An idle channel no longer counted in the pool: the pool is told it may be short.
+fn uncount(ctx: &Ctx, pool: &Pool) {
+    pool.idle.fetch_sub(1, Ordering::AcqRel);
+    ctx.metrics.idle_channels.get_or_create(&pool.labels).dec();
+    pool.short.notify_one();
+}
+
+/// Replaces the idle `channel`, older than `channel_max_age` and no longer counted in the pool:
+/// the pool, short of it, opens another, which goes where a load balancer in front of several
+/// relays sends it now (a relay that came back, say); once the pool is full again, `channel`
+/// retires. Until then it stays open and takes connections, so that the port stays offered at
+/// its relay: `Ok` when it is given one (it serves it), as from [`retire`].
+async fn replace(ctx: &Ctx, pool: &Pool, channel: &mut Channel) -> Result<(), ChannelError> {
+    let full = async {
+        loop {
+            let refilled = pool.refilled.notified();
+            tokio::pin!(refilled);
+            refilled.as_mut().enable();
+            if pool.idle.load(Ordering::Acquire) >= ctx.config.listen_pool {
+                return;
+            }
+            refilled.await;
+        }
+    };
+    tokio::select! {
+        r = Box::pin(channel.idle(&pool.closed)) => return r,
+        () = ctx.draining.cancelled() => {}
+        () = full => {}
+    }
+    retire(channel, &pool.closed).await
 }
 
 /// Retires the idle `channel`: `Ok` if the relay gave it a connection just before (it then

@@ -65,8 +65,10 @@ async fn stack(kind: Option<FrontKind>) -> Stack {
         None => None,
     };
     let public = front.as_ref().map_or(relay.addr, |f| f.addr);
+    // Idle channels are kept for the whole test (the idle tunnel below checks that none is
+    // replaced): no `channel_max_age` replacement (60 s by default) on a slow machine.
     let extra = format!(
-        "ca_file = \"{}\"\nheartbeat_interval = \"{HEARTBEAT}\"",
+        "ca_file = \"{}\"\nheartbeat_interval = \"{HEARTBEAT}\"\nchannel_max_age = \"1h\"",
         pki.ca.display()
     );
     let server_counter = CountingForwarder::start(public).await.expect("forwarder");
