@@ -395,7 +395,7 @@ async fn serve(relay: Relay) {
     }
     info!("relay shutting down");
     shared.shutdown.cancel();
-    ptth_common::drain(&shared.tasks).await;
+    ptth_common::wait_for_tasks(&shared.tasks).await;
     // The tunnels' last lines, written before the program exits.
     let audit = shared.audit.clone();
     let _ = tokio::task::spawn_blocking(move || audit.flush(AUDIT_FLUSH_GRACE)).await;

@@ -10,7 +10,7 @@ use parking_lot::{Mutex, RwLock};
 use ptth_common::auth::Verifier;
 use ptth_common::config::{Grant, Name, RelayConfig};
 use ptth_common::keys::PublicKey;
-use ptth_common::protocol::ChannelId;
+use ptth_common::protocol::{self, ChannelId};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -227,9 +227,9 @@ impl PortRefusal {
     /// The reason given to the client.
     pub fn reason(self) -> &'static str {
         match self {
-            Self::ServerOffline => "server offline",
-            Self::PortNotOffered => "server does not offer this port",
-            Self::QueueFull => "too many pending connections",
+            Self::ServerOffline => protocol::SERVER_OFFLINE,
+            Self::PortNotOffered => protocol::PORT_NOT_OFFERED,
+            Self::QueueFull => protocol::QUEUE_FULL,
         }
     }
 

@@ -170,10 +170,16 @@ async fn the_relay_drains_open_tunnels_and_refuses_new_ones() {
         // The first may meet a pooled channel that the drain is retiring; the second opens
         // a fresh channel, which the relay refuses with 503.
         assert!(refused(local).await, "a new connection while draining");
-        assert!(refused(local).await, "another new connection while draining");
+        assert!(
+            refused(local).await,
+            "another new connection while draining"
+        );
         let refusal = stack
             .proxy
-            .logged(&["connect to db/echo failed", "relay draining or shutting down"])
+            .logged(&[
+                "connect to db/echo failed",
+                "relay draining or shutting down",
+            ])
             .await
             .expect("the proxy names the refusal");
         assert!(refusal.contains("retry"), "{refusal}");
