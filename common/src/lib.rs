@@ -109,7 +109,7 @@ pub async fn wait_for_tunnels(mut tunnels: tokio::sync::watch::Receiver<usize>, 
 }
 
 /// Runs hyper's background tasks (connections, HTTP/2 streams) on a program's task tracker,
-/// so that [`drain`] waits for them too.
+/// so that [`wait_for_tasks`] waits for them too.
 #[derive(Debug, Clone)]
 pub struct TrackedExecutor(pub TaskTracker);
 

@@ -229,7 +229,8 @@ pub struct Control {
 
 impl Control {
     /// Drains the relay, then shuts it down: from now on `listen` and `connect` are answered
-    /// 503 and idle channels are closed; open tunnels go on until they end, for at most
+    /// 503, connections waiting for a server channel fail, and idle channels are retired;
+    /// open tunnels go on until they end, for at most
     /// `drain_grace`; then the relay shuts down as when its shutdown token is cancelled.
     /// Resolves once shutdown has begun.
     pub async fn drain(&self) {

@@ -184,6 +184,7 @@ async fn connect(
             drop(place);
             tunnel.map_err(|_| ())?
         }
+        Ok(Offer::Closed) => return Err(()),
         Err(refusal) => {
             debug!(channel = %channel.id, reason = refusal.reason(), "connection refused");
             let status = refusal.status().as_u16();
