@@ -284,7 +284,7 @@ async fn serve(
     ctx.shutdown.cancelled().await;
     info!("proxy shutting down");
     ctx.relay.close().await;
-    ptth_common::drain(&ctx.tasks).await;
+    ptth_common::wait_for_tasks(&ctx.tasks).await;
 }
 
 /// Accepts local connections of one forward, within `max_connections`, and hands each to an

@@ -5,7 +5,9 @@
 //! It is meant for operators and their monitoring, on loopback or a private network: it
 //! answers without authentication, but shows no secret and takes no command. It is bounded
 //! like the rest: [`MAX_ADMIN_CONNECTIONS`] connections, a deadline on each request's head,
-//! `GET` and `HEAD` only.
+//! `GET` and `HEAD` only. It answers only requests addressed to an IP address or `localhost`
+//! (by their `Host`), so that a web page cannot read it through a name rebound to the
+//! operator's loopback (DNS rebinding).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -90,8 +92,15 @@ impl Admin {
         text
     }
 
-    /// The answer to `path`.
-    fn answer(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    /// The answer to `req`.
+    fn answer<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        let (method, path) = (req.method(), req.uri().path());
+        if !addressed_by_ip_or_localhost(req) {
+            return plain(
+                StatusCode::MISDIRECTED_REQUEST,
+                "the admin listener answers requests to an IP address or localhost only\n",
+            );
+        }
         if method != Method::GET && method != Method::HEAD {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
         }
@@ -124,6 +133,33 @@ impl Admin {
             None => plain(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
+}
+
+/// Whether `req`'s `Host` (or, without one, its URI's authority) names an IP address or
+/// `localhost`: a name that a web page's origin could have rebound to this listener does not.
+/// A request with no host at all (HTTP/1.0) comes from no browser and is answered.
+fn addressed_by_ip_or_localhost<B>(req: &Request<B>) -> bool {
+    let host = match req.headers().get(header::HOST) {
+        Some(h) => match h.to_str() {
+            Ok(h) => h,
+            Err(_) => return false,
+        },
+        None => match req.uri().host() {
+            Some(h) => h,
+            None => return true,
+        },
+    };
+    let Ok(authority) = host.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let name = authority.host();
+    let name = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
 }
 
 /// A plain-text answer.
@@ -177,7 +213,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
         };
         let admin = admin.clone();
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let answer = admin.answer(req.method(), req.uri().path());
+            let answer = admin.answer(&req);
             async move { Ok::<_, Infallible>(answer) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -200,4 +236,51 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     }
     tasks.close();
     tasks.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(host: Option<&str>, path: &str) -> StatusCode {
+        let mut req = Request::get(path);
+        if let Some(host) = host {
+            req = req.header(header::HOST, host);
+        }
+        let admin = Admin::new(Registry::default(), None);
+        admin.answer(&req.body(()).expect("request")).status()
+    }
+
+    #[test]
+    fn only_requests_to_an_ip_address_or_localhost_are_answered() {
+        for host in [
+            "127.0.0.1:9100",
+            "10.1.2.3",
+            "[::1]:9100",
+            "localhost:9100",
+            "LOCALHOST",
+            "admin.localhost:1",
+        ] {
+            assert_eq!(status(Some(host), "/metrics"), StatusCode::OK, "{host}");
+        }
+        assert_eq!(status(None, "/metrics"), StatusCode::OK, "no Host");
+        assert_eq!(status(None, "http://[::1]:9/metrics"), StatusCode::OK);
+        for host in [
+            "evil.example:9100",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "bad host",
+        ] {
+            assert_eq!(
+                status(Some(host), "/metrics"),
+                StatusCode::MISDIRECTED_REQUEST,
+                "{host}"
+            );
+        }
+        assert_eq!(
+            status(Some("evil.example"), "http://127.0.0.1/metrics"),
+            StatusCode::MISDIRECTED_REQUEST,
+            "the Host header decides"
+        );
+    }
 }

@@ -443,7 +443,8 @@ impl NonceCache {
     }
 }
 
-/// Verifies signed requests against a fixed set of public keys, each mapped to a principal.
+/// Verifies signed requests against a set of public keys, each mapped to a principal; the set
+/// is replaced whole on a configuration reload ([`Verifier::replace_keys`]).
 #[derive(Debug)]
 pub struct Verifier<P> {
     keys: RwLock<KeySet<P>>,

@@ -159,6 +159,22 @@ impl Signals {
     }
 }
 
+/// Runs a program's reloads off the tasks that serve (a reload reads a file), one at a time,
+/// so that the file read last is the one left in force.
+#[derive(Debug, Clone, Default)]
+pub struct Reloads(std::sync::Arc<parking_lot::Mutex<()>>);
+
+impl Reloads {
+    /// Runs `reload` on a blocking thread once the reloads before it are done.
+    pub fn spawn(&self, reload: impl FnOnce() + Send + 'static) {
+        let one = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let _one = one.lock();
+            reload();
+        });
+    }
+}
+
 /// Awaits `serving` (a program's future) while acting on `signals`: `on_signal` is called for
 /// each (it should start a drain without waiting for it, or reload). Returns when `serving`
 /// ends.

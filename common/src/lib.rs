@@ -75,7 +75,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Closes `tracker` to new tasks and waits at most [`SHUTDOWN_GRACE`] for its tasks to end;
 /// logs how many were left behind.
-pub async fn drain(tracker: &TaskTracker) {
+pub async fn wait_for_tasks(tracker: &TaskTracker) {
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
         .await
@@ -109,7 +109,7 @@ pub async fn wait_for_tunnels(mut tunnels: tokio::sync::watch::Receiver<usize>, 
 }
 
 /// Runs hyper's background tasks (connections, HTTP/2 streams) on a program's task tracker,
-/// so that [`drain`] waits for them too.
+/// so that [`wait_for_tasks`] waits for them too.
 #[derive(Debug, Clone)]
 pub struct TrackedExecutor(pub TaskTracker);
 

@@ -96,7 +96,7 @@ pub struct ChannelMeters {
 
 impl EndpointMetrics {
     /// Registers every metric, and `connections` (HTTP connections dialed to the relay), in
-    /// `registry`.
+    /// `registry`, which carries the program's prefix (`ptth_server` or `ptth_proxy`).
     pub fn register(&self, registry: &mut Registry, connections: Counter) {
         registry.register(
             "tunnels_open",
@@ -189,7 +189,7 @@ impl EndpointMetrics {
                 failure(status.as_u16());
             }
             ChannelError::Refused(_) => failure(0),
-            ChannelError::Failed(reason) => failure(in_band_status(reason)),
+            ChannelError::Failed(reason) => failure(crate::protocol::failure_status(reason)),
             ChannelError::Silent(_) => {
                 self.silent_channels.inc();
             }
@@ -217,17 +217,6 @@ impl EndpointMetrics {
     /// Tunnels of `port` open now.
     pub fn tunnels_of(&self, port: &PortLabels) -> i64 {
         self.tunnels_open.get(port).map_or(0, |g| g.get())
-    }
-}
-
-/// The protocol's status of an in-band failure, from the relay's reason (docs/protocol.md).
-fn in_band_status(reason: &str) -> u16 {
-    if reason.starts_with("the server could not reach its target") {
-        502
-    } else if reason.starts_with("the server did not take the connection in time") {
-        504
-    } else {
-        503
     }
 }
 

@@ -49,6 +49,34 @@ pub const UPSTREAM_ROUTE: &str = "/v1/servers/{server}/channels/{id}/upstream";
 /// `200` while the relay takes new channels, `503` while it drains.
 pub const HEALTH_PATH: &str = "/v1/health";
 
+/// In-band `FAILED` reason: the server has no channel open on any port.
+pub const SERVER_OFFLINE: &str = "server offline";
+/// In-band `FAILED` reason: the server is online but has no channel open on the port.
+pub const PORT_NOT_OFFERED: &str = "server does not offer this port";
+/// In-band `FAILED` reason: the port's queue of connections waiting for a server is full.
+pub const QUEUE_FULL: &str = "too many pending connections";
+/// In-band `FAILED` reason (and the reason of its `503`): the relay is draining.
+pub const DRAINING: &str = "relay draining or shutting down, retry";
+/// In-band `FAILED` reason, followed by the server's own in parentheses: the server answered
+/// the connection with `FAILED`.
+pub const TARGET_UNREACHABLE: &str = "the server could not reach its target";
+/// In-band `FAILED` reason: no server channel answered within `accept_timeout`.
+pub const NOT_TAKEN: &str = "the server did not take the connection in time";
+
+/// The status a connection's in-band `FAILED` stands for (docs/protocol.md, "In-band
+/// failures"): what the relay would have answered had it known before the channel opened.
+pub fn failure_status(reason: &str) -> u16 {
+    if reason.starts_with(TARGET_UNREACHABLE) {
+        502
+    } else if reason.starts_with(NOT_TAKEN) {
+        504
+    } else if reason == PORT_NOT_OFFERED {
+        404
+    } else {
+        503
+    }
+}
+
 /// `route` with its two placeholders replaced by `first` and `second`, in order.
 fn fill(route: &str, first: &str, second: &str) -> String {
     let mut out = String::with_capacity(route.len() + first.len() + second.len());

@@ -215,15 +215,21 @@ impl Channel {
 
     /// Retires the channel if it carries no connection (the relay drains): it takes none
     /// from now on, and its download ends after what it has passed on; its endpoint, seeing
-    /// that, ends its upload. Whether it was idle.
-    pub fn retire_if_idle(&self) -> bool {
+    /// that, ends its upload.
+    pub fn retire_if_idle(&self) {
         let slot = self.tunnel.lock();
-        if slot.is_some() || self.cancel.is_cancelled() {
-            return false;
+        if slot.is_none() && !self.cancel.is_cancelled() {
+            self.retiring.store(true, Ordering::Release);
+            self.tell(ToDownload::Retired);
         }
-        self.retiring.store(true, Ordering::Release);
-        self.tell(ToDownload::Retired);
-        true
+    }
+
+    /// Whether the channel could take a connection now: it carries none, and is neither
+    /// retiring nor closed.
+    pub fn is_free(&self) -> bool {
+        self.tunnel.lock().is_none()
+            && !self.retiring.load(Ordering::Acquire)
+            && !self.cancel.is_cancelled()
     }
 
     /// Ends an idle channel cleanly: its download ends after what it has passed on (rather
@@ -311,8 +317,8 @@ impl Tunnel {
     ) -> Option<Arc<Self>> {
         let mut client_slot = client.tunnel.lock();
         let mut server_slot = server.tunnel.lock();
-        let free = |c: &Channel| !c.retiring.load(Ordering::Acquire) && !c.cancel.is_cancelled();
-        if client_slot.is_some() || server_slot.is_some() || !free(client) || !free(server) {
+        let open = |c: &Channel| !c.retiring.load(Ordering::Acquire) && !c.cancel.is_cancelled();
+        if client_slot.is_some() || server_slot.is_some() || !open(client) || !open(server) {
             return None;
         }
         book.count.send_modify(|n| *n += 1);

@@ -80,9 +80,10 @@ type Result<T> = std::result::Result<T, ApiError>;
 
 const NO_SUCH_CHANNEL: ApiError = ApiError::new(StatusCode::NOT_FOUND, "no such channel");
 /// Why the relay takes no new channel or connection.
-pub(crate) const SHUTTING_DOWN_REASON: &str = "relay draining or shutting down, retry";
-const SHUTTING_DOWN: ApiError =
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN_REASON);
+const SHUTTING_DOWN: ApiError = ApiError::new(
+    StatusCode::SERVICE_UNAVAILABLE,
+    ptth_common::protocol::DRAINING,
+);
 const CHANNEL_CLOSED: ApiError = ApiError::new(StatusCode::GONE, "channel closed");
 
 impl From<Denied> for ApiError {

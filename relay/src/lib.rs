@@ -229,7 +229,8 @@ pub struct Control {
 
 impl Control {
     /// Drains the relay, then shuts it down: from now on `listen` and `connect` are answered
-    /// 503 and idle channels are closed; open tunnels go on until they end, for at most
+    /// 503, connections waiting for a server channel fail, and idle channels are retired;
+    /// open tunnels go on until they end, for at most
     /// `drain_grace`; then the relay shuts down as when its shutdown token is cancelled.
     /// Resolves once shutdown has begun.
     pub async fn drain(&self) {
@@ -396,7 +397,7 @@ async fn serve(relay: Relay) {
     }
     info!("relay shutting down");
     shared.shutdown.cancel();
-    ptth_common::drain(&shared.tasks).await;
+    ptth_common::wait_for_tasks(&shared.tasks).await;
     // The tunnels' last lines, written before the program exits.
     let audit = shared.audit.clone();
     let _ = tokio::task::spawn_blocking(move || audit.flush(AUDIT_FLUSH_GRACE)).await;

@@ -50,15 +50,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         relay = relay.with_admin(admin);
     }
     let control = relay.control();
+    let reloads = ptth_common::cli::Reloads::default();
     ptth_common::cli::serve_with_signals(relay.into_future(), signals, |signal| match signal {
         Signal::Drain => {
             let control = control.clone();
             tokio::spawn(async move { control.drain().await });
         }
         Signal::Reload => {
-            // Reads a file: off the tasks that serve.
             let (control, path) = (control.clone(), args.config.clone());
-            tokio::task::spawn_blocking(move || control.reload_from(&path));
+            reloads.spawn(move || control.reload_from(&path));
         }
     })
     .await;

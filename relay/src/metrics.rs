@@ -3,11 +3,21 @@
 //! Counting costs the hot path one relaxed atomic add per chunk passed on: a tunnel resolves its
 //! labelled counters once, when it is joined.
 
+use std::collections::HashSet;
+
+use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+/// Distinct `(server, port, client)` label sets the tunnel metrics keep. Servers name their
+/// ports at will (a client granted `server/*` may reach any), so past this many, a new set is
+/// counted with the port [`OTHER_PORTS`]: the series stay bounded whatever the names.
+const MAX_TUNNEL_SERIES: usize = 4096;
+/// The port label of the tunnels counted past [`MAX_TUNNEL_SERIES`].
+const OTHER_PORTS: &str = "(other)";
 
 /// Who a tunnel joins: the labels of the tunnel metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +89,8 @@ pub(crate) struct Metrics {
     pub idle_channels_closed: Counter,
     /// Configuration reloads, by outcome.
     pub reloads: Family<OutcomeLabels, Counter>,
+    /// The tunnel label sets counted so far, at most [`MAX_TUNNEL_SERIES`].
+    tunnel_series: Mutex<HashSet<TunnelLabels>>,
 }
 
 /// The counters a tunnel updates while it lives.
@@ -91,7 +103,7 @@ pub(crate) struct TunnelMeters {
 }
 
 impl Metrics {
-    /// Registers every metric in `registry` (prefix `ptth_relay`).
+    /// Registers every metric in `registry`, which carries the prefix `ptth_relay`.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "tunnels_open",
@@ -142,8 +154,10 @@ impl Metrics {
         );
     }
 
-    /// A new tunnel of `labels`: counted, and its meters.
+    /// A new tunnel of `labels`: counted (under [`OTHER_PORTS`] once [`MAX_TUNNEL_SERIES`]
+    /// label sets are taken), and its meters.
     pub fn tunnel_opened(&self, labels: &TunnelLabels) -> TunnelMeters {
+        let labels = &self.series_of(labels);
         self.tunnels.get_or_create(labels).inc();
         let open = self.tunnels_open.get_or_create_owned(labels);
         open.inc();
@@ -158,10 +172,54 @@ impl Metrics {
         TunnelMeters { open, bytes }
     }
 
+    /// The label set `labels` are counted under.
+    fn series_of(&self, labels: &TunnelLabels) -> TunnelLabels {
+        let mut series = self.tunnel_series.lock();
+        if series.len() < MAX_TUNNEL_SERIES {
+            series.insert(labels.clone());
+        }
+        if series.contains(labels) {
+            labels.clone()
+        } else {
+            TunnelLabels {
+                port: OTHER_PORTS.to_owned(),
+                ..labels.clone()
+            }
+        }
+    }
+
     /// Counts a client connection that could not be made.
     pub fn connect_failed(&self, status: u16, reason: &'static str) {
         self.connect_failures
             .get_or_create(&FailureLabels { status, reason })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_series_are_bounded_whatever_the_port_names() {
+        let metrics = Metrics::default();
+        let labels = |port: usize| TunnelLabels {
+            server: "db".into(),
+            port: format!("p{port}"),
+            client: "alice".into(),
+        };
+        for port in 0..MAX_TUNNEL_SERIES + 10 {
+            drop(metrics.tunnel_opened(&labels(port)));
+        }
+        drop(metrics.tunnel_opened(&labels(0)));
+        let count = |l: &TunnelLabels| metrics.tunnels.get(l).map(|c| c.get());
+        assert_eq!(count(&labels(0)), Some(2), "a known set keeps its series");
+        assert_eq!(count(&labels(MAX_TUNNEL_SERIES - 1)), Some(1));
+        assert_eq!(count(&labels(MAX_TUNNEL_SERIES)), None, "past the bound");
+        let other = TunnelLabels {
+            port: OTHER_PORTS.into(),
+            ..labels(0)
+        };
+        assert_eq!(count(&other), Some(10));
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use ptth_common::frame;
+use ptth_common::{frame, protocol};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -23,9 +23,6 @@ use crate::state::Shared;
 
 /// What a body's `poll_frame` returns.
 type PollFrame = Poll<Option<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>>;
-
-/// The reason sent when the server does not answer a connection in time.
-const NOT_TAKEN: &str = "the server did not take the connection in time";
 
 enum State {
     /// No connection: heartbeats.
@@ -256,8 +253,8 @@ impl Body for PipeBody {
             && deadline.as_mut().poll(cx).is_ready()
         {
             this.deadline = None;
-            this.metrics.connect_failed(504, NOT_TAKEN);
-            return this.send_failed(frame::failed(NOT_TAKEN));
+            this.metrics.connect_failed(504, protocol::NOT_TAKEN);
+            return this.send_failed(frame::failed(protocol::NOT_TAKEN));
         }
         this.poll_heartbeat(cx)
     }

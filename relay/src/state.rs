@@ -10,7 +10,7 @@ use parking_lot::{Mutex, RwLock};
 use ptth_common::auth::Verifier;
 use ptth_common::config::{Grant, Name, RelayConfig};
 use ptth_common::keys::PublicKey;
-use ptth_common::protocol::ChannelId;
+use ptth_common::protocol::{self, ChannelId};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -144,15 +144,14 @@ impl Queue {
         Some(number)
     }
 
-    /// The oldest connection still waiting.
-    fn pop(&mut self) -> Option<Waiting> {
-        while let Some((&number, _)) = self.entries.first_key_value() {
-            let Some(waiting) = self.remove(number) else {
-                continue;
-            };
-            if !waiting.0.cancel.is_cancelled() && !waiting.1.is_closed() {
-                return Some(waiting);
+    /// The number and channel of the oldest connection still waiting, left in the queue;
+    /// connections whose channel or waiter has gone are dropped on the way.
+    fn oldest(&mut self) -> Option<(u64, Arc<Channel>)> {
+        while let Some((&number, (client, to))) = self.entries.first_key_value() {
+            if !client.cancel.is_cancelled() && !to.is_closed() {
+                return Some((number, client.clone()));
             }
+            self.remove(number);
         }
         None
     }
@@ -227,9 +226,9 @@ impl PortRefusal {
     /// The reason given to the client.
     pub fn reason(self) -> &'static str {
         match self {
-            Self::ServerOffline => "server offline",
-            Self::PortNotOffered => "server does not offer this port",
-            Self::QueueFull => "too many pending connections",
+            Self::ServerOffline => protocol::SERVER_OFFLINE,
+            Self::PortNotOffered => protocol::PORT_NOT_OFFERED,
+            Self::QueueFull => protocol::QUEUE_FULL,
         }
     }
 
@@ -250,6 +249,8 @@ pub(crate) enum Offer<'a> {
     /// A place in the port's queue: the tunnel comes when a server channel is ready. Dropping
     /// the place leaves the queue.
     Waiting(oneshot::Receiver<Arc<Tunnel>>, Place<'a>),
+    /// The client's channel ended (or retired) meanwhile: no connection.
+    Closed,
 }
 
 /// A client connection's place in a port's queue; dropped, it leaves the queue (if a server
@@ -710,11 +711,20 @@ impl Shared {
             return;
         };
         entry.idle.insert(server.id);
-        while let Some((client, to)) = entry.waiting.pop() {
+        while let Some((number, client)) = entry.waiting.oldest() {
             let Some(tunnel) = self.join(&client, server) else {
+                if !server.is_free() {
+                    // It is retiring or ended: the connection waits for another channel.
+                    return;
+                }
+                // The client's channel ended or took another connection.
+                entry.waiting.remove(number);
                 continue;
             };
             entry.idle.remove(&server.id);
+            let Some((_, to)) = entry.waiting.remove(number) else {
+                return;
+            };
             if let Err(tunnel) = to.send(tunnel) {
                 // The client gave up just now.
                 tunnel.fail();
@@ -731,6 +741,18 @@ impl Shared {
     pub fn drain(&self) {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Connections waiting for a server channel get no more: they are failed with the
+        // reason, so that their channels are idle (and retired) below.
+        let servers: Vec<_> = self.servers.read().clone();
+        for server in servers {
+            for port in server.lock().ports.values_mut() {
+                while let Some((number, client)) = port.waiting.oldest() {
+                    port.waiting.remove(number);
+                    self.metrics.connect_failed(503, protocol::DRAINING);
+                    client.tell(ToDownload::Fail(protocol::DRAINING.to_owned()));
+                }
+            }
+        }
         self.channels.retire_idle();
     }
 
@@ -872,17 +894,20 @@ impl Shared {
         let server = self.ports(client.server);
         let mut server = server.lock();
         let entry = server.port(&client.port)?;
-        while let Some(server) = entry.ready.pop_front() {
+        while let Some(server) = entry.ready.front().cloned() {
+            let tunnel = self.join(client, &server);
+            if tunnel.is_none() && !client.is_free() {
+                // The client's channel ended meanwhile; the server channel stays ready.
+                return Ok(Offer::Closed);
+            }
+            entry.ready.pop_front();
             self.ready_count.send_modify(|n| *n = n.saturating_sub(1));
             self.metrics.listens_ready.dec();
-            if server.cancel.is_cancelled() {
-                continue;
+            // Otherwise the server channel was retiring or had ended: the next one.
+            if let Some(tunnel) = tunnel {
+                entry.idle.remove(&server.id);
+                return Ok(Offer::Joined(tunnel));
             }
-            let Some(tunnel) = self.join(client, &server) else {
-                continue;
-            };
-            entry.idle.remove(&server.id);
-            return Ok(Offer::Joined(tunnel));
         }
         let (to, rx) = oneshot::channel();
         let capacity = self.config.max_pending_connects;
@@ -1092,6 +1117,41 @@ mod tests {
         let tunnel = rx.await.expect("tunnel");
         assert_eq!(tunnel.server.id, taken.id);
         assert!(!s.retire(&taken));
+    }
+
+    #[tokio::test]
+    async fn a_closed_channel_on_one_side_never_costs_the_other_side_its_place() {
+        let s = shared("");
+        let (first, second) = (server_channel(&s, "pg"), server_channel(&s, "pg"));
+        // A client channel closed just before its connection is offered: the server
+        // channels stay ready, in their order.
+        let closed = new_channel(&s, Side::Client(0), 0, "pg");
+        closed.close();
+        assert!(matches!(s.offer(&closed), Ok(Offer::Closed)));
+        assert_eq!(*s.ready_server_channels().borrow(), 2);
+        let client = new_channel(&s, Side::Client(0), 0, "pg");
+        let Ok(Offer::Joined(t)) = s.offer(&client) else {
+            panic!("joined")
+        };
+        assert_eq!(t.server.id, first.id);
+        let Ok(Offer::Joined(_)) = s.offer(&new_channel(&s, Side::Client(0), 0, "pg")) else {
+            panic!("joined")
+        };
+        // A connection waits; a server channel that retires as it comes ready leaves it
+        // waiting for the next one, which takes it.
+        let waiting = new_channel(&s, Side::Client(0), 0, "pg");
+        let Ok(Offer::Waiting(mut rx, _place)) = s.offer(&waiting) else {
+            panic!("waiting")
+        };
+        let retiring = new_channel(&s, Side::Server, 0, "pg");
+        s.add_server_channel(&retiring).expect("added");
+        retiring.retire_if_idle();
+        s.ready(&retiring);
+        assert!(rx.try_recv().is_err(), "not joined with a retiring channel");
+        let next = server_channel(&s, "pg");
+        let tunnel = rx.await.expect("tunnel");
+        assert_eq!((tunnel.client.id, tunnel.server.id), (waiting.id, next.id));
+        assert_ne!(tunnel.server.id, second.id);
     }
 
     #[test]

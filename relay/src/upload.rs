@@ -14,16 +14,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use ptth_common::frame::{Decoder, Item};
+use ptth_common::protocol;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::channel::{Channel, Feed, ToDownload, Tunnel};
 use crate::state::{Offer, Shared};
-
-/// The reason a client's connection fails with when the server cannot connect to its target
-/// (then the server's own reason in parentheses): a 502 of the protocol.
-const TARGET_UNREACHABLE: &str = "the server could not reach its target";
 
 /// Why an upload ended.
 #[derive(Debug)]
@@ -138,8 +135,10 @@ async fn serve(shared: &Shared, channel: &Arc<Channel>, reader: &mut Reader) -> 
             }
             (Item::Failed(reason), Some(tunnel), true) if tunnel.answer() => {
                 debug!(channel = %channel.id, %reason, "server refused a connection");
-                shared.metrics.connect_failed(502, TARGET_UNREACHABLE);
-                let reason = format!("{TARGET_UNREACHABLE} ({reason})");
+                shared
+                    .metrics
+                    .connect_failed(502, protocol::TARGET_UNREACHABLE);
+                let reason = format!("{} ({reason})", protocol::TARGET_UNREACHABLE);
                 tunnel.client.tell(ToDownload::Fail(reason));
                 return UploadEnd::Closed;
             }
@@ -168,7 +167,7 @@ async fn connect(
     reader: &mut Reader,
 ) -> Result<Arc<Tunnel>, ()> {
     if shared.is_draining() {
-        let refusal = crate::handlers::SHUTTING_DOWN_REASON;
+        let refusal = ptth_common::protocol::DRAINING;
         shared.metrics.connect_failed(503, refusal);
         channel.tell(ToDownload::Fail(refusal.to_owned()));
         return Err(());
@@ -185,6 +184,7 @@ async fn connect(
             drop(place);
             tunnel.map_err(|_| ())?
         }
+        Ok(Offer::Closed) => return Err(()),
         Err(refusal) => {
             debug!(channel = %channel.id, reason = refusal.reason(), "connection refused");
             let status = refusal.status().as_u16();

@@ -324,7 +324,7 @@ async fn serve(ctx: Arc<Ctx>, admin: Option<TcpListener>) {
     ctx.shutdown.cancelled().await;
     info!("server proxy shutting down");
     ctx.relay.close().await;
-    ptth_common::drain(&ctx.tasks).await;
+    ptth_common::wait_for_tasks(&ctx.tasks).await;
 }
 
 /// Keeps `listen_pool` idle channels open for the port, retrying with backoff while the relay

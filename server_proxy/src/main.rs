@@ -40,15 +40,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         server = server.with_admin(admin);
     }
     let control = server.control();
+    let reloads = cli::Reloads::default();
     cli::serve_with_signals(server.into_future(), signals, |signal| match signal {
         Signal::Drain => {
             let control = control.clone();
             tokio::spawn(async move { control.drain().await });
         }
         Signal::Reload => {
-            // Reads a file: off the tasks that serve.
             let (control, path) = (control.clone(), config_path.to_owned());
-            tokio::task::spawn_blocking(move || control.reload_from(&path));
+            reloads.spawn(move || control.reload_from(&path));
         }
     })
     .await;

@@ -586,6 +586,19 @@ async fn the_admin_listener_answers_get_on_its_pages_only() {
             .await
             .expect("HEAD");
         assert_eq!(head.status().as_u16(), 200);
+        // A name that a web page could have rebound to the listener (DNS rebinding).
+        let rebound = trio
+            .http
+            .get(format!("http://{relay}/api/status"))
+            .header("host", format!("attacker.example:{}", relay.port()))
+            .send()
+            .await
+            .expect("GET with a name");
+        assert_eq!(rebound.status().as_u16(), 421);
+        assert_eq!(
+            rebound.text().await.expect("body"),
+            "the admin listener answers requests to an IP address or localhost only\n"
+        );
         for (admin, path) in [
             (relay, "/nothing"),
             (relay, "/api/status/"),
