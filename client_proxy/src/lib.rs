@@ -435,7 +435,7 @@ async fn wait_for_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, handoff: Handoff) {
 
 /// Whether a refused channel is worth another try soon: the server is offline at the relay
 /// that has its name now (it may be moving there), a load balancer found no relay, or the relay
-/// could not be reached.
+/// could not be reached (but for a certificate it does not trust).
 fn passes(e: &ChannelError) -> bool {
     match e {
         ChannelError::Refused(CallError::Refused { status, .. }) => {
@@ -445,7 +445,7 @@ fn passes(e: &ChannelError) -> bool {
             *status,
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
         ),
-        ChannelError::Refused(CallError::Unreachable(_)) => true,
+        ChannelError::Refused(e @ CallError::Unreachable(_)) => !e.is_certificate_problem(),
         _ => false,
     }
 }

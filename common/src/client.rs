@@ -617,12 +617,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     if s.contains("certificate") || s.contains("UnknownIssuer") {
-        s.push_str(
-            " (TLS: the relay's certificate is not trusted or does not match its name; \
-             set ca_file to the PEM of the CA that signed it, and use the name it was issued for)",
-        );
+        s.push_str(CERTIFICATE_ADVICE);
     }
     s
+}
+
+/// What [`error_chain`] adds when TLS did not trust the relay.
+const CERTIFICATE_ADVICE: &str = " (TLS: the relay's certificate is not trusted or does not \
+match its name; set ca_file to the PEM of the CA that signed it, and use the name it was issued \
+for)";
+
+impl CallError {
+    /// Whether the relay could not be reached because TLS did not trust it: trying again
+    /// changes nothing.
+    pub fn is_certificate_problem(&self) -> bool {
+        matches!(self, Self::Unreachable(e) if e.contains(CERTIFICATE_ADVICE))
+    }
 }
 
 /// `d` less up to 25 % at random, so that timers set together do not all fire together.
