@@ -19,8 +19,9 @@ const EXITS_WITHIN: Duration = Duration::from_secs(10);
 /// The three programs as processes: relay, server `db` offering `echo` (and the ports in
 /// `server_ports`), and alice's proxy forwarding one local port per port name in `forwards`.
 struct Stack {
-    setup: Setup,
+    /// Before `setup`, whose folder holds the logs: fields are dropped in order.
     _logs: LogsOnFailure,
+    setup: Setup,
     relay_addr: SocketAddr,
     relay: Program,
     server: Program,
