@@ -6,8 +6,9 @@
 //!
 //! * `lib.rs` (here): accepts TCP connections (TLS with `tls.rs` when configured) and serves
 //!   HTTP/1.1 and HTTP/2 on them, one task per connection, routing the four endpoints;
-//! * `handlers.rs`: the endpoints, HTTP in and out, and the health check for load balancers; `access.rs` checks each caller first;
-//!   `log_limit.rs` keeps a flood of refusals from flooding the logs;
+//! * `handlers.rs`: the endpoints, HTTP in and out, and the health check for load balancers;
+//!   `access.rs` checks each caller first; `log_limit.rs` keeps a flood of refusals from
+//!   flooding the logs;
 //! * `upload.rs`: a channel's upload, read while the channel is idle; its `OPEN` starts a
 //!   connection and lends the upload to the other channel's download;
 //! * `state.rs`: the ports servers offer, their idle channels and the connections waiting for

@@ -4,11 +4,13 @@
 //! the server named in its path. A relay can be killed and started again on the same address.
 //! For `tests/tests/scale_out.rs` and the benchmark.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use ptth_common::keys::PrivateKey;
 
 use crate::fronts::{Front, FrontKind, Pki, start_balancer};
 use crate::process::{Program, binary, free_port, wait_listening};
@@ -164,4 +166,162 @@ impl Member {
         self.program = Some(program);
         Ok(())
     }
+}
+
+/// What a [`Fleet`] runs on its [`Cluster`].
+#[derive(Debug, Clone, Copy)]
+pub struct FleetPlan<'a> {
+    /// The balancer in front of the relays.
+    pub kind: FrontKind,
+    /// How many relays.
+    pub relays: usize,
+    /// The servers' names; each is a `ptth_server` process.
+    pub servers: &'a [String],
+    /// How many client proxies (`ptth_proxy` processes, `client0`, `client1`, ...), each
+    /// allowed every port of every server and forwarding all of them.
+    pub proxies: usize,
+    /// The ports every server offers, and their targets.
+    pub ports: &'a [(&'a str, SocketAddr)],
+    /// Added to the relays' shared configuration (limits, say).
+    pub relay_extra: &'a str,
+    /// Added to the configuration of every server and proxy (`channel_max_age`, say).
+    pub endpoint_extra: &'a str,
+    /// Inactivity timeouts of the balancer.
+    pub timeout: Duration,
+    /// Tunnels the balancer is sized for.
+    pub tunnels: usize,
+}
+
+/// Servers and client proxies through a [`Cluster`], as in docs/scale-out.md: the relays share
+/// one configuration with every key and allow list; the endpoints know only the balancer.
+#[derive(Debug)]
+pub struct Fleet {
+    /// The relays and their balancer.
+    pub cluster: Cluster,
+    /// The server proxies, by name.
+    pub servers: BTreeMap<String, Program>,
+    /// The client proxies.
+    pub proxies: Vec<FleetProxy>,
+}
+
+/// A client proxy of a [`Fleet`].
+#[derive(Debug)]
+pub struct FleetProxy {
+    /// Its process.
+    pub program: Program,
+    /// Its local address for each server and port.
+    pub locals: BTreeMap<(String, String), SocketAddr>,
+}
+
+impl FleetProxy {
+    /// Its local address for `server`'s `port`.
+    pub fn local(&self, server: &str, port: &str) -> SocketAddr {
+        self.locals[&(server.to_owned(), port.to_owned())]
+    }
+}
+
+impl Fleet {
+    /// Starts everything of `plan`, with its files and logs in `dir`; returns once every proxy
+    /// has bound its local ports (not yet once every server is reachable).
+    pub async fn start(plan: FleetPlan<'_>, dir: &Path) -> anyhow::Result<Self> {
+        let pki = Pki::generate(dir)?;
+        let mut shared = format!("trusted_proxies = [\"127.0.0.1\"]\n{}\n", plan.relay_extra);
+        for name in plan.servers {
+            let key = new_key(dir, name)?;
+            shared.push_str(&format!(
+                "[[servers]]\nname = \"{name}\"\npublic_key = \"{key}\"\n"
+            ));
+        }
+        let allow: Vec<String> = plan.servers.iter().map(|n| format!("\"{n}/*\"")).collect();
+        for p in 0..plan.proxies {
+            let key = new_key(dir, &format!("client{p}"))?;
+            shared.push_str(&format!(
+                "[[clients]]\nname = \"client{p}\"\npublic_key = \"{key}\"\nallow = [{}]\n",
+                allow.join(", ")
+            ));
+        }
+        let cluster = Cluster::start(
+            plan.kind,
+            dir,
+            &pki,
+            &shared,
+            plan.relays,
+            plan.timeout,
+            plan.tunnels,
+        )
+        .await?;
+        let endpoint = format!(
+            "relay_url = \"{}\"\nca_file = \"{}\"\n{}\n",
+            cluster.url(),
+            pki.ca.display(),
+            plan.endpoint_extra
+        );
+        let mut servers = BTreeMap::new();
+        for name in plan.servers {
+            let mut text =
+                format!("{endpoint}name = \"{name}\"\nkey_file = \"{name}.key\"\n[ports]\n");
+            for (port, target) in plan.ports {
+                text.push_str(&format!("{port} = \"{target}\"\n"));
+            }
+            let program = start_program(dir, &format!("server-{name}"), "ptth_server", &text)?;
+            servers.insert(name.clone(), program);
+        }
+        let mut proxies = Vec::new();
+        for p in 0..plan.proxies {
+            let mut text = format!("{endpoint}key_file = \"client{p}.key\"\n");
+            for name in plan.servers {
+                for (port, _) in plan.ports {
+                    text.push_str(&format!(
+                        "[[forwards]]\nlisten = \"127.0.0.1:0\"\nserver = \"{name}\"\nport = \"{port}\"\n"
+                    ));
+                }
+            }
+            let mut program = start_program(dir, &format!("proxy{p}"), "ptth_proxy", &text)?;
+            // Each forward on a port of its own choosing, which the proxy logs.
+            let mut locals = BTreeMap::new();
+            for name in plan.servers {
+                for (port, _) in plan.ports {
+                    let line = program
+                        .logged(&[
+                            "forwarding",
+                            &format!(" server={name} "),
+                            &format!(" port={port} "),
+                        ])
+                        .await?;
+                    let local: SocketAddr = line
+                        .split_whitespace()
+                        .find_map(|f| f.strip_prefix("listen="))
+                        .and_then(|a| a.parse().ok())
+                        .with_context(|| format!("no listen= in {line}"))?;
+                    locals.insert((name.clone(), (*port).to_owned()), local);
+                }
+            }
+            proxies.push(FleetProxy { program, locals });
+        }
+        Ok(Self {
+            cluster,
+            servers,
+            proxies,
+        })
+    }
+}
+
+/// A fresh key written as `dir/name.key`; its public key.
+fn new_key(dir: &Path, name: &str) -> anyhow::Result<String> {
+    let key = PrivateKey::generate()?;
+    key.write_new(&dir.join(format!("{name}.key")))?;
+    Ok(key.public().to_string())
+}
+
+/// Writes `dir/name.toml` and starts `bin` on it, logging to `dir/name.log`.
+fn start_program(dir: &Path, name: &str, bin: &'static str, text: &str) -> anyhow::Result<Program> {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+    Program::ptth(
+        &binary(bin)?,
+        &config,
+        "info",
+        dir.join(format!("{name}.log")),
+        bin,
+    )
 }

@@ -285,8 +285,10 @@ async fn drain_grace_bounds_the_drain_and_a_second_signal_exits_at_once() {
 async fn the_server_proxy_drains() {
     within(LIMIT, async {
         let echo = echo_service().await.expect("echo");
+        // The open tunnel keeps the port offered, so a new connection waits for a server
+        // channel until accept_timeout: a short one, so that it is refused soon.
         let mut stack = Stack::start(
-            "",
+            "accept_timeout = \"2s\"\n",
             &format!("drain_grace = \"60s\"\n[ports]\necho = \"{echo}\"\n"),
             "",
             &["echo"],

@@ -12,15 +12,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ptth_common::keys::PrivateKey;
-use ptth_tests::cluster::Cluster;
-use ptth_tests::fronts::{FrontKind, Pki};
-use ptth_tests::process::{LogsOnFailure, Program, binary};
+use ptth_tests::cluster::{Fleet, FleetPlan};
+use ptth_tests::fronts::FrontKind;
+use ptth_tests::process::LogsOnFailure;
 use ptth_tests::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,11 +43,7 @@ fn server_names() -> Vec<String> {
 
 /// Everything of the test, running.
 struct Scale {
-    cluster: Cluster,
-    /// The server proxies, by name.
-    servers: BTreeMap<String, Program>,
-    /// Each proxy, and its local address for each server, by name.
-    proxies: Vec<(Program, BTreeMap<String, SocketAddr>)>,
+    fleet: Fleet,
     _logs: LogsOnFailure,
     _dir: tempfile::TempDir,
 }
@@ -57,92 +51,32 @@ struct Scale {
 impl Scale {
     async fn start(kind: FrontKind) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path().to_owned();
-        let logs = LogsOnFailure(d.clone());
-        let pki = Pki::generate(&d).expect("pki");
-        let names = server_names();
-        // One relay.toml for all relays: the keys and the allow lists.
-        let mut shared = String::from("trusted_proxies = [\"127.0.0.1\"]\n");
-        for name in &names {
-            let key = new_key(&d, name);
-            shared.push_str(&format!(
-                "[[servers]]\nname = \"{name}\"\npublic_key = \"{key}\"\n"
-            ));
-        }
-        let allow: Vec<String> = names.iter().map(|n| format!("\"{n}/*\"")).collect();
-        for p in 0..PROXIES {
-            let key = new_key(&d, &format!("client{p}"));
-            shared.push_str(&format!(
-                "[[clients]]\nname = \"client{p}\"\npublic_key = \"{key}\"\nallow = [{}]\n",
-                allow.join(", ")
-            ));
-        }
-        let cluster = Cluster::start(
-            kind,
-            &d,
-            &pki,
-            &shared,
-            RELAYS,
-            Duration::from_secs(75),
-            200,
-        )
-        .await
-        .expect("cluster");
+        let logs = LogsOnFailure(dir.path().to_owned());
         let echo = echo_service().await.expect("echo");
-        let url = cluster.url();
-        let ca = pki.ca.display().to_string();
-        let mut servers = BTreeMap::new();
-        for name in &names {
-            let text = format!(
-                "relay_url = \"{url}\"\nca_file = \"{ca}\"\nname = \"{name}\"\n\
-                 key_file = \"{name}.key\"\nchannel_max_age = \"{MAX_AGE}\"\n\
-                 [ports]\necho = \"{echo}\"\n"
-            );
-            servers.insert(
-                name.clone(),
-                start(&d, &format!("server-{name}"), "ptth_server", &text),
-            );
-        }
-        let mut proxies = Vec::new();
-        for p in 0..PROXIES {
-            let mut text = format!(
-                "relay_url = \"{url}\"\nca_file = \"{ca}\"\nkey_file = \"client{p}.key\"\n\
-                 channel_max_age = \"{MAX_AGE}\"\n"
-            );
-            for name in &names {
-                text.push_str(&format!(
-                    "[[forwards]]\nlisten = \"127.0.0.1:0\"\nserver = \"{name}\"\nport = \"echo\"\n"
-                ));
-            }
-            let mut proxy = start(&d, &format!("proxy{p}"), "ptth_proxy", &text);
-            // Each forward on a port of its own choosing, which the proxy logs.
-            let mut locals = BTreeMap::new();
-            for name in &names {
-                let line = proxy
-                    .logged(&["forwarding", &format!(" server={name} ")])
-                    .await
-                    .expect("forwarding");
-                let local: SocketAddr = line
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix("listen="))
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or_else(|| panic!("no listen= in {line}"));
-                locals.insert(name.clone(), local);
-            }
-            proxies.push((proxy, locals));
-        }
+        let names = server_names();
+        let endpoint_extra = format!("channel_max_age = \"{MAX_AGE}\"\n");
+        let plan = FleetPlan {
+            kind,
+            relays: RELAYS,
+            servers: &names,
+            proxies: PROXIES,
+            ports: &[("echo", echo)],
+            relay_extra: "",
+            endpoint_extra: &endpoint_extra,
+            timeout: Duration::from_secs(75),
+            tunnels: 200,
+        };
+        let fleet = Fleet::start(plan, dir.path()).await.expect("fleet");
         Self {
-            cluster,
-            servers,
-            proxies,
+            fleet,
             _logs: logs,
             _dir: dir,
         }
     }
 
-    /// The local address of `server`'s forward on proxy `p`.
+    /// The local address of `server`'s echo on proxy `p`.
     fn local(&self, p: usize, server: &str) -> SocketAddr {
-        self.proxies[p].1[server]
+        self.fleet.proxies[p].local(server, "echo")
     }
 
     /// Which relay each server is online at (each at exactly one), read from the relays'
@@ -150,7 +84,7 @@ impl Scale {
     async fn placement(&self, skip: Option<usize>) -> BTreeMap<String, Vec<usize>> {
         let mut at: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for i in (0..RELAYS).filter(|i| Some(*i) != skip) {
-            for name in self.cluster.servers_online(i).await.expect("status") {
+            for name in self.fleet.cluster.servers_online(i).await.expect("status") {
                 at.entry(name).or_default().push(i);
             }
         }
@@ -160,8 +94,8 @@ impl Scale {
     /// Waits (at most `limit`) until a round trip through every proxy reaches every server.
     async fn all_reachable(&self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
-        for (p, (_, locals)) in self.proxies.iter().enumerate() {
-            for (name, local) in locals {
+        for (p, proxy) in self.fleet.proxies.iter().enumerate() {
+            for ((name, _), local) in &proxy.locals {
                 while round_trip(*local, b"ping").await.ok().as_deref() != Some(b"ping") {
                     assert!(
                         tokio::time::Instant::now() < deadline,
@@ -172,28 +106,6 @@ impl Scale {
             }
         }
     }
-}
-
-/// A fresh key written as `dir/name.key`; its public key.
-fn new_key(dir: &Path, name: &str) -> String {
-    let key = PrivateKey::generate().expect("key");
-    key.write_new(&dir.join(format!("{name}.key")))
-        .expect("key file");
-    key.public().to_string()
-}
-
-/// Writes `dir/name.toml` and starts `bin` on it, logging to `dir/name.log`.
-fn start(dir: &Path, name: &str, bin: &'static str, text: &str) -> Program {
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(&config, text).expect("config");
-    Program::ptth(
-        &binary(bin).expect("binary"),
-        &config,
-        "info",
-        dir.join(format!("{name}.log")),
-        bin,
-    )
-    .expect("start")
 }
 
 /// A transfer in flight through a tunnel to the echo service: chunks of random bytes written
@@ -325,7 +237,13 @@ async fn scale_out(kind: FrontKind) {
     loop {
         let mut open = 0;
         for i in 0..RELAYS {
-            open += s.cluster.tunnel_servers(i).await.expect("status").len();
+            open += s
+                .fleet
+                .cluster
+                .tunnel_servers(i)
+                .await
+                .expect("status")
+                .len();
         }
         if open >= SERVERS {
             break;
@@ -336,7 +254,7 @@ async fn scale_out(kind: FrontKind) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    s.cluster.kill(victim);
+    s.fleet.cluster.kill(victim);
     let killed = tokio::time::Instant::now();
 
     // Every server reachable again, through every proxy, within FAILOVER.
@@ -376,7 +294,7 @@ async fn scale_out(kind: FrontKind) {
 
     // The victim back on its address: its servers come back to it (channel_max_age), and
     // so do new connections to them.
-    s.cluster.restart(victim).await.expect("restart");
+    s.fleet.cluster.restart(victim).await.expect("restart");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for (i, name) in server_names().iter().enumerate() {
         if on(name) != victim {
@@ -387,7 +305,8 @@ async fn scale_out(kind: FrontKind) {
                 .await
                 .expect("connect");
             let carried = exchange(&mut t, b"back?").await.is_ok()
-                && s.cluster
+                && s.fleet
+                    .cluster
                     .tunnel_servers(victim)
                     .await
                     .expect("status")
@@ -438,7 +357,7 @@ async fn scale_out(kind: FrontKind) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    for (name, server) in &mut s.servers {
+    for (name, server) in &mut s.fleet.servers {
         server
             .check_running()
             .unwrap_or_else(|e| panic!("{name}: {e:#}"));

@@ -234,8 +234,21 @@ pub async fn upstream(
     streams: usize,
     bytes: u64,
 ) -> anyhow::Result<f64> {
-    let senders: Vec<_> = (0..streams)
-        .map(|_| {
+    upstream_each(services, &vec![addr; streams], bytes).await
+}
+
+/// Sends `bytes` on one connection to each of `sinks` (addresses that lead to the sink) at
+/// once; the aggregate rate in MiB/s as the sink received it (first byte of any to the last
+/// EOF).
+pub async fn upstream_each(
+    services: &mut Services,
+    sinks: &[SocketAddr],
+    bytes: u64,
+) -> anyhow::Result<f64> {
+    let streams = sinks.len();
+    let senders: Vec<_> = sinks
+        .iter()
+        .map(|&addr| {
             tokio::spawn(async move {
                 let mut s = connect(addr).await?;
                 let buf = vec![7u8; BUF];
@@ -316,10 +329,11 @@ pub struct Held {
     pub opened_in: Duration,
 }
 
-/// Opens `n` tunnels to the echo at `addr` at once, one round trip on each, holds them for
-/// `hold`, then another round trip on each; `measure` runs while they are all still open.
+/// Opens `n` tunnels at once to the echo, through each of `echoes` in turn (addresses that
+/// lead to it), one round trip on each, holds them for `hold`, then another round trip on
+/// each; `measure` runs while they are all still open.
 pub async fn hold_tunnels<F>(
-    addr: SocketAddr,
+    echoes: &[SocketAddr],
     n: usize,
     hold: Duration,
     measure: F,
@@ -327,9 +341,11 @@ pub async fn hold_tunnels<F>(
 where
     F: FnOnce(),
 {
+    anyhow::ensure!(!echoes.is_empty(), "no address that leads to the echo");
     let start = Instant::now();
     let opens: Vec<_> = (0..n)
-        .map(|_| {
+        .map(|i| {
+            let addr = echoes[i % echoes.len()];
             tokio::spawn(async move {
                 let mut s = connect(addr).await.ok()?;
                 ping(&mut s).await.ok()?;

@@ -311,7 +311,7 @@ async fn main() -> anyhow::Result<()> {
         let mut peaks = Vec::new();
         let stack = &c.stack;
         let held = load::hold_tunnels(
-            c.ports.echo,
+            &[c.ports.echo],
             c.tunnels,
             Duration::from_secs(args.hold),
             || {
