@@ -87,6 +87,11 @@ impl Cluster {
         format!("https://localhost:{}", self.front.addr.port())
     }
 
+    /// The relays running now.
+    pub fn relays(&self) -> impl Iterator<Item = &Program> {
+        self.members.iter().filter_map(|m| m.program.as_ref())
+    }
+
     /// Kills relay `i` with SIGKILL, as a crash would.
     pub fn kill(&mut self, i: usize) {
         if let Some(program) = self.members[i].program.take() {

@@ -10,6 +10,7 @@
 //! ```
 
 mod load;
+mod scale;
 mod stack;
 
 use std::path::{Path, PathBuf};
@@ -66,6 +67,11 @@ struct Args {
     /// Also measure rathole, bore and wstunnel, each that is on PATH, the same way.
     #[arg(long)]
     compare: bool,
+    /// Measure one relay against three behind HAProxy instead (docs/scale-out.md): the
+    /// aggregate rate of a stream to each of 12 servers at once, and `--tunnels-h1` tunnels
+    /// held over them, beside direct loopback.
+    #[arg(long)]
+    scale_out: bool,
     /// Run the services and nothing else (the child process that [`load::Services`] starts).
     #[arg(long, hide = true)]
     serve: bool,
@@ -212,6 +218,22 @@ async fn main() -> anyhow::Result<()> {
         args.hold = 1;
     }
     let bin = binaries()?;
+    if args.scale_out {
+        rlimit::increase_nofile_limit(u64::MAX)?;
+        let mut services = Services::start().await?;
+        println!(
+            "ptth_bench --scale-out: {}; {} round(s), medians",
+            machine(),
+            args.rounds
+        );
+        let plan = scale::Plan {
+            rounds: args.rounds,
+            bulk_mib: args.bulk_mib,
+            tunnels: args.tunnels_h1,
+            hold: Duration::from_secs(args.hold),
+        };
+        return scale::run(&mut services, plan).await;
+    }
     if args.compare {
         for peer in [Transport::Rathole, Transport::Bore, Transport::Wstunnel] {
             let program = peer.peer_program().unwrap_or_default();
