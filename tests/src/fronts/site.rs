@@ -22,10 +22,13 @@ pub(super) struct Site<'a> {
 
 impl Site<'_> {
     /// Connections the front must hold at once: each tunnel may take up to 4 to the relay
-    /// (HTTP/1.1) and some from the proxies, and listens take more; at most as many as the
-    /// front may open files.
+    /// (HTTP/1.1) and some from the proxies, and listens take more; at most half as many as
+    /// the front may open files (HAProxy sets aside two per connection, and refuses to start
+    /// beyond its limit).
     pub fn connections(&self) -> usize {
-        (self.tunnels * 10).max(4096).min(open_files_limit())
+        (self.tunnels * 10)
+            .max(4096)
+            .min(open_files_limit().saturating_sub(64) / 2)
     }
 
     /// HTTP/2 streams one proxy's connection must carry at once (2 per tunnel, plus listens).
