@@ -46,7 +46,7 @@ use ptth_common::client::{Backoff, CallError, RelayClient, SetupError};
 use ptth_common::config::{Forward, ProxyConfig};
 use ptth_common::keys::PrivateKey;
 use ptth_common::metrics::{EndpointMetrics, PortLabels, TunnelGuard};
-use ptth_common::protocol::{connect_path, upstream_path};
+use ptth_common::protocol::{self, connect_path, upstream_path};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -62,6 +62,9 @@ const READY_CHANNELS: usize = 1;
 const CONNECT_RETRY: Duration = Duration::from_secs(5);
 /// Longest wait between two attempts within [`CONNECT_RETRY`].
 const CONNECT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// Local connections of one forward that may wait so at once; those beyond are not held (their
+/// channel is opened at once, and they are reset when it is refused).
+const MAX_WAITING: usize = 256;
 /// Most idle channels a forward keeps: a channel whose connection ended stays open up to this
 /// many (so that connections one after another reuse channels instead of opening new ones),
 /// and is retired beyond.
@@ -208,6 +211,8 @@ struct Pool {
     short: Notify,
     /// Whether the last channel the pool opened was refused, or could not reach the relay.
     failing: AtomicBool,
+    /// Local connections waiting for a channel while channels fail, at most [`MAX_WAITING`].
+    waiting: Arc<tokio::sync::Semaphore>,
 }
 
 impl Pool {
@@ -275,6 +280,7 @@ async fn serve(
             idle: Mutex::new(VecDeque::new()),
             short: Notify::new(),
             failing: AtomicBool::new(false),
+            waiting: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING)),
         });
         ctx.tasks
             .spawn(fill(ctx.clone(), pool.clone()).instrument(span.clone()));
@@ -317,9 +323,14 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, pool: Arc<Pool>) {
         debug!(%peer, "local connection");
         let tunnel = ctx.metrics.tunnel(&pool.labels);
         if let Err(handoff) = pool.hand_over((socket, permit, tunnel)) {
-            if pool.failing.load(Ordering::Acquire) {
+            let place = pool
+                .failing
+                .load(Ordering::Acquire)
+                .then(|| pool.waiting.clone().try_acquire_owned().ok())
+                .flatten();
+            if let Some(place) = place {
                 // Channels fail now: the connection waits, unread, for one that opens.
-                let task = wait_for_channel(ctx.clone(), pool.clone(), handoff);
+                let task = wait_for_channel(ctx.clone(), pool.clone(), handoff, place);
                 ctx.tasks.spawn(task.in_current_span());
             } else if let Some(channel) = open_channel(&ctx, &pool) {
                 // No idle channel: a new one, which carries this connection from its first
@@ -403,24 +414,49 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
 /// channel opened for it once the relay has taken the channel: it is not read before, so that
 /// it can wait, whole, while the channel is refused for a reason that passes (see
 /// [`CONNECT_RETRY`]), retried with backoff. It is reset if the channel is refused otherwise,
-/// or still refused after [`CONNECT_RETRY`].
-async fn wait_for_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, handoff: Handoff) {
+/// or has not been taken within [`CONNECT_RETRY`]. `_place` is its place among the waiting.
+async fn wait_for_channel(
+    ctx: Arc<Ctx>,
+    pool: Arc<Pool>,
+    handoff: Handoff,
+    _place: tokio::sync::OwnedSemaphorePermit,
+) {
     let deadline = tokio::time::Instant::now() + CONNECT_RETRY;
     let mut backoff = Backoff::new(CONNECT_RETRY_BACKOFF);
+    let (server, port) = (&pool.fwd.server, &pool.fwd.port);
+    // The refusal met last: what the connection failed of, if the wait ends.
+    let mut last: Option<ChannelError> = None;
     loop {
         let Some(mut channel) = open_channel(&ctx, &pool) else {
             return;
         };
-        match channel.ready(&ctx.draining).await {
+        let Ok(taken) = tokio::time::timeout_at(deadline, channel.ready(&ctx.draining)).await
+        else {
+            match last {
+                Some(e) => {
+                    ctx.metrics.failed(&pool.labels, &e);
+                    report(&pool.fwd, &e);
+                }
+                None => error!(
+                    "connect to {server}/{port} failed: the relay did not answer within \
+                     {CONNECT_RETRY:?}"
+                ),
+            }
+            return;
+        };
+        match taken {
             Ok(()) => {
+                pool.failing.store(false, Ordering::Release);
                 spawn_channel(&ctx, &pool, channel, First::Connection(handoff));
                 return;
             }
             Err(ChannelError::Cancelled) => return,
-            Err(e) if passes(&e) && tokio::time::Instant::now() < deadline => {
-                let (server, port) = (&pool.fwd.server, &pool.fwd.port);
+            Err(e) if passes(&e) => {
                 let problem = format!("connect to {server}/{port}: {e}; the connection waits");
-                if !backoff.retry_after(&problem, &ctx.draining).await {
+                let retry = backoff.retry_after(&problem, &ctx.draining);
+                let retried = tokio::time::timeout_at(deadline, retry).await;
+                last = Some(e);
+                if retried == Ok(false) {
                     return;
                 }
             }
@@ -434,12 +470,14 @@ async fn wait_for_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, handoff: Handoff) {
 }
 
 /// Whether a refused channel is worth another try soon: the server is offline at the relay
-/// that has its name now (it may be moving there), a load balancer found no relay, or the relay
-/// could not be reached (but for a certificate it does not trust).
+/// that has its name now (it may be moving there), the relay drains, a load balancer found no
+/// relay, or the relay could not be reached (but for a certificate it does not trust). A full
+/// queue is no reason to add to it, and a port the server does not offer (a `404`, most often
+/// a mistake in a configuration) fails at once.
 fn passes(e: &ChannelError) -> bool {
     match e {
-        ChannelError::Refused(CallError::Refused { status, .. }) => {
-            *status == StatusCode::SERVICE_UNAVAILABLE
+        ChannelError::Refused(CallError::Refused { status, reason }) => {
+            *status == StatusCode::SERVICE_UNAVAILABLE && reason != protocol::QUEUE_FULL
         }
         ChannelError::Refused(CallError::Front(status)) => matches!(
             *status,

@@ -669,7 +669,8 @@ impl Shared {
         entry.live = entry.live.saturating_sub(1);
         entry.idle.remove(&channel.id);
         self.unready(entry, channel.id);
-        let unoffered = entry.live == 0;
+        // Connections still waiting keep their channels: a server channel may come yet.
+        let unoffered = entry.live == 0 && entry.waiting.is_empty();
         server.live = server.live.saturating_sub(1);
         drop(server);
         if unoffered && !self.is_draining() {
@@ -1152,6 +1153,43 @@ mod tests {
         let tunnel = rx.await.expect("tunnel");
         assert_eq!((tunnel.client.id, tunnel.server.id), (waiting.id, next.id));
         assert_ne!(tunnel.server.id, second.id);
+    }
+
+    #[tokio::test]
+    async fn a_port_left_by_its_last_server_channel_keeps_the_connections_waiting_on_it() {
+        let s = shared("");
+        let busy = server_channel(&s, "pg");
+        let c1 = new_channel(&s, Side::Client(0), 0, "pg");
+        let Ok(Offer::Joined(_)) = s.offer(&c1) else {
+            panic!("joined")
+        };
+        let waiting = new_channel(&s, Side::Client(0), 0, "pg");
+        s.channels.insert(waiting.clone()).expect("inserted");
+        let Ok(Offer::Waiting(rx, _place)) = s.offer(&waiting) else {
+            panic!("waiting")
+        };
+        // The server's last channel of the port ends (its server restarts, say) while a
+        // connection waits: the port's client channels are kept, and a server channel that
+        // comes takes the connection.
+        busy.close();
+        s.remove_server_channel(&busy);
+        assert!(
+            waiting.is_free(),
+            "the waiting connection's channel is not retired"
+        );
+        let fresh = server_channel(&s, "pg");
+        let tunnel = rx.await.expect("the waiting connection is served");
+        assert_eq!((tunnel.client.id, tunnel.server.id), (waiting.id, fresh.id));
+        // With no connection waiting, the port's idle client channels are retired.
+        let idle = new_channel(&s, Side::Client(0), 0, "pg");
+        s.channels.insert(idle.clone()).expect("inserted");
+        tunnel.fail();
+        fresh.close();
+        s.remove_server_channel(&fresh);
+        assert!(
+            !idle.is_free(),
+            "an idle client channel of an unoffered port retires"
+        );
     }
 
     #[test]

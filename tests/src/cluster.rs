@@ -138,15 +138,6 @@ impl Cluster {
             .filter_map(|t| t["server"].as_str().map(str::to_owned))
             .collect())
     }
-
-    /// Relay `i`'s log (of its latest start).
-    pub fn log(&self, i: usize) -> String {
-        self.members[i]
-            .program
-            .as_ref()
-            .map(Program::log)
-            .unwrap_or_default()
-    }
 }
 
 impl Member {

@@ -363,3 +363,49 @@ async fn scale_out(kind: FrontKind) {
             .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     }
 }
+
+/// A local connection made while its server is offline (moving to another relay behind a
+/// balancer, say) waits, unread, and is carried with every byte once the server comes within
+/// the proxy's wait (docs/scale-out.md).
+#[tokio::test]
+async fn a_connection_waits_for_a_server_that_comes_meanwhile() {
+    within(LIMIT, async {
+        let echo = echo_service().await.expect("echo");
+        let mut opts = WorldOptions::echo(echo);
+        opts.ports.clear();
+        let w = World::start(opts).await.expect("world");
+        // The proxy's channels are refused: the forward's channels fail.
+        let logs = w.proxy.logs();
+        let offline = |t: &str| t.contains("server offline");
+        assert!(
+            logs.wait_for(Duration::from_secs(20), offline).await,
+            "{}",
+            logs.text()
+        );
+        let mut s = TcpStream::connect(w.local()).await.expect("connect");
+        s.write_all(b"sent before the server came")
+            .await
+            .expect("write");
+        let waits = |t: &str| t.contains("the connection waits");
+        assert!(
+            logs.wait_for(Duration::from_secs(5), waits).await,
+            "{}",
+            logs.text()
+        );
+        let config = w
+            .setup
+            .server_config(w.relay.addr, &[("echo", echo.to_string())], "")
+            .expect("server config");
+        let _server = start_server(config, w.setup.server_key.clone());
+        let mut back = vec![0u8; b"sent before the server came".len()];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+            .await
+            .expect("carried within the wait")
+            .expect("echo");
+        assert_eq!(back, b"sent before the server came");
+        s.shutdown().await.expect("shutdown");
+        let (rest, failed) = read_until_closed(&mut s).await;
+        assert!(rest.is_empty() && !failed, "a clean end");
+    })
+    .await;
+}
