@@ -13,7 +13,7 @@ use anyhow::Context;
 use ptth_common::keys::PrivateKey;
 
 use crate::fronts::{Front, FrontKind, Pki, start_balancer};
-use crate::process::{Program, binary, free_port, wait_listening};
+use crate::process::{Program, binary, free_port, try_spawn, wait_listening};
 
 /// One relay of a [`Cluster`].
 #[derive(Debug)]
@@ -259,7 +259,7 @@ impl Fleet {
             for (port, target) in plan.ports {
                 text.push_str(&format!("{port} = \"{target}\"\n"));
             }
-            let program = start_program(dir, &format!("server-{name}"), "ptth_server", &text)?;
+            let program = try_spawn(dir, "ptth_server", &format!("server-{name}.toml"), &text)?;
             servers.insert(name.clone(), program);
         }
         let mut proxies = Vec::new();
@@ -272,7 +272,7 @@ impl Fleet {
                     ));
                 }
             }
-            let mut program = start_program(dir, &format!("proxy{p}"), "ptth_proxy", &text)?;
+            let mut program = try_spawn(dir, "ptth_proxy", &format!("proxy{p}.toml"), &text)?;
             // Each forward on a port of its own choosing, which the proxy logs.
             let mut locals = BTreeMap::new();
             for name in plan.servers {
@@ -307,17 +307,4 @@ fn new_key(dir: &Path, name: &str) -> anyhow::Result<String> {
     let key = PrivateKey::generate()?;
     key.write_new(&dir.join(format!("{name}.key")))?;
     Ok(key.public().to_string())
-}
-
-/// Writes `dir/name.toml` and starts `bin` on it, logging to `dir/name.log`.
-fn start_program(dir: &Path, name: &str, bin: &'static str, text: &str) -> anyhow::Result<Program> {
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-    Program::ptth(
-        &binary(bin)?,
-        &config,
-        "info",
-        dir.join(format!("{name}.log")),
-        bin,
-    )
 }

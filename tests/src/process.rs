@@ -196,24 +196,34 @@ impl Drop for Program {
 }
 
 /// Starts the ptth program `bin` on the configuration file `dir/config`, logging at `info` to
-/// `dir/config.log`. Fails the test if it cannot be started.
-pub fn start(dir: &Path, bin: &'static str, config: &str) -> Program {
-    let started = binary(bin).and_then(|path| {
-        Program::ptth(
-            &path,
-            &dir.join(config),
-            "info",
-            dir.join(format!("{config}.log")),
-            bin,
-        )
-    });
-    started.unwrap_or_else(|e| panic!("starting {bin}: {e:#}"))
+/// `dir/config.log`.
+fn launch(dir: &Path, bin: &'static str, config: &str) -> anyhow::Result<Program> {
+    let log = dir.join(format!("{config}.log"));
+    Program::ptth(&binary(bin)?, &dir.join(config), "info", log, bin)
 }
 
-/// Writes `text` to `dir/config` and starts `bin` on it, as [`start`] does.
+/// Starts the ptth program `bin` on the configuration file `dir/config`, logging at `info` to
+/// `dir/config.log`. Fails the test if it cannot be started.
+pub fn start(dir: &Path, bin: &'static str, config: &str) -> Program {
+    launch(dir, bin, config).unwrap_or_else(|e| panic!("starting {bin}: {e:#}"))
+}
+
+/// Writes `text` to `dir/config` and starts `bin` on it, logging at `info` to
+/// `dir/config.log`.
+pub fn try_spawn(
+    dir: &Path,
+    bin: &'static str,
+    config: &str,
+    text: &str,
+) -> anyhow::Result<Program> {
+    let path = dir.join(config);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    launch(dir, bin, config)
+}
+
+/// [`try_spawn`], failing the test if `bin` cannot be started.
 pub fn spawn(dir: &Path, bin: &'static str, config: &str, text: &str) -> Program {
-    std::fs::write(dir.join(config), text).unwrap_or_else(|e| panic!("writing {config}: {e}"));
-    start(dir, bin, config)
+    try_spawn(dir, bin, config, text).unwrap_or_else(|e| panic!("starting {bin}: {e:#}"))
 }
 
 /// Starts the ptth program `bin` with `--config config`, logging at `info` to `log`, its clock
