@@ -276,7 +276,7 @@ struct Pool {
     idle: AtomicUsize,
     /// Told when the pool may be short of idle channels.
     short: Notify,
-    /// Told when a new idle channel is ready.
+    /// Told when the pool has one more idle channel (a new one, or one whose connection ended).
     refilled: Notify,
     /// Cancelled when the port is no longer offered (or at shutdown): its channels and
     /// tunnels end.
@@ -490,6 +490,8 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
         // Idle again: kept unless the pool has idle channels enough (twice `listen_pool`, so
         // that connections one after another reuse channels instead of opening new ones).
         pool.idle.fetch_add(1, Ordering::AcqRel);
+        // An old channel being replaced may wait for the pool to be full again.
+        pool.refilled.notify_waiters();
         ctx.metrics.idle_channels.get_or_create(&pool.labels).inc();
         if channel.worn()
             || pool.idle.load(Ordering::Acquire) > 2 * ctx.config.listen_pool
