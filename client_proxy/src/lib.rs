@@ -212,7 +212,7 @@ struct Pool {
     /// Whether the last channel the pool opened was refused, or could not reach the relay.
     failing: AtomicBool,
     /// Local connections waiting for a channel while channels fail, at most [`MAX_WAITING`].
-    waiting: Arc<tokio::sync::Semaphore>,
+    waiting: Arc<Semaphore>,
 }
 
 impl Pool {
@@ -280,7 +280,7 @@ async fn serve(
             idle: Mutex::new(VecDeque::new()),
             short: Notify::new(),
             failing: AtomicBool::new(false),
-            waiting: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING)),
+            waiting: Arc::new(Semaphore::new(MAX_WAITING)),
         });
         ctx.tasks
             .spawn(fill(ctx.clone(), pool.clone()).instrument(span.clone()));
@@ -419,7 +419,7 @@ async fn wait_for_channel(
     ctx: Arc<Ctx>,
     pool: Arc<Pool>,
     handoff: Handoff,
-    _place: tokio::sync::OwnedSemaphorePermit,
+    _place: OwnedSemaphorePermit,
 ) {
     let deadline = tokio::time::Instant::now() + CONNECT_RETRY;
     let mut backoff = Backoff::new(CONNECT_RETRY_BACKOFF);
