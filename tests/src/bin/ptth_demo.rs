@@ -102,19 +102,12 @@ async fn main() -> anyhow::Result<()> {
     let relay = ptth_relay::run(relay_listener, relay_config, token.child_token())?;
     let mut ready = relay.ready_server_channels();
     let server = ptth_server::run(server_config.clone(), server_key, token.child_token())?;
-    let proxy = ptth_proxy::run(
-        vec![forward_listener],
-        proxy_config,
-        client_key,
-        token.child_token(),
-    )?;
     let relay_task = tokio::spawn(relay.into_future());
     let server_task = tokio::spawn(server.into_future());
-    let proxy_task = tokio::spawn(proxy.into_future());
     println!("  relay        http://{relay_addr}");
     println!("  ptth_server  offers db/echo -> built-in echo service at {echo}");
-    println!("  ptth_proxy   listens on {forward_addr} -> db/echo");
 
+    let mut proxy_task = None;
     let proved = async {
         tokio::time::timeout(
             Duration::from_secs(10),
@@ -122,6 +115,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .await
         .context("the server proxy did not reach the relay in 10 s")??;
+        // The client proxy starts once the server is online, so that its first channels find
+        // it at the relay rather than being refused as "server offline" and tried again.
+        let proxy = ptth_proxy::run(
+            vec![forward_listener],
+            proxy_config,
+            client_key,
+            token.child_token(),
+        )?;
+        proxy_task = Some(tokio::spawn(proxy.into_future()));
+        println!("  ptth_proxy   listens on {forward_addr} -> db/echo");
         let started = Instant::now();
         let answer = tokio::time::timeout(Duration::from_secs(10), prove(forward_addr))
             .await
@@ -159,7 +162,10 @@ async fn main() -> anyhow::Result<()> {
     }
     token.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = tokio::join!(relay_task, server_task, proxy_task);
+        let _ = tokio::join!(relay_task, server_task);
+        if let Some(proxy_task) = proxy_task {
+            let _ = proxy_task.await;
+        }
     })
     .await;
     println!("ptth demo stopped");
