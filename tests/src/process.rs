@@ -26,8 +26,41 @@ pub fn binary(program: &str) -> anyhow::Result<PathBuf> {
     })
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback address for a program started apart (a child process, a front) to listen on:
+/// free a moment ago.
+///
+/// Taken below the kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), where
+/// outgoing connections and listeners on port 0 take theirs, so that no connection of a test
+/// running in parallel takes it before the program binds it; and handed out in turn from a
+/// random start, so that one process never hands it out twice. Where the range leaves no room
+/// below it (or cannot be read), any port free now.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
+    /// The lowest port handed out: below it are well-known services' ports.
+    const FLOOR: u32 = 10_000;
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if ephemeral > FLOOR + 1_000 {
+        let span = ephemeral - FLOOR;
+        let start = *START.get_or_init(|| {
+            let random = std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                std::process::id(),
+            );
+            (random % u64::from(span)) as u32
+        });
+        for _ in 0..64 {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let port = FLOOR + start.wrapping_add(n) % span;
+            let port = u16::try_from(port).context("port")?;
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return Ok(listener.local_addr()?);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 

@@ -139,14 +139,6 @@ pub fn ensure_installed(program: &str, package: &str) -> anyhow::Result<PathBuf>
     }
 }
 
-/// A loopback port that was free a moment ago (for programs that must bind it themselves;
-/// another process may take it before they do: see [`start_front`]).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn secs(d: Duration) -> u64 {
     d.as_secs().max(1)
 }
@@ -169,8 +161,9 @@ fn probe_token() -> String {
 /// idle timeouts set to `timeout` and its connection and stream limits sized for `tunnels`
 /// tunnels at once; waits until it answers.
 ///
-/// The port is chosen free, then released for the front to bind, so a test running in
-/// parallel may take it first. Each attempt therefore checks that the answer comes from this
+/// The port is chosen free, then released for the front to bind, so another process may
+/// take it first (rarely: [`crate::process::free_port`] keeps out of the ports that outgoing
+/// connections take). Each attempt therefore checks that the answer comes from this
 /// very front (a token in its configuration), and a front that exits or a port answered by
 /// someone else means a new attempt on a new port.
 pub async fn start_front(
@@ -221,8 +214,8 @@ async fn start_once(
     timeout: Duration,
     tunnels: usize,
 ) -> anyhow::Result<Front> {
-    let port = free_port()?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = crate::process::free_port()?;
+    let port = addr.port();
     let token = probe_token();
     let site = Site {
         port,
