@@ -654,6 +654,8 @@ async fn soak_with_random_kills() {
         let rss = p.program(Victim::Relay).rss_kib().expect("rss");
 
         let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        // The load's start, on both clocks: a failure's time can then be found in the logs.
+        let (began, began_wall) = (tokio::time::Instant::now(), std::time::SystemTime::now());
         let load = tokio::spawn(run_tunnels(p.local, Duration::from_secs(secs), 1));
         let mut kills = Vec::new();
         let mut pick = 0x2545_f491_4f6c_dd1d_u64;
@@ -675,19 +677,33 @@ async fn soak_with_random_kills() {
             tokio::time::sleep(Duration::from_millis(100 + pick % 400)).await;
             p.start_program(victim).await;
             p.expect_working().await;
-            kills.push((killed, tokio::time::Instant::now()));
+            kills.push((killed, tokio::time::Instant::now(), victim));
         }
         let tunnels = load.await.expect("load");
         let touched = |t: &Tunnel| {
             kills
                 .iter()
-                .any(|(k0, k1)| t.started <= *k1 && t.ended >= *k0)
+                .any(|(k0, k1, _)| t.started <= *k1 && t.ended >= *k0)
         };
         let mut exact = 0;
         for t in &tunnels {
             match &t.result {
                 Ok(()) => exact += 1,
-                Err(e) => assert!(touched(t), "a tunnel no kill touched failed: {e:#}"),
+                Err(e) => assert!(
+                    touched(t),
+                    "a tunnel no kill touched failed: {e:#}; it ran from {:?} to {:?} after \
+                     the load began ({:?} since the Unix epoch); the kills, from when the \
+                     program was killed to when a round trip passed again: {:?}",
+                    t.started - began,
+                    t.ended - began,
+                    began_wall
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default(),
+                    kills
+                        .iter()
+                        .map(|(k0, k1, v)| (*v, *k0 - began, *k1 - began))
+                        .collect::<Vec<_>>()
+                ),
             }
         }
         eprintln!(
