@@ -261,15 +261,35 @@ pub fn spawn(dir: &Path, bin: &'static str, config: &str, text: &str) -> Program
 
 /// Starts the ptth program `bin` with `--config config`, logging at `info` to `log`, its clock
 /// moved by `offset` (faketime's syntax: `+30s`). Fails the test if it cannot be started.
+///
+/// The program is started itself, with libfaketime preloaded as the `faketime` wrapper would
+/// preload it: the wrapper would stay the program's parent, and killing it would leave the
+/// program running.
 pub fn start_with_clock(bin: &'static str, config: &Path, offset: &str, log: PathBuf) -> Program {
-    let faketime = crate::fronts::ensure_installed("faketime", "faketime").expect("faketime");
-    let mut cmd = Command::new(faketime);
-    cmd.args(["-f", offset])
-        .arg(binary(bin).expect(bin))
+    let libfaketime = libfaketime().expect("libfaketime");
+    let mut cmd = Command::new(binary(bin).expect(bin));
+    cmd.env("LD_PRELOAD", libfaketime)
+        .env("FAKETIME", offset)
         .arg("--config")
         .arg(config)
         .args(["--log-level", "info"]);
     Program::start(bin, cmd, log).unwrap_or_else(|e| panic!("starting {bin}: {e:#}"))
+}
+
+/// libfaketime, from Debian's `faketime` package (installed if missing): in
+/// `/usr/lib/<target triple>/faketime/`, or `/usr/lib/faketime/` elsewhere.
+fn libfaketime() -> anyhow::Result<PathBuf> {
+    const NAME: &str = "faketime/libfaketime.so.1";
+    crate::fronts::ensure_installed("faketime", "faketime")?;
+    let lib = Path::new("/usr/lib");
+    let mut candidates = vec![lib.join(NAME)];
+    for entry in std::fs::read_dir(lib)?.flatten() {
+        candidates.push(entry.path().join(NAME));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| format!("no {NAME} under {}", lib.display()))
 }
 
 /// Waits until `addr` accepts connections, while `program` runs (at most 10 s).
