@@ -646,16 +646,20 @@ impl Channels {
 
     /// Retires every channel for which `chosen` holds and that carries no connection.
     pub fn retire_idle_where(&self, chosen: impl Fn(&Channel) -> bool) {
-        let some: Vec<Arc<Channel>> = self
-            .map
+        for channel in self.matching(chosen) {
+            channel.retire_if_idle();
+        }
+    }
+
+    /// The channels for which `chosen` holds, taken from the table under its lock, to be
+    /// acted on after it.
+    fn matching(&self, chosen: impl Fn(&Channel) -> bool) -> Vec<Arc<Channel>> {
+        self.map
             .lock()
             .values()
             .filter(|c| chosen(c))
             .cloned()
-            .collect();
-        for channel in some {
-            channel.retire_if_idle();
-        }
+            .collect()
     }
 
     /// Client channels of client `client` (by slot).
@@ -676,13 +680,7 @@ impl Channels {
 
     /// Closes every channel for which `condemned` holds, with its tunnel: how many.
     pub fn close_where(&self, condemned: impl Fn(&Channel) -> bool) -> usize {
-        let doomed: Vec<Arc<Channel>> = self
-            .map
-            .lock()
-            .values()
-            .filter(|c| condemned(c))
-            .cloned()
-            .collect();
+        let doomed = self.matching(condemned);
         for channel in &doomed {
             channel.close();
         }

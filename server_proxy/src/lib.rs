@@ -349,9 +349,7 @@ async fn fill(ctx: Arc<Ctx>, pool: Arc<Pool>) {
         match opened {
             Ok(channel) => {
                 backoff.succeeded();
-                pool.idle.fetch_add(1, Ordering::AcqRel);
-                pool.refilled.notify_waiters();
-                ctx.metrics.idle_channels.get_or_create(&pool.labels).inc();
+                count(&ctx, &pool);
                 let span = info_span!("channel", channel = %channel.id());
                 ctx.tasks
                     .spawn(run_channel(ctx.clone(), pool.clone(), channel).instrument(span));
@@ -489,10 +487,7 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
         }
         // Idle again: kept unless the pool has idle channels enough (twice `listen_pool`, so
         // that connections one after another reuse channels instead of opening new ones).
-        pool.idle.fetch_add(1, Ordering::AcqRel);
-        // An old channel being replaced may wait for the pool to be full again.
-        pool.refilled.notify_waiters();
-        ctx.metrics.idle_channels.get_or_create(&pool.labels).inc();
+        count(&ctx, &pool);
         if channel.worn()
             || pool.idle.load(Ordering::Acquire) > 2 * ctx.config.listen_pool
             || tokio::time::Instant::now() >= old_at
@@ -500,13 +495,19 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
             // The relay may have given it a connection just before: then it serves that one.
             given_already = channel.retire(closed).await;
             if !given_already {
-                pool.idle.fetch_sub(1, Ordering::AcqRel);
-                ctx.metrics.idle_channels.get_or_create(&pool.labels).dec();
-                pool.short.notify_one();
+                uncount(&ctx, &pool);
                 return;
             }
         }
     }
+}
+
+/// One more idle channel counted in the pool (a new one, or one whose connection ended): an
+/// old channel being replaced, which waits for the pool to be full again, is told.
+fn count(ctx: &Ctx, pool: &Pool) {
+    pool.idle.fetch_add(1, Ordering::AcqRel);
+    pool.refilled.notify_waiters();
+    ctx.metrics.idle_channels.get_or_create(&pool.labels).inc();
 }
 
 /// An idle channel no longer counted in the pool: the pool is told it may be short.
