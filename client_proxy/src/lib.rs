@@ -565,20 +565,29 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel, first
         // Boxed, as the idle wait above: a task's future is as large as the largest it awaits
         // in place, for as long as the task lives.
         let carried = Box::pin(channel.carry(started, true, &ctx.shutdown)).await;
-        drop(tunnel);
         drop(permit);
         if let Err(e) = carried {
+            drop(tunnel);
             ctx.metrics.failed(&pool.labels, &e);
             report(&pool.fwd, &e);
             pool.short.notify_one();
             return;
         }
         debug!("connection closed");
+        if ctx.draining.is_cancelled() {
+            // The tunnel counts as open until the channel has retired, once the relay has read
+            // the connection's last bytes: the drain ends with the last tunnel, and the exit
+            // that follows would cut bytes still on their way.
+            channel.retire(&ctx.shutdown).await;
+            drop(tunnel);
+            pool.short.notify_one();
+            return;
+        }
+        drop(tunnel);
         // Idle again: kept unless the pool has idle channels enough, or the channel has carried
         // many bytes.
         if channel.worn()
             || pool.idle_count() >= MAX_IDLE_CHANNELS
-            || ctx.draining.is_cancelled()
             || tokio::time::Instant::now() >= old_at
         {
             // The relay never gives a client's channel a connection.

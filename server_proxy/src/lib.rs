@@ -480,11 +480,15 @@ async fn run_channel(ctx: Arc<Ctx>, pool: Arc<Pool>, mut channel: Channel) {
                 return;
             }
         }
-        drop(tunnel);
         if ctx.draining.is_cancelled() {
+            // The tunnel counts as open until the channel has retired, once the relay has read
+            // the connection's last bytes: the drain ends with the last tunnel, and the exit
+            // that follows would cut bytes still on their way.
             channel.retire(closed).await;
+            drop(tunnel);
             return;
         }
+        drop(tunnel);
         // Idle again: kept unless the pool has idle channels enough (twice `listen_pool`, so
         // that connections one after another reuse channels instead of opening new ones).
         count(&ctx, &pool);
